@@ -1,0 +1,137 @@
+"""VGG16 feature extractor for the FCNs: pool3 (1/8), pool4 (1/16) and convolutionalised fc6/fc7 (1/32).
+
+The convolutional part is torchvision's ``vgg16`` / ``vgg16_bn`` ``features`` (same module indices, so a
+torchvision state dict loads unchanged), with every max-pool in ``ceil_mode`` as in Caffe, so that
+any input size maps to ``ceil(H / s)`` cells at stride ``s``. fc6 becomes a 7x7 convolution and fc7 a
+1x1 convolution of ``fc_dim`` (4096) channels, each followed by ReLU and dropout as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
+
+from fcn.models.errors import ModelError
+
+WeightsSpec = str | Path | None
+
+
+class VGG16Backbone(nn.Module):
+    """VGG16 trunk returning ``{"c3": pool3 (1/8), "c4": pool4 (1/16), "c5": fc7 (1/32)}``.
+
+    Args:
+        batch_norm: use the ``vgg16_bn`` layout (for training from scratch).
+        first_padding: padding of conv1_1; 100 reproduces the paper, 1 is the aligned mode.
+        fc6_padding: padding of the 7x7 fc6 convolution; 0 in the paper, 3 in the aligned mode.
+        fc_dim: channels of fc6/fc7 (4096 in the paper; smaller only for demo-sized models).
+        width_mult: scales every conv width (1.0 for pretrained weights; < 1 for demo-sized models).
+        dropout: dropout probability after fc6 and fc7.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_norm: bool = False,
+        first_padding: int = 1,
+        fc6_padding: int = 3,
+        fc_dim: int = 4096,
+        width_mult: float = 1.0,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        cfg = [v if v == "M" else max(8, round(int(v) * width_mult)) for v in cfgs["D"]]
+        self.features = make_layers(cfg, batch_norm=batch_norm)
+        pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        for i in pools:
+            self.features[i].ceil_mode = True  # Caffe pooling: cover the whole input
+        self.features[0].padding = (first_padding, first_padding)
+        # End indices (exclusive) of the stages that produce pool3, pool4 and pool5.
+        self._ends = (pools[2] + 1, pools[3] + 1, pools[4] + 1)
+        widths = [v for v in cfg if v != "M"]
+        c3, c4, c5 = widths[6], widths[9], widths[12]  # conv3_3, conv4_3, conv5_3
+        self.fc6 = nn.Conv2d(int(c5), fc_dim, kernel_size=7, padding=fc6_padding)
+        self.fc7 = nn.Conv2d(fc_dim, fc_dim, kernel_size=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop6 = nn.Dropout(dropout)
+        self.drop7 = nn.Dropout(dropout)
+        self.out_channels = {"c3": int(c3), "c4": int(c4), "c5": fc_dim}
+        self.width_mult = width_mult
+        self.batch_norm = batch_norm
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats: dict[str, torch.Tensor] = {}
+        start = 0
+        for key, end in zip(("c3", "c4", "pool5"), self._ends):
+            for i in range(start, end):
+                x = self.features[i](x)
+            feats[key] = x  # c3: 1/8, c4: 1/16, pool5: 1/32
+            start = end
+        x = self.drop6(self.relu(self.fc6(feats.pop("pool5"))))  # (N, fc_dim, H/32, W/32)
+        feats["c5"] = self.drop7(self.relu(self.fc7(x)))
+        return feats
+
+    def load_classifier_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a torchvision VGG16 state dict: ``features.*`` as is, fc6/fc7 reshaped into convs."""
+        if self.width_mult != 1.0 or self.fc6.out_channels != 4096:
+            raise ModelError(
+                "pretrained VGG16 weights need the full-size backbone; "
+                f"got width_mult={self.width_mult}, fc_dim={self.fc6.out_channels}: "
+                "use width_mult=1.0 and fc_dim=4096, or weights=None"
+            )
+        feats = {k[len("features.") :]: v for k, v in state_dict.items() if k.startswith("features.")}
+        try:
+            self.features.load_state_dict(feats, strict=True)
+            with torch.no_grad():
+                self.fc6.weight.copy_(state_dict["classifier.0.weight"].view(self.fc6.weight.shape))
+                self.fc6.bias.copy_(state_dict["classifier.0.bias"])
+                self.fc7.weight.copy_(state_dict["classifier.3.weight"].view(self.fc7.weight.shape))
+                self.fc7.bias.copy_(state_dict["classifier.3.bias"])
+        except (KeyError, RuntimeError) as err:
+            kind = "vgg16_bn" if self.batch_norm else "vgg16"
+            raise ModelError(
+                f"the weights are not a torchvision {kind} state dict ({err}); "
+                f"save one with torch.save(torchvision.models.{kind}(weights=...).state_dict(), path)"
+            ) from err
+
+
+def load_vgg16_state_dict(weights: WeightsSpec, *, batch_norm: bool = False) -> dict[str, torch.Tensor]:
+    """Return a torchvision-format VGG16 state dict from ``"imagenet"`` or a local file path.
+
+    ``"imagenet"`` uses torchvision's weights enum (``VGG16_Weights.IMAGENET1K_V1`` or
+    ``VGG16_BN_Weights.IMAGENET1K_V1``): it reads ``$TORCH_HOME/hub/checkpoints`` and downloads only if the
+    file is not cached there. A path is read with ``torch.load(weights_only=True)`` and never downloads.
+    """
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        enum = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+        try:
+            return enum.get_state_dict(progress=True)
+        except Exception as err:  # network errors come in many types; re-raised with the fix
+            raise ModelError(
+                f"could not load {enum} ({err}); on a machine without internet, download "
+                f"{enum.url} elsewhere and pass its local path as weights=PATH"
+            ) from err
+    path = Path(str(weights)).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"weights file {path} does not exist; pass weights=None (random init), "
+            "weights='imagenet', or the path of a torchvision VGG16 state dict"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors differ by torch version; re-raised with the file name
+        raise ModelError(
+            f"could not read weights file {path} ({err}); it must be a torch.save()d state dict"
+        ) from err
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or "classifier.0.weight" not in state:
+        raise ModelError(
+            f"{path} is not a torchvision VGG16 state dict (no 'classifier.0.weight'); "
+            "save one with torch.save(torchvision.models.vgg16(weights=...).state_dict(), path)"
+        )
+    return dict(state)
