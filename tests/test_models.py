@@ -171,3 +171,25 @@ def test_gradients_are_finite_on_every_trainable_parameter(name: str) -> None:
         assert p.grad is not None, pname
         assert torch.isfinite(p.grad).all(), pname
     assert model.backbone.features[0].weight.grad.abs().sum() > 0
+
+
+def test_student_contract_and_size() -> None:
+    student = build_model("student", num_classes=11).eval()
+    with torch.no_grad():
+        out = student(torch.randn(2, 3, 97, 131))
+        feats = student(torch.randn(1, 3, 96, 128), return_features=True)
+    assert out.shape == (2, 11, 97, 131)
+    assert set(feats) == {"out", "c3", "c4", "c5"}
+    assert feats["c3"].shape[-2:] == (12, 16) and feats["c5"].shape[1] == 960
+    n_student = sum(p.numel() for p in student.parameters())
+    assert n_student * 10 < 134e6  # <= 1/10 of FCN-8s's parameters
+
+
+def test_student_weights_from_local_file(tmp_path) -> None:
+    ref = torchvision.models.mobilenet_v3_large(weights=None)
+    path = tmp_path / "mbv3.pth"
+    torch.save(ref.state_dict(), path)
+    student = build_model("student", num_classes=3, weights=path)
+    torch.testing.assert_close(student.backbone.features[0][0].weight, ref.features[0][0].weight)
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model("student", num_classes=3, weights=tmp_path / "nope.pth")

@@ -7,6 +7,7 @@ from pathlib import Path
 from fcn.models import register_model
 from fcn.models.errors import ModelError
 from fcn.models.fcn import FCN, MODES
+from fcn.models.student import MobileNetV3Backbone
 from fcn.models.vgg import VGG16Backbone, load_vgg16_state_dict
 
 BACKBONES = ("vgg16", "vgg16_bn")
@@ -89,3 +90,22 @@ def _make_fcn_builder(stride: int):
 fcn32s = register_model("fcn32s")(_make_fcn_builder(32))
 fcn16s = register_model("fcn16s")(_make_fcn_builder(16))
 fcn8s = register_model("fcn8s")(_make_fcn_builder(8))
+
+
+@register_model("student")
+def student(
+    *,
+    num_classes: int,
+    weights: str | Path | None = None,
+    width_mult: float = 1.0,
+    learnable_upsampling: bool = True,
+) -> FCN:
+    """Light FCN-8s-style student on MobileNetV3-Large (``weights`` as for the FCNs)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ModelError(f"num_classes must be a positive int, got {num_classes!r}")
+    trunk = MobileNetV3Backbone(width_mult=width_mult)
+    if weights is not None:
+        trunk.load_imagenet(weights)
+    return FCN(
+        trunk, num_classes=num_classes, stride=8, mode="aligned", learnable_upsampling=learnable_upsampling
+    )
