@@ -1,0 +1,377 @@
+"""Speed, FLOPs and memory of the registered models (and torchvision peers), side by side in one run.
+
+``python scripts/benchmark.py --models fcn8s fcn8s:paper student --size 360 480`` prints a Markdown table
+and writes JSON. A model spec is a registry name with an optional ``:paper`` / ``:aligned`` mode suffix,
+or a torchvision peer (``fcn_resnet50``, ``lraspp_mobilenet_v3_large``, random init). Figures:
+parameters, forward GFLOPs (``torch.utils.flop_counter``), batch-1 latency (median and p90 after warm-up),
+throughput at ``--batch``, one training step (forward + backward + SGD), peak memory (CUDA max allocated,
+or the process's peak RSS on CPU, reset per model through ``/proc/self/clear_refs``), and achieved GFLOP/s
+as a share of a matmul peak measured on the same machine, so results compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fcn.models import ModelError, build_model, list_models
+
+PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MODELS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s:paper", "student", *PEERS)
+
+
+@dataclass
+class Result:
+    model: str
+    size: tuple[int, int]
+    params_m: float
+    gflops: float
+    latency_ms_median: float
+    latency_ms_p90: float
+    throughput_ips: float
+    batch: int
+    train_step_ms: float | None
+    peak_mem_mb: float
+    achieved_gflops_s: float
+    share_of_peak: float
+
+
+class _PeerWrapper(nn.Module):
+    """torchvision segmentation models return a dict; expose the ``out`` logits like ours."""
+
+    def __init__(self, net: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+
+def make_model(spec: str, *, num_classes: int) -> nn.Module:
+    """Build a model from a benchmark spec (``fcn8s``, ``fcn8s:paper``, ``student``, a torchvision peer)."""
+    name, _, mode = spec.partition(":")
+    if name in PEERS:
+        import torchvision.models.segmentation as seg
+
+        builder = getattr(seg, name)
+        return _PeerWrapper(
+            builder(weights=None, weights_backbone=None, num_classes=num_classes), num_classes
+        )
+    if name not in list_models():
+        raise ModelError(
+            f"unknown model {spec!r}; choose from {list_models() + list(PEERS)} (fcn*s:paper too)"
+        )
+    kwargs = {"mode": mode} if mode else {}
+    return build_model(name, num_classes=num_classes, **kwargs)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # not Linux: the peak then covers the whole process
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timeit(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
+    """Forward GFLOPs (multiply-add = 2 FLOPs) counted by ``torch.utils.flop_counter``."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(
+    device: torch.device, *, precision: str = "fp32", n: int = 2048, iters: int = 10
+) -> float:
+    """Measured GFLOP/s of a square matmul: the reference 'peak' of this machine and dtype."""
+    dtype = PRECISIONS[precision]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = _timeit(lambda: a @ b, device, warmup=2, iters=iters)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_model(
+    spec: str,
+    *,
+    size: tuple[int, int],
+    num_classes: int = 11,
+    device: torch.device,
+    precision: str = "fp32",
+    batch: int = 4,
+    channels_last: bool = False,
+    compile: bool = False,
+    warmup: int = 2,
+    iters: int = 5,
+    train: bool = True,
+    peak_gflops: float,
+) -> Result:
+    """Measure one model at one size; see the module docstring for the figures."""
+    torch.manual_seed(0)
+    _reset_peak(device)
+    model = make_model(spec, num_classes=num_classes).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    h, w = size
+    x1 = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=fmt)
+    xb = torch.randn(batch, 3, h, w, device=device).contiguous(memory_format=fmt)
+    model.eval()
+    gflops = count_gflops(model, x1)
+    run = torch.compile(model) if compile else model
+
+    def infer(x: torch.Tensor) -> Callable[[], object]:
+        def fn() -> object:
+            with torch.inference_mode(), _autocast(device, precision):
+                return run(x)
+
+        return fn
+
+    lat = _timeit(infer(x1), device, warmup=warmup, iters=iters)
+    thr = _timeit(infer(xb), device, warmup=1, iters=max(2, iters // 2))
+    step_ms = None
+    if train:
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+        target = torch.randint(0, num_classes, (batch, h, w), device=device)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with _autocast(device, precision):
+                loss = F.cross_entropy(run(xb), target)
+            loss.backward()
+            opt.step()
+
+        step_ms = statistics.median(_timeit(step, device, warmup=1, iters=max(2, iters // 2))) * 1e3
+    median = statistics.median(lat)
+    p90 = sorted(lat)[min(len(lat) - 1, round(0.9 * (len(lat) - 1)))]
+    ips = batch / statistics.median(thr)
+    achieved = gflops * ips
+    return Result(
+        model=spec,
+        size=(h, w),
+        params_m=round(params, 3),
+        gflops=round(gflops, 2),
+        latency_ms_median=round(median * 1e3, 1),
+        latency_ms_p90=round(p90 * 1e3, 1),
+        throughput_ips=round(ips, 2),
+        batch=batch,
+        train_step_ms=None if step_ms is None else round(step_ms, 1),
+        peak_mem_mb=round(_peak_mb(device), 1),
+        achieved_gflops_s=round(achieved, 1),
+        share_of_peak=round(achieved / peak_gflops, 3),
+    )
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    head = (
+        "| model | size | params (M) | GFLOPs | latency b1 median / p90 (ms) | images/s (batch) "
+        "| train step (ms) | peak mem (MB) | GFLOP/s | of matmul peak |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for r in results:
+        step = "-" if r.train_step_ms is None else f"{r.train_step_ms:.0f}"
+        rows.append(
+            f"| {r.model} | {r.size[0]}x{r.size[1]} | {r.params_m:.2f} | {r.gflops:.1f} "
+            f"| {r.latency_ms_median:.1f} / {r.latency_ms_p90:.1f} | {r.throughput_ips:.2f} ({r.batch}) "
+            f"| {step} | {r.peak_mem_mb:.0f} | {r.achieved_gflops_s:.0f} | {100 * r.share_of_peak:.0f}% |"
+        )
+    return "\n".join(rows)
+
+
+def ratio_lines(results: Sequence[Result]) -> list[str]:
+    """The side-by-side ratios the project's goals are stated in."""
+    by = {(r.model, r.size): r for r in results}
+    lines = []
+    for (name, size), r in by.items():
+        if name == "fcn8s" and ("fcn8s:paper", size) in by:
+            p = by[("fcn8s:paper", size)]
+            lines.append(
+                f"fcn8s aligned vs paper at {size[0]}x{size[1]}: {r.throughput_ips / p.throughput_ips:.2f}x "
+                f"throughput, {p.gflops / r.gflops:.2f}x fewer GFLOPs"
+            )
+        if name == "student" and ("fcn8s", size) in by:
+            t = by[("fcn8s", size)]
+            lines.append(
+                f"student vs fcn8s at {size[0]}x{size[1]}: 1/{t.gflops / r.gflops:.0f} GFLOPs, "
+                f"1/{t.params_m / r.params_m:.0f} params, {t.latency_ms_median / r.latency_ms_median:.1f}x "
+                "lower latency"
+            )
+    return lines
+
+
+def backbone_conv_efficiency(
+    *, size: tuple[int, int], device: torch.device, batch: int = 1, iters: int = 3, peak_gflops: float
+) -> dict[str, float]:
+    """GFLOP/s of the VGG16 convolutions (conv1_1 .. fc7) alone, as a share of the matmul peak."""
+    from fcn.models.vgg import VGG16Backbone
+
+    net = VGG16Backbone().to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    gflops = count_gflops(net, x)
+
+    def fn() -> object:
+        with torch.inference_mode():
+            return net(x)
+
+    sec = statistics.median(_timeit(fn, device, warmup=1, iters=iters))
+    return {"gflops": gflops, "gflops_s": gflops / sec, "share_of_peak": gflops / sec / peak_gflops}
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="model specs (see module doc)")
+    p.add_argument("--size", nargs=2, type=int, action="append", metavar=("H", "W"), help="repeatable")
+    p.add_argument("--num-classes", type=int, default=11)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    p.add_argument("--batch", type=int, default=4, help="batch size of the throughput and train-step runs")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--backbone-efficiency", action="store_true", help="also measure VGG16 conv GFLOP/s")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    sizes = [tuple(s) for s in (args.size or [[360, 480]])]
+    for spec in args.models:  # fail before measuring anything
+        name = spec.partition(":")[0]
+        if name not in list_models() and name not in PEERS:
+            raise ModelError(f"unknown model {spec!r}; choose from {list_models() + list(PEERS)}")
+    if device.type == "cpu" and args.precision == "bf16" and not cpu_has_native_bf16():
+        print("note: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and much slower")
+    with _threads(args.threads):
+        peak = matmul_peak_gflops(device, precision=args.precision)
+        env = {
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "precision": args.precision,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "matmul_peak_gflops_s": round(peak, 1),
+            "cpu_native_bf16": cpu_has_native_bf16(),
+        }
+        print(f"# {json.dumps(env)}")
+        results = []
+        for size in sizes:
+            for spec in args.models:
+                r = bench_model(
+                    spec,
+                    size=size,
+                    num_classes=args.num_classes,
+                    device=device,
+                    precision=args.precision,
+                    batch=args.batch,
+                    channels_last=args.channels_last,
+                    compile=args.compile,
+                    iters=args.iters,
+                    train=not args.no_train,
+                    peak_gflops=peak,
+                )
+                results.append(r)
+                print(
+                    f"  measured {spec} at {size[0]}x{size[1]}: {r.throughput_ips:.2f} images/s", flush=True
+                )
+        extra = {}
+        if args.backbone_efficiency:
+            extra = backbone_conv_efficiency(size=sizes[0], device=device, peak_gflops=peak)
+    print(markdown_table(results))
+    for line in ratio_lines(results):
+        print(line)
+    if extra:
+        print(
+            f"VGG16 convolutions at {sizes[0][0]}x{sizes[0][1]}: {extra['gflops_s']:.0f} GFLOP/s = "
+            f"{100 * extra['share_of_peak']:.0f}% of the {peak:.0f} GFLOP/s matmul peak"
+        )
+    if args.json:
+        payload = {"env": env, "results": [asdict(r) for r in results], "backbone": extra}
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, args.json)
+    return 0

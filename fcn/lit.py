@@ -1,0 +1,401 @@
+"""LightningModules: supervised segmentation training around any registered model.
+
+The model itself is a plain ``nn.Module`` from :func:`fcn.models.build_model`; this module adds the loss,
+optimiser, schedule and metrics. Every constructor argument is a plain type and is saved with
+``save_hyperparameters``, so a checkpoint alone rebuilds the model (see :mod:`fcn.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fcn.checkpoint import CheckpointError, read_checkpoint
+from fcn.distill import (
+    FeatureAdapter,
+    channel_wise_loss,
+    ema_update,
+    load_teacher,
+    make_ema,
+    pairwise_loss,
+    pixel_kd_loss,
+    pseudo_labels,
+)
+from fcn.losses import segmentation_loss
+from fcn.metrics import ConfusionMatrix, segmentation_scores
+from fcn.models import build_model
+from fcn.models.fcn import transfer_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class SegmentationModule(L.LightningModule):
+    """Train a registered segmentation model with cross-entropy, SGD/AdamW and a poly schedule.
+
+    Args:
+        model: registry name (``fcn32s``, ``fcn16s``, ``fcn8s``, ``student`` ...).
+        model_kwargs: keyword arguments of the builder (``weights``, ``mode``, ``width_mult`` ...).
+        num_classes, class_names, palette, ignore_index, mean, std: the data description, linked
+            from the data module by ``scripts/train.py`` and stored in the checkpoint.
+        optimizer: ``"sgd"`` (momentum, the paper's choice) or ``"adamw"``.
+        lr, momentum, weight_decay: optimiser settings; biases and norm layers get no weight decay.
+        bias_lr_mult: learning-rate multiplier of biases (2 in the reference FCN).
+        poly_power, warmup_steps: ``lr * (1 - step / total) ** poly_power`` after a linear warm-up.
+        class_weights: per-class loss weights (length ``num_classes``) or None.
+        label_smoothing: cross-entropy label smoothing.
+        init_from: checkpoint of a coarser model to start from (FCN-16s from FCN-32s, 8s from 16s).
+        channels_last: run the model in channels-last memory format.
+        compile: ``torch.compile`` the model (``nn.Module.compile``; checkpoint keys are unchanged).
+    """
+
+    def __init__(
+        self,
+        model: str = "fcn8s",
+        model_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 11,
+        class_names: list[str] | None = None,
+        palette: list[list[int]] | None = None,
+        ignore_index: int = 255,
+        mean: list[float] | tuple[float, ...] = IMAGENET_MEAN,
+        std: list[float] | tuple[float, ...] = IMAGENET_STD,
+        optimizer: str = "sgd",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        bias_lr_mult: float = 2.0,
+        poly_power: float = 0.9,
+        warmup_steps: int = 0,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        init_from: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} values for {num_classes} classes")
+        self.save_hyperparameters()
+        self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        if init_from:
+            self._init_from(init_from)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.val_confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
+        self.test_confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.compile()
+
+    # -- model -------------------------------------------------------------------------------------
+    def _init_from(self, path: str) -> None:
+        state, info = read_checkpoint(path)
+        if info.num_classes != self.hparams.num_classes:
+            raise CheckpointError(
+                f"init_from checkpoint {path} has {info.num_classes} classes but the data has "
+                f"{self.hparams.num_classes}; start from a checkpoint trained on the same classes"
+            )
+        source = build_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
+        source.load_state_dict(state)
+        copied = transfer_weights(source, self.model)
+        print(f"init_from {path}: copied {len(copied)} tensors from {info.model_name}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        theirs = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if theirs is not None and theirs != self.hparams.num_classes:
+            raise CheckpointError(
+                f"the checkpoint has {theirs} classes but the data/model has {self.hparams.num_classes}; "
+                "resume with a checkpoint trained on the same data set"
+            )
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(
+            logits,
+            target,
+            ignore_index=self.hparams.ignore_index,
+            class_weights=self.class_weights,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop with a clear message instead of training on a NaN/inf loss."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}); "
+                "lower the learning rate (--model.init_args.lr) or train in fp32 (--trainer.precision 32)"
+            )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, masks = batch
+        loss = self.loss(self(images), masks)
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def _eval_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], confmat: ConfusionMatrix, stage: str
+    ) -> None:
+        images, masks = batch
+        logits = self(images)
+        confmat.update(logits.argmax(1), masks)
+        loss = self.loss(logits, masks)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_confmat, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_confmat, "test")
+
+    def _log_scores(self, confmat: ConfusionMatrix, stage: str) -> dict[str, Any]:
+        scores = segmentation_scores(confmat.compute(), self.hparams.class_names)  # synced across ranks
+        confmat.reset()
+        self.log(f"{stage}/mIoU", scores["mean_iou"], prog_bar=True)
+        self.log(f"{stage}/pixel_acc", scores["pixel_accuracy"])
+        self.log(f"{stage}/mean_acc", scores["mean_accuracy"])
+        self.log(f"{stage}/fw_iou", scores["fw_iou"])
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        for name, iou in zip(names, scores["per_class_iou"]):
+            if iou is not None:
+                self.log(f"{stage}_iou/{name}", iou)
+        return scores
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores(self.val_confmat, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores(self.test_confmat, "test")
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
+        """Weights with decay; biases and norm parameters without decay and at ``bias_lr_mult`` x lr."""
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue  # e.g. frozen upsampling
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        return [
+            {"params": decay, "lr": hp.lr, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "lr": hp.lr * hp.bias_lr_mult, "weight_decay": 0.0},
+        ]
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = [g for m in self.trainable_modules() for g in self.param_groups(m) if g["params"]]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total - 1)
+
+        def poly(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** hp.poly_power
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+DISTILL_MODES = ("offline", "semi", "self")
+SELF_TEACHERS = ("ema", "snapshot")
+
+
+class DistillationModule(SegmentationModule):
+    """Train a student with knowledge from a teacher (see ``docs/DISTILLATION.md``).
+
+    Modes:
+        ``offline``: a frozen teacher loaded from ``teacher_checkpoint`` (any registered model).
+        ``semi``: as offline, plus unlabeled images (``data.unlabeled_root``): on them the teacher's soft
+            predictions (KD) and its confident pseudo-labels (CE, pixels below ``pseudo_threshold`` ignored)
+            supervise the student, weighted by ``unlabeled_weight``.
+        ``self``: no external teacher; from epoch ``self_start_epoch`` on, an EMA (``self_teacher="ema"``,
+            updated every step with ``ema_decay``) or a frozen snapshot of the student is the teacher.
+
+    Losses: ``ce_weight`` x cross-entropy on ground truth + ``kd_weight`` x pixel KD (temperature
+    ``temperature``, void pixels ignored) + ``pairwise_weight`` x affinity distillation on
+    ``feature_key`` + ``channel_weight`` x channel-wise distillation (through a learned 1x1 adapter).
+    The teacher is never a submodule: it is not optimised, not wrapped by DDP and not saved.
+    """
+
+    def __init__(
+        self,
+        teacher_checkpoint: str | None = None,
+        distill_mode: str = "offline",
+        temperature: float = 4.0,
+        ce_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        pairwise_weight: float = 0.0,
+        channel_weight: float = 0.0,
+        feature_key: str = "c5",
+        pairwise_pool: int = 16,
+        channel_temperature: float = 4.0,
+        pseudo_threshold: float = 0.9,
+        unlabeled_weight: float = 1.0,
+        self_start_epoch: int = 1,
+        self_teacher: str = "ema",
+        ema_decay: float = 0.99,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if distill_mode not in DISTILL_MODES:
+            raise ValueError(f"distill_mode must be one of {DISTILL_MODES}, got {distill_mode!r}")
+        if self_teacher not in SELF_TEACHERS:
+            raise ValueError(f"self_teacher must be one of {SELF_TEACHERS}, got {self_teacher!r}")
+        if feature_key not in ("c3", "c4", "c5"):
+            raise ValueError(f"feature_key must be c3, c4 or c5, got {feature_key!r}")
+        teacher = None
+        if distill_mode in ("offline", "semi"):
+            if not teacher_checkpoint:
+                raise CheckpointError(
+                    f"distill_mode={distill_mode!r} needs teacher_checkpoint=<.ckpt of a trained model>"
+                )
+            teacher = load_teacher(teacher_checkpoint, num_classes=self.hparams.num_classes)
+        elif teacher_checkpoint:
+            raise ValueError(
+                "distill_mode='self' uses the student as its own teacher; drop teacher_checkpoint"
+            )
+        # Plain attributes, not submodules: never optimised, saved or wrapped by DDP.
+        object.__setattr__(self, "teacher", teacher)
+        object.__setattr__(self, "ema", make_ema(self.model) if distill_mode == "self" else None)
+        self.adapter = None
+        if channel_weight > 0:
+            t_ch = (teacher.backbone if teacher is not None else self.model.backbone).out_channels[
+                feature_key
+            ]
+            s_ch = self.model.backbone.out_channels[feature_key]
+            self.adapter = FeatureAdapter(s_ch, t_ch)
+
+    # -- teacher ---------------------------------------------------------------------------------------
+    def active_teacher(self) -> nn.Module | None:
+        """The teacher for the current epoch (None before ``self_start_epoch`` in self mode)."""
+        hp = self.hparams
+        if hp.distill_mode != "self":
+            return self.teacher
+        if self.current_epoch < hp.self_start_epoch:
+            return None
+        if hp.self_teacher == "snapshot":
+            if self.teacher is None:
+                object.__setattr__(self, "teacher", make_ema(self.model))
+            return self.teacher
+        return self.ema
+
+    def _move_frozen(self) -> None:
+        for net in (self.teacher, self.ema):
+            if net is not None:
+                net.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._move_frozen()
+
+    def on_validation_start(self) -> None:
+        self._move_frozen()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.model, decay=self.hparams.ema_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:  # so a resumed self-distillation keeps its EMA teacher
+            checkpoint["ema_state_dict"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.ema is not None and "ema_state_dict" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema_state_dict"])
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.model] + ([self.adapter] if self.adapter is not None else [])
+
+    # -- losses ----------------------------------------------------------------------------------------
+    def _features(self, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return net(x, return_features=True)
+
+    def distill_losses(
+        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], valid: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        losses = {
+            "kd": pixel_kd_loss(student["out"], teacher["out"], temperature=hp.temperature, valid=valid)
+        }
+        key = hp.feature_key
+        if hp.pairwise_weight > 0:
+            s, t = student[key], teacher[key]
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            losses["pairwise"] = pairwise_loss(s, t, pool_size=hp.pairwise_pool)
+        if hp.channel_weight > 0:
+            t = teacher[key]
+            s = self.adapter(student[key], tuple(t.shape[-2:]))
+            losses["channel"] = channel_wise_loss(s, t, temperature=hp.channel_temperature)
+        return losses
+
+    def _weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        hp = self.hparams
+        weights = {"kd": hp.kd_weight, "pairwise": hp.pairwise_weight, "channel": hp.channel_weight}
+        return sum(weights[k] * v for k, v in losses.items())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        unlabeled = None
+        if isinstance(batch, dict):  # semi-supervised: {"labeled": (x, y), "unlabeled": (x, _)}
+            images, masks = batch["labeled"]
+            unlabeled = batch["unlabeled"][0] if batch.get("unlabeled") is not None else None
+        else:
+            images, masks = batch
+        student = self._features(self.model, images)
+        ce = self.loss(student["out"], masks)
+        total = hp.ce_weight * ce
+        logs = {"ce": ce}
+        teacher = self.active_teacher()
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = self._features(teacher, images)
+            losses = self.distill_losses(student, t_out, masks != hp.ignore_index)
+            total = total + self._weighted(losses)
+            logs.update(losses)
+            if unlabeled is not None and hp.distill_mode == "semi":
+                s_u = self._features(self.model, unlabeled)
+                with torch.no_grad():
+                    t_u = self._features(teacher, unlabeled)
+                labels = pseudo_labels(
+                    t_u["out"], threshold=hp.pseudo_threshold, ignore_index=hp.ignore_index
+                )
+                u_losses = self.distill_losses(s_u, t_u, None)
+                u_ce = self.loss(s_u["out"], labels)
+                total = total + hp.unlabeled_weight * (self._weighted(u_losses) + hp.ce_weight * u_ce)
+                logs["unlabeled_ce"] = u_ce
+                logs["unlabeled_kd"] = u_losses["kd"]
+                logs["pseudo_label_share"] = (labels != hp.ignore_index).float().mean()
+        self.check_finite(total)
+        bs = images.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        self.log("train/teacher_active", float(teacher is not None), batch_size=bs)
+        return total
