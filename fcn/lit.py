@@ -151,7 +151,7 @@ class SegmentationModule(L.LightningModule):
     ) -> None:
         images, masks = batch
         logits = self(images)
-        confmat.update(logits.argmax(1), masks)
+        confmat.update(logits, masks)
         loss = self.loss(logits, masks)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
 
@@ -164,10 +164,15 @@ class SegmentationModule(L.LightningModule):
     def _log_scores(self, confmat: ConfusionMatrix, stage: str) -> dict[str, Any]:
         scores = segmentation_scores(confmat.compute(), self.hparams.class_names)  # synced across ranks
         confmat.reset()
-        self.log(f"{stage}/mIoU", scores["mean_iou"], prog_bar=True)
-        self.log(f"{stage}/pixel_acc", scores["pixel_accuracy"])
-        self.log(f"{stage}/mean_acc", scores["mean_accuracy"])
-        self.log(f"{stage}/fw_iou", scores["fw_iou"])
+        summary = {
+            "mIoU": "mean_iou",
+            "pixel_acc": "pixel_accuracy",
+            "mean_acc": "mean_accuracy",
+            "fw_iou": "fw_iou",
+        }
+        for short, key in summary.items():
+            if scores[key] is not None:  # None: no labelled pixel at all (n/a)
+                self.log(f"{stage}/{short}", scores[key], prog_bar=short == "mIoU")
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         for name, iou in zip(names, scores["per_class_iou"]):
             if iou is not None:

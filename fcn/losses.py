@@ -1,0 +1,61 @@
+"""The supervised segmentation loss: pixel-wise cross entropy with an ignore index and class weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["segmentation_loss"]
+
+
+def segmentation_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = 255,
+    class_weights: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross entropy averaged over the non-ignored pixels of the batch.
+
+    ``logits`` are ``(N, C, H, W)`` (any dtype; computed in float32), ``target`` is ``(N, H, W)`` int64 class
+    ids with ``ignore_index`` for void. With ``class_weights`` (``(C,)``) the average is weighted, as in
+    :func:`torch.nn.functional.cross_entropy`: ``sum_i w[y_i] * l_i / sum_i w[y_i]``. A batch whose pixels
+    are all ignored gives 0 (connected to ``logits``, so ``backward`` works and yields zero gradients)
+    instead of the NaN of ``F.cross_entropy``. Targets outside ``[0, C)`` other than ``ignore_index``
+    are an error (PyTorch raises on CPU and asserts on CUDA).
+    """
+    if logits.ndim < 2 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not match target of shape {tuple(target.shape)}; "
+            "expected (N, C, H, W) logits and an (N, H, W) target"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    num_classes = logits.shape[1]
+    logits = logits.float()
+    target = target.long()
+    weight = None
+    if class_weights is not None:
+        weight = torch.as_tensor(class_weights).to(device=logits.device, dtype=logits.dtype)
+        if weight.shape != (num_classes,):
+            raise ValueError(
+                f"class_weights has shape {tuple(weight.shape)} but the logits have {num_classes} classes; "
+                "give one weight per class"
+            )
+    per_pixel = F.cross_entropy(
+        logits,
+        target,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    valid = target != ignore_index
+    if weight is None:
+        denom = valid.sum().to(per_pixel.dtype)
+    else:
+        denom = torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0.0).sum()
+    # Ignored pixels contribute 0 to the sum; clamping the denominator turns 0/0 into 0 without a host sync.
+    return per_pixel.sum() / denom.clamp(min=torch.finfo(per_pixel.dtype).tiny)

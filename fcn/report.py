@@ -1,0 +1,532 @@
+"""The evaluation report: one directory with markdown, JSON, CSV and PNG files from a confusion matrix.
+
+Layout written by :func:`write_report`::
+
+    report.md             summary of the four metrics, per-class table, meta, comparison, worst images
+    metrics.json          the same numbers, machine-readable (fractions in [0, 1]; null = n/a)
+    per_class.csv         class_id, class, iou, accuracy, pixel_share, gt_pixels, pred_pixels
+    confusion_matrix.png  row-normalised confusion matrix (rows ground truth, columns prediction)
+    per_image.csv         one row per image (only when per-image results are given)
+    worst/NN_<name>.png   image | ground-truth colours | prediction colours, worst first (when given)
+
+Every file is written to a temporary file in the same directory and then renamed over its final name,
+so an interrupted run never leaves a half-written file. Percentages in report.md and the console table
+are the JSON fractions times 100; n/a (see :mod:`fcn.metrics`) is shown as "n/a".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fcn.metrics import SUMMARY_KEYS, segmentation_scores
+
+__all__ = [
+    "ReportError",
+    "compare_scores",
+    "default_palette",
+    "format_summary_table",
+    "write_report",
+]
+
+METRIC_LABELS = {
+    "pixel_accuracy": "pixel accuracy",
+    "mean_accuracy": "mean accuracy",
+    "mean_iou": "mean IoU",
+    "fw_iou": "frequency-weighted IoU",
+}
+NA = "n/a"
+
+
+class ReportError(OSError):
+    """The report directory or one of its files cannot be written."""
+
+
+# -- small helpers ------------------------------------------------------------------------------------
+def _pct(x: float | None, digits: int = 2) -> str:
+    return NA if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:.{digits}f}"
+
+
+def _signed_pct(x: float | None) -> str:
+    if x is None:
+        return NA
+    text = f"{100.0 * x:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
+def _num(x: float | None) -> str:
+    """A CSV number: full precision, n/a for missing."""
+    return NA if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+
+
+def _md_escape(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only: tensors/arrays to lists, NaN/inf to None, paths and the rest to str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Tensor):
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    return str(obj)
+
+
+def _safe_name(name: str) -> str:
+    stem = Path(str(name)).stem or "image"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80]
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """Distinct deterministic RGB colours (the PASCAL VOC bit-interleaving scheme, black skipped)."""
+    colours = []
+    for label in range(1, num_classes + 1):
+        r = g = b = 0
+        c = label
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return colours
+
+
+def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
+    if palette is None:
+        palette = default_palette(num_classes)
+    arr = np.asarray(palette, dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < num_classes:
+        raise ValueError(
+            f"palette must hold one RGB triple per class ({num_classes}), got shape {arr.shape}; "
+            "pass the data set's palette or None for default colours"
+        )
+    if arr.min() < 0 or arr.max() > 255:
+        raise ValueError("palette colours must be RGB values in [0, 255]")
+    return arr[:num_classes].astype(np.uint8)
+
+
+def _colourise(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Class ids to RGB; ids outside the palette (void/ignore) are black."""
+    mask = mask.astype(np.int64)
+    valid = (mask >= 0) & (mask < len(lut))
+    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
+    out[valid] = lut[mask[valid]]
+    return out
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
+def _rgb_uint8(image: Any) -> np.ndarray:
+    img = _to_numpy(image)
+    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
+        img = img.transpose(1, 2, 0)  # CHW -> HWC
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"worst-image 'image' must be RGB (H, W, 3), got shape {img.shape}")
+    if img.dtype == np.uint8:
+        return img
+    img = img.astype(np.float64)
+    if np.issubdtype(_to_numpy(image).dtype, np.floating) and img.max(initial=0.0) <= 1.0:
+        img = img * 255.0  # float RGB in [0, 1]
+    return np.clip(img, 0.0, 255.0).round().astype(np.uint8)
+
+
+# -- atomic writes ------------------------------------------------------------------------------------
+def _unwritable(directory: Path, err: OSError) -> ReportError:
+    reason = err.strerror or str(err)
+    return ReportError(
+        f"cannot write the evaluation report to '{directory}': {reason}; "
+        "choose another output directory or make this one writable"
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(path.parent, err) from err
+
+
+def _prepare_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(directory))
+        probe = directory / f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as err:
+        raise _unwritable(directory, err) from err
+
+
+# -- renderers ----------------------------------------------------------------------------------------
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    import matplotlib.image as mpimg
+
+    buf = io.BytesIO()
+    mpimg.imsave(buf, rgb, format="png")
+    return buf.getvalue()
+
+
+def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str]) -> bytes:
+    """PNG bytes of the row-normalised confusion matrix (%), class names on both axes (Agg backend)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = _to_numpy(confmat).astype(np.float64)
+    n = cm.shape[0]
+    rows = cm.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(rows > 0, cm / np.where(rows > 0, rows, 1.0), np.nan)
+    side = max(6.0, 0.5 * n + 3.0)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = colormaps["Blues"].with_extremes(bad="#dddddd")  # grey rows: classes absent from the gt
+    im = ax.imshow(np.ma.masked_invalid(norm * 100.0), cmap=cmap, vmin=0.0, vmax=100.0)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(class_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_yticklabels(class_names, fontsize=9)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title("Confusion matrix (% of each ground-truth class)")
+    if n <= 40:
+        size = 8 if n <= 20 else 6
+        for i in range(n):
+            for j in range(n):
+                v = norm[i, j]
+                if not np.isnan(v) and v >= 0.005:
+                    colour = "white" if v > 0.5 else "black"
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=size, color=colour)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="%")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray, gap: int = 4) -> np.ndarray:
+    """``image | ground-truth colours | prediction colours`` as one RGB uint8 array."""
+    img = _rgb_uint8(image)
+    gt, pr = _to_numpy(target), _to_numpy(pred)
+    if gt.shape != img.shape[:2] or pr.shape != img.shape[:2]:
+        raise ValueError(
+            f"worst-image arrays disagree: image {img.shape[:2]}, target {gt.shape}, pred {pr.shape}; "
+            "pass prediction and ground truth at the image's resolution"
+        )
+    sep = np.full((img.shape[0], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([img, sep, _colourise(gt, lut), sep, _colourise(pr, lut)], axis=1)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def per_class_csv(scores: Mapping[str, Any]) -> str:
+    """CSV text, one row per class: ``class_id,class,iou,accuracy,pixel_share,gt_pixels,pred_pixels``."""
+    rows = [
+        [
+            i,
+            name,
+            _num(scores["per_class_iou"][i]),
+            _num(scores["per_class_accuracy"][i]),
+            _num(scores["pixel_share"][i]),
+            scores["gt_pixels"][i],
+            scores["pred_pixels"][i],
+        ]
+        for i, name in enumerate(scores["class_names"])
+    ]
+    header = ["class_id", "class", "iou", "accuracy", "pixel_share", "gt_pixels", "pred_pixels"]
+    return _csv_text(header, rows)
+
+
+def per_image_csv(per_image: Sequence[Mapping[str, Any]]) -> str:
+    """CSV text of per-image results: ``file,mean_iou,pixel_accuracy`` first, then any other keys."""
+    keys: list[str] = ["file", "mean_iou", "pixel_accuracy"]
+    for row in per_image:
+        keys += [k for k in row if k not in keys]
+
+    def cell(v: Any) -> Any:
+        if v is None or isinstance(v, float | np.floating):
+            return _num(None if v is None else float(v))
+        return v
+
+    return _csv_text(keys, [[cell(row.get(k)) for k in keys] for row in per_image])
+
+
+def compare_scores(
+    main: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]], *, model_name: str = "model"
+) -> dict[str, Any]:
+    """Side-by-side metrics and per-class IoU of ``main`` and each of ``others``, with the deltas.
+
+    ``delta[name]`` is ``main - others[name]`` (positive: the evaluated model is better), ``None`` when
+    either side is n/a.
+    """
+
+    def pick(s: Mapping[str, Any]) -> dict[str, Any]:
+        return {**{k: s[k] for k in SUMMARY_KEYS}, "per_class_iou": list(s["per_class_iou"])}
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    models = {model_name: pick(main)}
+    delta = {}
+    for name, s in others.items():
+        if name == model_name:
+            raise ValueError(f"compare name {name!r} clashes with model_name; give the models distinct names")
+        models[name] = pick(s)
+        d = {k: diff(main[k], s[k]) for k in SUMMARY_KEYS}
+        d["per_class_iou"] = [diff(a, b) for a, b in zip(main["per_class_iou"], s["per_class_iou"])]
+        delta[name] = d
+    return {"model": model_name, "class_names": list(main["class_names"]), "models": models, "delta": delta}
+
+
+def format_summary_table(scores: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
+    """Plain-text table of the four metrics and per-class IoU / accuracy / pixel share (in %)."""
+    names = list(class_names) if class_names is not None else list(scores["class_names"])
+    lines = [f"{METRIC_LABELS[k]:<24}{_pct(scores[k]):>8} %" for k in SUMMARY_KEYS]
+    width = max([5, *(len(n) for n in names)])
+    lines += ["", f"{'id':>3}  {'class':<{width}}  {'IoU %':>7}  {'acc %':>7}  {'share %':>7}"]
+    for i, name in enumerate(names):
+        lines.append(
+            f"{i:>3}  {name:<{width}}  {_pct(scores['per_class_iou'][i]):>7}  "
+            f"{_pct(scores['per_class_accuracy'][i]):>7}  {_pct(scores['pixel_share'][i]):>7}"
+        )
+    return "\n".join(lines)
+
+
+def _meta_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, Mapping | list | tuple):
+        return json.dumps(_jsonable(v))
+    return str(v)
+
+
+def render_markdown(
+    scores: Mapping[str, Any],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    comparison: Mapping[str, Any] | None = None,
+    per_image_summary: Mapping[str, Any] | None = None,
+    worst: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The text of report.md."""
+    out = ["# Evaluation report", ""]
+    if meta:
+        out += ["| | |", "| --- | --- |"]
+        out += [f"| {_md_escape(k)} | {_md_escape(_meta_value(v))} |" for k, v in meta.items()]
+        out.append("")
+    out += [
+        "## Summary",
+        "",
+        f"{scores['num_pixels']} labelled pixels, {scores['num_classes']} classes. "
+        "Metrics of Long et al. (FCN); n/a classes are left out of the means.",
+        "",
+        "| metric | % |",
+        "| --- | ---: |",
+    ]
+    out += [f"| {METRIC_LABELS[k]} | {_pct(scores[k])} |" for k in SUMMARY_KEYS]
+    out += [
+        "",
+        "## Per class",
+        "",
+        "| id | class | IoU % | accuracy % | pixel share % |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    for i, name in enumerate(scores["class_names"]):
+        out.append(
+            f"| {i} | {_md_escape(name)} | {_pct(scores['per_class_iou'][i])} | "
+            f"{_pct(scores['per_class_accuracy'][i])} | {_pct(scores['pixel_share'][i])} |"
+        )
+    out += [
+        "",
+        "IoU n/a: the class is neither in the ground truth nor predicted. "
+        "Accuracy n/a: the class is not in the ground truth.",
+        "",
+    ]
+    if comparison:
+        names = list(comparison["models"])
+        refs = list(comparison["delta"])
+        head = "| | " + " | ".join(_md_escape(n) for n in names)
+        head += "".join(f" | Δ vs {_md_escape(r)}" for r in refs) + " |"
+        rule = "| --- |" + " ---: |" * (len(names) + len(refs))
+        out += ["## Comparison", "", f"Δ = {_md_escape(comparison['model'])} − reference, in points.", ""]
+        out += [head, rule]
+
+        def row(label: str, get: Any) -> str:
+            cells = [_pct(get(comparison["models"][n])) for n in names]
+            cells += [_signed_pct(get(comparison["delta"][r])) for r in refs]
+            return f"| {label} | " + " | ".join(cells) + " |"
+
+        out += [row(METRIC_LABELS[k], lambda d, k=k: d[k]) for k in SUMMARY_KEYS]
+        out += ["", "Per-class IoU %:", "", head, rule]
+        out += [
+            row(_md_escape(cname), lambda d, i=i: d["per_class_iou"][i])
+            for i, cname in enumerate(comparison["class_names"])
+        ]
+        out.append("")
+    out += ["## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", ""]
+    if per_image_summary:
+        out += [
+            "## Per image",
+            "",
+            f"{per_image_summary['count']} images; mean of per-image mIoU "
+            f"{_pct(per_image_summary['mean_of_mean_iou'])} %, median "
+            f"{_pct(per_image_summary['median_mean_iou'])} %. All rows: [per_image.csv](per_image.csv).",
+            "",
+        ]
+    if worst:
+        out += ["## Worst images", "", "Each: image | ground truth | prediction.", ""]
+        for w in worst:
+            miou = w.get("mean_iou")
+            label = f"{_md_escape(w['name'])} (mIoU {_pct(miou)} %)" if "mean_iou" in w else w["name"]
+            out += [f"### {label}", "", f"![{_md_escape(w['name'])}]({w['file']})", ""]
+    return "\n".join(out)
+
+
+def _per_image_summary(per_image: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    vals = [r.get("mean_iou") for r in per_image]
+    vals = [float(v) for v in vals if v is not None and not math.isnan(float(v))]
+    return {
+        "count": len(per_image),
+        "mean_of_mean_iou": float(np.mean(vals)) if vals else None,
+        "median_mean_iou": float(np.median(vals)) if vals else None,
+    }
+
+
+# -- entry point --------------------------------------------------------------------------------------
+def write_report(
+    output_dir: str | os.PathLike[str],
+    *,
+    confmat: Tensor | np.ndarray,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]] | None = None,
+    per_image: Sequence[Mapping[str, Any]] | None = None,
+    worst_images: Sequence[Mapping[str, Any]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    compare: Mapping[str, Tensor | np.ndarray] | None = None,
+    model_name: str = "model",
+) -> dict[str, Any]:
+    """Write the report directory (see the module docstring) and return the content of metrics.json.
+
+    - ``confmat``: the evaluated model's ``(C, C)`` matrix (e.g. ``ConfusionMatrix.compute()``).
+    - ``per_image``: dicts with ``file``, ``mean_iou``, ``pixel_accuracy`` (as from
+      :func:`fcn.metrics.image_scores`) and optionally more columns.
+    - ``worst_images``: dicts with ``name``, ``image`` (RGB ``(H, W, 3)`` uint8), ``target`` and ``pred``
+      (``(H, W)`` class ids; ground-truth void is drawn black) and optionally ``mean_iou``, in the order
+      to show them.
+    - ``meta``: free key/values shown at the top (checkpoint, dataset, split, images, seconds...).
+    - ``compare``: other models' matrices by name (e.g. ``{"teacher": cm}``): adds a side-by-side table
+      of metrics and per-class IoU with ``model_name`` minus each of them.
+
+    Raises :class:`ReportError` (an ``OSError``) naming the directory when it cannot be written, and
+    ``ValueError`` for inconsistent inputs (checked before anything is written).
+    """
+    out_dir = Path(output_dir)
+    scores = segmentation_scores(confmat, class_names)
+    cm_list = _jsonable(torch.as_tensor(_to_numpy(confmat)).long())
+    comparison = None
+    if compare:
+        others = {}
+        for name, other in compare.items():
+            if tuple(_to_numpy(other).shape) != (scores["num_classes"],) * 2:
+                raise ValueError(
+                    f"compare[{name!r}] has shape {tuple(_to_numpy(other).shape)} but the report has "
+                    f"{scores['num_classes']} classes; compare models evaluated on the same classes"
+                )
+            others[str(name)] = segmentation_scores(other, class_names)
+        comparison = compare_scores(scores, others, model_name=model_name)
+    lut = _palette_array(palette, scores["num_classes"]) if worst_images else None
+    worst_rendered: list[tuple[dict[str, Any], np.ndarray]] = []
+    for rank, w in enumerate(worst_images or [], start=1):
+        missing = [k for k in ("name", "image", "target", "pred") if k not in w]
+        if missing:
+            raise ValueError(f"worst image #{rank} lacks {missing}; give name, image, target and pred")
+        entry = {"name": str(w["name"]), "file": f"worst/{rank:02d}_{_safe_name(w['name'])}.png"}
+        if "mean_iou" in w:
+            entry["mean_iou"] = _jsonable(None if w["mean_iou"] is None else float(w["mean_iou"]))
+        worst_rendered.append((entry, side_by_side(w["image"], w["target"], w["pred"], lut=lut)))
+
+    files = ["report.md", "metrics.json", "per_class.csv", "confusion_matrix.png"]
+    per_image_summary = None
+    if per_image is not None:
+        per_image_summary = _per_image_summary(per_image)
+        files.append("per_image.csv")
+    files += [entry["file"] for entry, _ in worst_rendered]
+
+    metrics: dict[str, Any] = {
+        **scores,
+        "model_name": model_name,
+        "meta": _jsonable(dict(meta or {})),
+        "confusion_matrix": cm_list,
+        "comparison": comparison,
+        "per_image": per_image_summary,
+        "worst_images": [entry for entry, _ in worst_rendered],
+        "files": files,
+    }
+    metrics = _jsonable(metrics)
+    json_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+    markdown = render_markdown(
+        scores,
+        meta=meta,
+        comparison=comparison,
+        per_image_summary=per_image_summary,
+        worst=[entry for entry, _ in worst_rendered],
+    )
+
+    _prepare_dir(out_dir)
+    if worst_rendered:
+        _prepare_dir(out_dir / "worst")
+        for entry, rgb in worst_rendered:
+            _atomic_write(out_dir / entry["file"], _png_bytes(rgb))
+    _atomic_write(out_dir / "confusion_matrix.png", confusion_matrix_png(confmat, scores["class_names"]))
+    _atomic_write(out_dir / "per_class.csv", per_class_csv(scores).encode())
+    if per_image is not None:
+        _atomic_write(out_dir / "per_image.csv", per_image_csv(per_image).encode())
+    _atomic_write(out_dir / "metrics.json", json_text.encode())
+    _atomic_write(out_dir / "report.md", markdown.encode())  # last: its presence means a complete report
+    return metrics
