@@ -21,11 +21,26 @@ DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 USER_ERRORS = (ModelError, DataError, CheckpointError, FloatingPointError, FileNotFoundError, PermissionError)
 
 
+def _user_error(err: BaseException) -> BaseException | None:
+    """The first known user error in an exception's cause/context chain (jsonargparse and Lightning wrap
+    the errors raised while they instantiate classes or run hooks)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _guard(fn: Callable[[], int | None]) -> int:
     try:
         return int(fn() or 0)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user = _user_error(err)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
         return 2
 
 

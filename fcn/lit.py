@@ -139,6 +139,9 @@ class SegmentationModule(L.LightningModule):
                 "lower the learning rate (--model.init_args.lr) or train in fp32 (--trainer.precision 32)"
             )
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, masks = batch
         loss = self.loss(self(images), masks)

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from fcn.checkpoint import CheckpointError
@@ -80,7 +80,6 @@ def run_cli(args: Sequence[str]) -> FCNCLI:
         subclass_mode_model=True,
         args=list(args),
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [LearningRateMonitor(logging_interval="step")]},
         parser_kwargs={"default_env": False},
     )
 

@@ -1,0 +1,76 @@
+"""albumentations presets for image + mask. Masks always use nearest interpolation, are padded with the
+ignore index and end as int64 tensors; images are normalised with the ImageNet statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(
+    *,
+    crop_size: Sequence[int] = (360, 480),
+    scale_range: Sequence[float] = (0.5, 2.0),
+    ignore_index: int = 255,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    hflip: bool = True,
+    color_jitter: bool = True,
+) -> A.Compose:
+    """Random scale → pad (image with the mean colour, mask with ``ignore_index``) → random crop →
+    horizontal flip → photometric jitter → normalise → tensors."""
+    h, w = int(crop_size[0]), int(crop_size[1])
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    ops: list[A.BasicTransform] = []
+    if (lo, hi) != (1.0, 1.0):
+        ops.append(
+            A.RandomScale(
+                scale_limit=(lo - 1.0, hi - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            )
+        )
+    ops += [
+        A.PadIfNeeded(
+            min_height=h,
+            min_width=w,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=tuple(round(255 * m) for m in mean),  # the mean colour: 0 after normalisation
+            fill_mask=ignore_index,
+        ),
+        A.RandomCrop(height=h, width=w),
+    ]
+    if hflip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if color_jitter:
+        ops.append(A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8))
+    ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
+    return A.Compose(ops)
+
+
+def eval_transform(
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    size: Sequence[int] | None = None,
+) -> A.Compose:
+    """Normalise (and optionally resize, mask nearest) → tensors. Keeps the size by default."""
+    ops: list[A.BasicTransform] = []
+    if size is not None:
+        ops.append(
+            A.Resize(
+                int(size[0]),
+                int(size[1]),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+            )
+        )
+    ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
+    return A.Compose(ops)
