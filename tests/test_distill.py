@@ -97,3 +97,131 @@ def test_teacher_is_frozen_and_class_checked(tmp_path) -> None:
     assert all(not p.requires_grad for p in teacher.parameters())
     with pytest.raises(CheckpointError, match="has 4 classes but the student/data has 11"):
         load_teacher(str(path), num_classes=11)
+
+
+# -- end to end on demo data ---------------------------------------------------------------------------------
+TINY = {"width_mult": 0.125, "fc_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from fcn.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, n_train=4, n_val=2, n_test=4, size=(48, 64), seed=0)
+    teacher = build_model("fcn8s", num_classes=11, **TINY)
+    torch.nn.init.normal_(teacher.score_fr.weight, std=0.5)
+    ckpt = save_checkpoint(root / "teacher.ckpt", model=teacher, model_name="fcn8s", model_kwargs=TINY)
+    return root, ckpt
+
+
+def _module(**kw):
+    from fcn.lit import DistillationModule
+
+    return DistillationModule(model="student", num_classes=11, optimizer="adamw", lr=1e-3, **kw)
+
+
+def _fit(module, root, tmp_path, *, epochs=1, unlabeled=False, callbacks=()):
+    import lightning as L
+
+    from fcn.data.datamodule import SegDataModule
+
+    dm = SegDataModule(
+        dataset="camvid", data_root=str(root), batch_size=2, num_workers=0, crop_size=(48, 64),
+        unlabeled_root=str(root / "test") if unlabeled else None,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_offline_teacher_is_frozen_bit_identical_and_not_saved(demo, tmp_path) -> None:
+    root, ckpt = demo
+    module = _module(teacher_checkpoint=str(ckpt), pairwise_weight=1.0, channel_weight=1.0)
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_before = module.model.score_fr.weight.clone()
+    trainer = _fit(module, root, tmp_path)
+    after = module.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training
+    assert not torch.equal(student_before, module.model.score_fr.weight)  # the student did learn
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in module.teacher.parameters()}
+    # the student's checkpoint holds no teacher weights and loads like any other
+    path = tmp_path / "student.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert not any(k.startswith("teacher") for k in state)
+    from fcn.checkpoint import load_model
+
+    model, info = load_model(path)
+    assert info.model_name == "student" and model(torch.randn(1, 3, 40, 56)).shape == (1, 11, 40, 56)
+
+
+def test_semi_supervised_uses_unlabeled_batches(demo, tmp_path) -> None:
+    root, ckpt = demo
+    seen = []
+
+    class Spy(__import__("lightning").Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(sorted(batch) if isinstance(batch, dict) else None)
+
+    module = _module(teacher_checkpoint=str(ckpt), distill_mode="semi", pseudo_threshold=0.5)
+    _fit(module, root, tmp_path, unlabeled=True, callbacks=[Spy()])
+    assert seen and all(s == ["labeled", "unlabeled"] for s in seen)
+
+
+def test_self_distillation_switches_at_the_configured_epoch(demo, tmp_path) -> None:
+    root, _ = demo
+    active = {}
+
+    class Spy(__import__("lightning").Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            active.setdefault(trainer.current_epoch, pl_module.active_teacher() is not None)
+
+    module = _module(distill_mode="self", self_start_epoch=2, ema_decay=0.5)
+    _fit(module, root, tmp_path, epochs=3, callbacks=[Spy()])
+    assert active == {0: False, 1: False, 2: True}
+    assert module.active_teacher() is module.ema
+    # the EMA followed the student (decay 0.5 over several steps) but is not the student itself
+    s, e = module.model.score_fr.weight, module.ema.score_fr.weight
+    assert not torch.equal(s, e) and (s - e).abs().max() < (s.abs().max() + 1e-6)
+
+
+def test_distill_bad_configuration(demo) -> None:
+    _, ckpt = demo
+    with pytest.raises(CheckpointError, match="needs teacher_checkpoint"):
+        _module(distill_mode="offline")
+    with pytest.raises(ValueError, match="distill_mode must be one of"):
+        _module(distill_mode="online", teacher_checkpoint=str(ckpt))
+    with pytest.raises(CheckpointError, match="has 11 classes but the student/data has 19"):
+        from fcn.lit import DistillationModule
+
+        DistillationModule(model="student", num_classes=19, teacher_checkpoint=str(ckpt))
+
+
+@pytest.mark.parametrize("config", ["distill_offline", "distill_semi", "distill_self"])
+def test_each_mode_runs_through_the_cli(config, demo, tmp_path, capsys) -> None:
+    from fcn.cli import CONFIG_DIR, train_main
+
+    root, ckpt = demo
+    args = [
+        "fit", "--config", str(CONFIG_DIR / "demo" / f"{config}.yaml"),
+        "--data.dataset", "camvid", "--data.data_root", str(root), "--data.num_workers", "0",
+        "--data.batch_size", "2", "--data.crop_size", "[48, 64]",
+        "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+    ]  # fmt: skip
+    if config != "distill_self":
+        args += ["--model.init_args.teacher_checkpoint", str(ckpt)]
+    if config == "distill_semi":
+        args += ["--data.unlabeled_root", str(root / "test")]
+    else:
+        args += ["--model.init_args.self_start_epoch", "0"] if config == "distill_self" else []
+    assert train_main(args) == 0
+    assert "val mIoU: " in capsys.readouterr().out

@@ -62,7 +62,8 @@ class SegDataModule(L.LightningDataModule):
         class_weighting: None or ``median_frequency`` (CamVid/demo; computed from the training labels).
         unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation;
             the train loader then yields ``{"labeled": ..., "unlabeled": ...}``.
-        seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data.
+        seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
+            (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class SegDataModule(L.LightningDataModule):
         seed: int = 0,
         demo_train: int = 160,
         demo_val: int = 40,
+        demo_test: int = 0,
         demo_size: tuple[int, int] = (120, 160),
     ) -> None:
         super().__init__()
@@ -117,7 +119,13 @@ class SegDataModule(L.LightningDataModule):
         self.unlabeled_root = unlabeled_root
         self.unlabeled_ratio = unlabeled_ratio
         self.seed = seed
-        self.demo = {"n_train": demo_train, "n_val": demo_val, "size": tuple(demo_size), "seed": seed}
+        self.demo = {
+            "n_train": demo_train,
+            "n_val": demo_val,
+            "n_test": demo_test,
+            "size": tuple(demo_size),
+            "seed": seed,
+        }
         if dataset == "folder":
             meta = read_class_file(classes_file or self.data_root / "classes.yaml")
             self._classes, self._palette = meta["classes"], meta["palette"]
