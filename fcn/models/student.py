@@ -24,9 +24,14 @@ _STAGE_ENDS = (7, 13, 17)
 class MobileNetV3Backbone(nn.Module):
     """MobileNetV3-Large ``features`` returning ``{"c3": 1/8, "c4": 1/16, "c5": 1/32}``."""
 
-    def __init__(self, *, width_mult: float = 1.0) -> None:
+    def __init__(self, *, width_mult: float = 1.0, bn_momentum: float = 0.1) -> None:
         super().__init__()
         self.features = mobilenet_v3_large(weights=None, width_mult=width_mult).features
+        # torchvision uses BN momentum 0.01 for long ImageNet schedules; with short segmentation
+        # schedules the running statistics then lag far behind the weights and eval-mode output is poor.
+        for m in self.features.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
         chans = [self.features[end - 1].out_channels for end in _STAGE_ENDS]
         self.out_channels = {"c3": chans[0], "c4": chans[1], "c5": chans[2]}
         self.width_mult = width_mult
