@@ -17,7 +17,7 @@ from fcn.checkpoint import CheckpointError
 from fcn.data.datamodule import SegDataModule
 from fcn.lit import SegmentationModule
 
-LINKED = ("num_classes", "class_names", "palette", "ignore_index", "mean", "std")
+LINKED = ("num_classes", "class_names", "palette", "ignore_index", "mean", "std", "class_weights")
 
 
 def check_writable(directory: str | Path) -> None:
@@ -46,6 +46,7 @@ class FCNCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,  # best.ckpt / last.ckpt are overwritten
             }
         )
         for key in LINKED:

@@ -1,5 +1,5 @@
-"""Data layer: label tables (Cityscapes oracle), CamVid / folder / unlabeled data sets, transforms,
-the data module, the demo generator and every bad-input message."""
+"""Data sets and file reading: label tables (Cityscapes oracle), CamVid, folders, unlabeled folders, odd
+image files, and every bad-input message."""
 
 from __future__ import annotations
 
@@ -10,15 +10,28 @@ import numpy as np
 import pytest
 import torch
 
+from fcn.data.base import UNKNOWN, SegmentationDataset
+from fcn.data.benchmark import run as run_benchmark
 from fcn.data.camvid import CLASSES as CAMVID_CLASSES
-from fcn.data.camvid import CamVid, median_frequency_weights
-from fcn.data.cityscapes import LABELS, Cityscapes, cityscapes_table, train_ids_to_label_ids
-from fcn.data.datamodule import SegDataModule, build_dataset
+from fcn.data.camvid import PALETTE as CAMVID_PALETTE
+from fcn.data.camvid import CamVid, camvid_table, median_frequency_weights
+from fcn.data.cityscapes import (
+    CLASSES as CS_CLASSES,
+)
+from fcn.data.cityscapes import (
+    LABELS,
+    PALETTE,
+    TRAIN_ID_TO_LABEL_ID,
+    Cityscapes,
+    cityscapes_table,
+    train_ids_to_label_ids,
+)
+from fcn.data.datamodule import build_dataset
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
-from fcn.data.folder import FolderDataset, UnlabeledImageFolder
-from fcn.data.io import read_image
-from fcn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
+from fcn.data.io import read_image, read_mask
+from fcn.data.transforms import eval_transform
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CS_SAMPLE = SHARED / "cityscapes_sample"
@@ -26,6 +39,7 @@ CAMVID = SHARED / "camvid"
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
+    """Write RGB (converted to OpenCV's BGR) or single-channel arrays."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 and array.shape[2] == 3 else array
     assert cv2.imwrite(str(path), arr)
@@ -46,32 +60,79 @@ def _camvid_tree(root: Path, n: int = 3, size=(24, 32), label_value: int | None 
     return root
 
 
+def _cityscapes_tree(root: Path, frames: dict[str, list[str]], *, train_ids: bool = False) -> Path:
+    rng = np.random.default_rng(1)
+    for city, names in frames.items():
+        for name in names:
+            _png(
+                root / "leftImg8bit" / "val" / city / f"{name}_leftImg8bit.png",
+                np.zeros((8, 16, 3), np.uint8),
+            )
+            ids = rng.choice(sorted(k for k in LABELS if k >= 0), (8, 16)).astype(np.uint8)
+            _png(root / "gtFine" / "val" / city / f"{name}_gtFine_labelIds.png", ids)
+            if train_ids:
+                tid = cityscapes_table("labelIds")[ids].astype(np.uint8)
+                _png(root / "gtFine" / "val" / city / f"{name}_gtFine_labelTrainIds.png", tid)
+    return root
+
+
 # -- Cityscapes -------------------------------------------------------------------------------------------
-def test_cityscapes_table_is_official() -> None:
+# The official cityscapesScripts table, written out independently: labelId -> trainId of the 19 classes.
+OFFICIAL = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12}
+OFFICIAL |= {26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def test_cityscapes_tables_are_official() -> None:
     lut = cityscapes_table("labelIds")
-    assert [lut[i] for i in (7, 8, 11, 26, 33)] == [0, 1, 2, 13, 18]
-    assert all(lut[i] == 255 for i in (0, 1, 6, 9, 10, 14, 15, 16, 18, 29, 30))
-    assert sum(1 for _, t in LABELS.values() if t != 255) == 19
-    train = np.arange(19)
-    back = train_ids_to_label_ids(train)
-    assert (lut[back] == train).all()  # trainId → labelId → trainId round trip
+    for label_id in range(34):
+        assert lut[label_id] == OFFICIAL.get(label_id, 255), label_id
+    assert LABELS[-1][0] == "license plate" and LABELS[-1][1] == 255
+    assert lut[34:].tolist() == [UNKNOWN] * (256 - 34)  # unknown values stay detectable
+    assert TRAIN_ID_TO_LABEL_ID.tolist() == sorted(OFFICIAL, key=OFFICIAL.get)
+    assert train_ids_to_label_ids(np.array([[0, 18], [255, 13]])).tolist() == [[7, 33], [0, 26]]
+    assert CS_CLASSES[:3] == ("road", "sidewalk", "building") and CS_CLASSES[-1] == "bicycle"
+    assert len(CS_CLASSES) == len(PALETTE) == 19
+    assert PALETTE[0] == (128, 64, 128) and PALETTE[10] == (70, 130, 180) and PALETTE[18] == (119, 11, 32)
+    train = cityscapes_table("labelTrainIds", ignore_index=99)
+    assert train[:19].tolist() == list(range(19)) and train[255] == 99 and train[19] == UNKNOWN
+    with pytest.raises(DataError, match="label_type"):
+        cityscapes_table("colour")
 
 
 @pytest.mark.skipif(not CS_SAMPLE.is_dir(), reason="../shared/data/cityscapes_sample not present")
 def test_cityscapes_mapping_matches_official_train_ids() -> None:
     ds = Cityscapes(CS_SAMPLE, "val")
-    assert len(ds) == 1
+    assert len(ds) == 1 and ds.label_type == "labelIds"
     image, ours = ds[0]
+    assert image.dtype == np.uint8 and ours.dtype == np.int64
     label_ids = cv2.imread(str(ds.samples[0][1]), cv2.IMREAD_UNCHANGED)
     official = cv2.imread(str(ds.samples[0][1]).replace("labelIds", "labelTrainIds"), cv2.IMREAD_UNCHANGED)
     assert image.shape[:2] == ours.shape == official.shape
+    assert len(np.unique(label_ids)) >= 10
     for lid in np.unique(label_ids):
         values, counts = np.unique(official[label_ids == lid], return_counts=True)
-        assert ours[label_ids == lid][0] == values[counts.argmax()], f"labelId {lid}"
+        assert set(np.unique(ours[label_ids == lid])) == {values[counts.argmax()]}, f"labelId {lid}"
     agreement = (ours == official).mean()
     assert agreement >= 0.997, agreement
-    trainids = Cityscapes(CS_SAMPLE, "val", label_type="labelTrainIds")[0][1]
-    assert (trainids == official).all()
+    by_train_ids = Cityscapes(CS_SAMPLE, "val", label_type="labelTrainIds")
+    assert (by_train_ids[0][1] == official).all()
+    auto = Cityscapes(CS_SAMPLE, "val", label_type="auto")
+    assert auto.label_type == "labelTrainIds" and auto.samples[0][1].name.endswith("labelTrainIds.png")
+
+
+def test_cityscapes_pairs_frames_by_city(tmp_path) -> None:
+    root = _cityscapes_tree(tmp_path, {"aachen": ["x_000001", "x_000002"], "bonn": ["x_000001"]})
+    ds = Cityscapes(root, "val")
+    assert [(img.parent.name, lab.parent.name) for img, lab in ds.samples] == [
+        ("aachen", "aachen"),
+        ("aachen", "aachen"),
+        ("bonn", "bonn"),
+    ]
+    assert all(img.name[:8] == lab.name[:8] for img, lab in ds.samples)
+    assert Cityscapes(root, "val", label_type="auto").label_type == "labelIds"  # no trainIds files
+    (root / "gtFine" / "val" / "bonn" / "x_000001_gtFine_labelIds.png").unlink()
+    with pytest.raises(DataError, match=r"1 image\(s\) without a label.*bonn"):
+        Cityscapes(root, "val")
 
 
 # -- CamVid -------------------------------------------------------------------------------------------------
@@ -81,141 +142,219 @@ def test_real_camvid_loads() -> None:
     assert (len(train), len(val)) == (367, 101)
     image, mask = val[0]
     assert image.shape == (360, 480, 3) and image.dtype == np.uint8
-    assert mask.dtype == np.int64 and set(np.unique(mask)) <= set(range(11)) | {255}
+    assert mask.shape == (360, 480) and mask.dtype == np.int64
+    assert set(np.unique(mask)) <= set(range(11)) | {255} and len(np.unique(mask)) >= 6
     assert train.classes == CAMVID_CLASSES and len(train.palette) == 11
+    x, y = CamVid(CAMVID, "val", transform=eval_transform())[0]
+    assert x.shape == (3, 360, 480) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(y, torch.from_numpy(mask))
 
 
-def test_camvid_void_is_ignored_and_weights(tmp_path) -> None:
+def test_camvid_classes_palette_and_void(tmp_path) -> None:
+    assert CAMVID_CLASSES == (
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    )
+    assert CAMVID_PALETTE[0] == (128, 128, 128) and CAMVID_PALETTE[3] == (128, 64, 128)
+    assert CAMVID_PALETTE[10] == (0, 128, 192) and len(set(CAMVID_PALETTE)) == 11
     root = _camvid_tree(tmp_path)
     _, mask = CamVid(root, "train")[0]
     raw = cv2.imread(str(root / "trainannot" / "f0.png"), cv2.IMREAD_UNCHANGED)
-    assert (mask[raw == 11] == 255).all() and (mask[raw < 11] == raw[raw < 11]).all()
-    w = median_frequency_weights(root)
-    assert len(w) == 11 and all(v > 0 for v in w)
-    assert np.median(w) == pytest.approx(1.0, abs=0.3)
+    assert (raw == 11).any() and (mask[raw == 11] == 255).all() and (mask[raw < 11] == raw[raw < 11]).all()
+    _, mask = CamVid(root, "train", ignore_index=-1)[0]  # an ignore index outside uint8
+    assert mask.dtype == np.int64 and (mask[raw == 11] == -1).all()
+    assert camvid_table(7)[11] == 7
+
+
+def test_median_frequency_weights_by_hand(tmp_path) -> None:
+    a = np.array([0] * 8 + [1] * 8, np.uint8).reshape(4, 4)  # class 0: 8 px, class 1: 8 px
+    b = np.array([0] * 12 + [2] * 3 + [11], np.uint8).reshape(4, 4)  # class 0: 12, class 2: 3, void: 1
+    for name, lab in (("a", a), ("b", b)):
+        _png(tmp_path / "train" / f"{name}.png", np.zeros((4, 4, 3), np.uint8))
+        _png(tmp_path / "trainannot" / f"{name}.png", lab)
+    # freq = pixels of c / pixels of the images containing c: 20/32, 8/16, 3/16 -> median 0.5
+    w = median_frequency_weights(tmp_path)
+    assert w[:3] == pytest.approx([0.5 / (20 / 32), 1.0, 0.5 / (3 / 16)])
+    assert w[3:] == [0.0] * 8 and len(w) == 11
+
+
+def test_fast_label_path_equals_the_generic_one() -> None:
+    ds = SegmentationDataset(
+        [(Path("x"), Path("y"))],
+        classes=CAMVID_CLASSES,
+        palette=CAMVID_PALETTE,
+        lut=camvid_table(255),
+        unknown_labels="ignore",
+    )
+    raw = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    fast = ds.map_labels(raw)
+    generic = ds.map_labels(raw.astype(np.uint16))
+    assert fast.dtype == np.uint8 and np.array_equal(fast, generic)
+    expected = np.where(raw < 11, raw, 255)
+    assert np.array_equal(fast, expected)
 
 
 # -- folders -----------------------------------------------------------------------------------------------
-def test_folder_dataset_and_unlabeled(tmp_path) -> None:
+def test_folder_dataset_pairs_by_relative_path(tmp_path) -> None:
     root = tmp_path / "mine"
-    (root).mkdir()
-    (root / "classes.yaml").write_text("classes: [road, car, person]\nignore_index: 9\n")
-    _png(root / "images" / "a.jpg", np.zeros((8, 10, 3), np.uint8))
-    _png(root / "masks" / "a.png", np.array([[0, 1, 2, 9, 0] * 2] * 8, np.uint8))
-    ds = FolderDataset(root)
-    assert ds.classes == ("road", "car", "person") and ds.ignore_index == 9 and len(ds.palette) == 3
-    assert set(np.unique(ds[0][1])) == {0, 1, 2, 9}
-    dm = SegDataModule(dataset="folder", data_root=str(root), num_workers=0)
-    assert dm.num_classes == 3 and dm.ignore_index == 9 and dm.class_names == ["road", "car", "person"]
-    un = UnlabeledImageFolder(tmp_path)  # recursive, finds images at any depth
-    assert len(un) == 2 and Path("mine/images/a.jpg") in un.relative_paths
-    image, mask = un[0]
-    assert (mask == 255).all() and mask.shape == image.shape[:2]
-
-
-# -- transforms --------------------------------------------------------------------------------------------
-def test_train_pipeline_keeps_image_and_mask_aligned() -> None:
-    """Colour encodes the label; after scale/pad/crop/flip the mask still matches the colour."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, (11, 3), dtype=np.uint8)
-    mask = np.kron(rng.integers(0, 11, (12, 16)), np.ones((10, 10), np.int64))  # 120x160 blocks
-    image = colours[mask]
-    tf = train_transform(crop_size=(128, 144), scale_range=(0.5, 2.0), color_jitter=False)
-    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
-    checked = 0
-    for seed in range(8):
-        tf.set_random_seed(seed)
-        x, y = tf(image=image, mask=mask).values()
-        assert x.dtype == torch.float32 and y.dtype in (torch.int64, torch.int32, torch.uint8)
-        y = y.long().numpy()
-        rgb = ((x.permute(1, 2, 0).numpy() * std + mean) * 255).round()
-        dist = np.abs(rgb[:, :, None, :] - colours[None, None].astype(float)).sum(-1)
-        nearest = dist.argmin(-1)
-        valid = y != 255
-        # ignore a 2-pixel band at label boundaries, where bilinear image resampling mixes colours
-        edge = cv2.dilate(
-            (cv2.Laplacian(np.where(valid, y, 20).astype(np.float32), cv2.CV_32F) != 0).astype(np.uint8),
-            np.ones((5, 5)),
-        )
-        inner = valid & (edge == 0)
-        assert (nearest[inner] == y[inner]).mean() > 0.99
-        pad = ~valid
-        if pad.any():  # padding: the mean colour in the image, ignore in the mask
-            assert np.abs(x.permute(1, 2, 0).numpy()[pad]).max() < 0.05
-        checked += inner.sum()
-    assert checked > 10000
-
-
-def test_eval_transform_keeps_size_or_resizes_with_nearest() -> None:
-    img = np.zeros((37, 53, 3), np.uint8)
-    mask = np.arange(37 * 53).reshape(37, 53) % 11
-    x, y = eval_transform()(image=img, mask=mask).values()
-    assert x.shape == (3, 37, 53) and (y.numpy() == mask).all()
-    x, y = eval_transform(size=(20, 30))(image=img, mask=mask).values()
-    assert x.shape == (3, 20, 30) and set(np.unique(y.numpy())) <= set(range(11))
-
-
-# -- data module and demo ----------------------------------------------------------------------------------
-def test_demo_is_deterministic_and_loads(tmp_path) -> None:
-    a = make_demo_dataset(tmp_path / "a", n_train=3, n_val=2, size=(48, 64), seed=5)
-    b = make_demo_dataset(tmp_path / "b", n_train=3, n_val=2, size=(48, 64), seed=5)
-    c = make_demo_dataset(tmp_path / "c", n_train=3, n_val=2, size=(48, 64), seed=6)
-    fa, fb, fc = (p / "train" / "demo_00001.png" for p in (a, b, c))
-    assert fa.read_bytes() == fb.read_bytes() and fa.read_bytes() != fc.read_bytes()
-    labels = np.concatenate([CamVid(a, "train")[i][1].ravel() for i in range(3)])
-    assert len(np.unique(labels[labels != 255])) >= 6  # a street scene, not a toy
-    cs = make_demo_dataset(tmp_path / "cs", layout="cityscapes", n_train=2, n_val=1, size=(48, 64))
-    assert len(Cityscapes(cs, "val")) == 1
-
-
-def test_datamodule_links_and_loaders(tmp_path) -> None:
-    dm = SegDataModule(
-        dataset="demo",
-        data_root=str(tmp_path / "d"),
-        batch_size=2,
-        num_workers=0,
-        crop_size=(40, 48),
-        demo_train=4,
-        demo_val=2,
-        demo_size=(48, 64),
-        unlabeled_root=None,
+    root.mkdir()
+    (root / "classes.yaml").write_text(
+        "classes: [road, car, person]\npalette: [[1, 2, 3], [4, 5, 6], [7, 8, 9]]\nignore_index: 9\n"
     )
-    assert (dm.num_classes, dm.ignore_index, len(dm.palette)) == (11, 255, 11)
-    dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (2, 3, 40, 48) and y.shape == (2, 40, 48) and y.dtype == torch.int64
-    xv, _ = next(iter(dm.val_dataloader()))
-    assert xv.shape == (1, 3, 48, 64)
-    semi = SegDataModule(
-        dataset="camvid",
-        data_root=str(tmp_path / "d"),
-        batch_size=2,
-        num_workers=0,
-        crop_size=(40, 48),
-        unlabeled_root=str(tmp_path / "d" / "val"),
-        unlabeled_ratio=1.0,
+    row = np.array([0, 1, 2, 9, 0] * 2, np.uint8)
+    for split in ("train", "val"):
+        _png(root / split / "images" / "a.jpg", np.zeros((8, 10, 3), np.uint8))
+        _png(root / split / "masks" / "a.png", np.tile(row, (8, 1)))
+        _png(root / split / "images" / "seq1" / "a.png", np.zeros((8, 10, 3), np.uint8))  # same stem, nested
+        _png(root / split / "masks" / "seq1" / "a.png", np.tile(row[::-1], (8, 1)))
+    ds = FolderDataset(root, "train")
+    assert ds.classes == ("road", "car", "person") and ds.ignore_index == 9
+    assert ds.palette == ((1, 2, 3), (4, 5, 6), (7, 8, 9))
+    assert [p.relative_to(root).as_posix() for p, _ in ds.samples] == [
+        "train/images/a.jpg",
+        "train/images/seq1/a.png",
+    ]
+    assert [m.relative_to(root).as_posix() for _, m in ds.samples] == [
+        "train/masks/a.png",
+        "train/masks/seq1/a.png",
+    ]
+    assert ds[0][1][0].tolist() == row.tolist() and ds[1][1][0].tolist() == row[::-1].tolist()
+    assert len(build_dataset("folder", root, "val")) == 2
+    assert FolderDataset(root, "val", ignore_index=200).ignore_index == 200
+
+
+def test_folder_16bit_masks_and_unknown_labels(tmp_path) -> None:
+    (tmp_path / "classes.yaml").write_text("classes: [a, b, c]\nignore_index: 1000\n")
+    _png(tmp_path / "images" / "x.png", np.zeros((4, 5, 3), np.uint8))
+    mask = np.array([[0, 1, 2, 1000, 2]] * 4, np.uint16)
+    _png(tmp_path / "masks" / "x.png", mask)
+    ds = FolderDataset(tmp_path, None)
+    assert ds[0][1].dtype == np.int64 and ds[0][1].tolist() == mask.astype(np.int64).tolist()
+    _png(tmp_path / "masks" / "x.png", np.array([[0, 1, 2, 300, 7]] * 4, np.uint16))
+    with pytest.raises(DataError, match=r"x.png has values \[7, 300\]"):
+        ds[0]
+    ignored = FolderDataset(tmp_path, None, unknown_labels="ignore")[0][1]
+    assert ignored[0].tolist() == [0, 1, 2, 1000, 1000]
+
+
+def test_palette_png_masks_give_indices(tmp_path) -> None:
+    from PIL import Image
+
+    idx = np.array([[0, 1, 2, 255]] * 3, np.uint8)
+    im = Image.fromarray(idx, mode="P")
+    im.putpalette([128, 64, 128, 70, 70, 70, 0, 0, 142] + [255, 255, 255] * 253)
+    path = tmp_path / "p.png"
+    im.save(path)
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).ndim == 3  # OpenCV alone would give colours
+    got = read_mask(path)
+    assert got.dtype == np.uint8 and got.tolist() == idx.tolist()
+
+
+def test_class_file_errors(tmp_path) -> None:
+    f = tmp_path / "classes.yaml"
+    with pytest.raises(DataError, match="does not exist.*classes: \\[name"):
+        read_class_file(f)
+    for text, match in (
+        ("classes: [a, b\n", "not valid YAML"),
+        ("names: [a, b]\n", "non-empty list"),
+        ("classes: [a, a]\n", "twice"),
+        ("classes: [a, b]\npalette: [[1, 2, 3]]\n", "one \\[r, g, b\\]"),
+        ("classes: [a, b]\npalette: [[1, 2, 300], [0, 0, 0]]\n", "0-255"),
+        ("classes: [a, b]\nignore_index: 1\n", "collides"),
+    ):
+        f.write_text(text)
+        with pytest.raises(DataError, match=match):
+            read_class_file(f)
+    f.write_text("classes: [a, b, c]\n")
+    meta = read_class_file(f)
+    assert (
+        meta["ignore_index"] == 255
+        and len(meta["palette"]) == 3
+        and len(set(map(tuple, meta["palette"]))) == 3
     )
-    semi.setup("fit")
-    loaders = semi.train_dataloader()
-    assert set(loaders) == {"labeled", "unlabeled"}
-    xu, yu = next(iter(loaders["unlabeled"]))
-    assert xu.shape == (2, 3, 40, 48) and (yu == 255).all()
+
+
+def test_unlabeled_folder_is_recursive_and_case_insensitive(tmp_path) -> None:
+    for rel in ("a.png", "sub/b.JPG", "sub/deeper/c.Tiff", "d.webp", "e.bmp", "f.jpeg"):
+        _png(tmp_path / rel, np.full((6, 7, 3), 50, np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    _png(tmp_path / ".hidden.png", np.zeros((6, 7, 3), np.uint8))
+    ds = UnlabeledImageFolder(tmp_path, ignore_index=77)
+    assert [p.as_posix() for p in ds.relative_paths] == sorted(
+        ["a.png", "d.webp", "e.bmp", "f.jpeg", "sub/b.JPG", "sub/deeper/c.Tiff"]
+    )
+    assert ds.paths[0] == tmp_path / ds.relative_paths[0]
+    image, mask = ds[4]
+    assert image.shape == (6, 7, 3) and mask.dtype == np.int64 and (mask == 77).all()
+    x, y = UnlabeledImageFolder(tmp_path, transform=eval_transform())[0]
+    assert x.shape == (3, 6, 7) and y.dtype == torch.int64 and (y == 255).all()
+
+
+# -- image files of every kind -----------------------------------------------------------------------------
+def test_gray_rgba_16bit_and_float_images(tmp_path) -> None:
+    gray = _png(tmp_path / "g.png", np.full((5, 6), 77, np.uint8))
+    rgba = tmp_path / "a.png"
+    cv2.imwrite(
+        str(rgba), np.dstack([np.full((5, 6, 3), (10, 20, 30), np.uint8), np.full((5, 6), 128, np.uint8)])
+    )
+    deep = tmp_path / "d.png"
+    cv2.imwrite(str(deep), np.full((5, 6, 3), (65535, 4096, 0), np.uint16))
+    deep_gray = tmp_path / "dg.png"
+    cv2.imwrite(str(deep_gray), np.full((5, 6), 32768, np.uint16))
+    flt = tmp_path / "f.tiff"
+    cv2.imwrite(str(flt), np.full((5, 6, 3), 0.5, np.float32))
+    assert read_image(gray).shape == (5, 6, 3) and (read_image(gray) == 77).all()
+    assert read_image(rgba)[0, 0].tolist() == [30, 20, 10]  # BGRA on disk -> RGB
+    assert read_image(deep).dtype == np.uint8 and read_image(deep)[0, 0].tolist() == [0, 16, 255]
+    assert read_image(deep_gray)[0, 0].tolist() == [128, 128, 128]
+    assert read_image(flt)[0, 0].tolist() == [127, 127, 127]
+    from PIL import Image
+
+    Image.fromarray(np.dstack([np.full((5, 6), 90, np.uint8), np.full((5, 6), 200, np.uint8)]), "LA").save(
+        tmp_path / "la.png"
+    )
+    assert read_image(tmp_path / "la.png")[0, 0].tolist() == [90, 90, 90]
+    # the same through a data set: a grayscale frame loads as RGB
+    root = _camvid_tree(tmp_path / "cv")
+    _png(root / "train" / "f0.png", np.full((24, 32), 9, np.uint8))
+    image, _ = CamVid(root, "train")[0]
+    assert image.shape == (24, 32, 3) and (image == 9).all()
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_missing_root_and_split_show_the_layout(tmp_path) -> None:
-    with pytest.raises(DataError, match="does not exist. Expected layout"):
+    with pytest.raises(DataError, match=r"(?s)nope does not exist. Expected layout:\n.*trainannot"):
         CamVid(tmp_path / "nope", "train")
     root = _camvid_tree(tmp_path / "cv")
-    with pytest.raises(DataError, match="'test'"):
+    with pytest.raises(DataError, match=r"(?s)split folder 'test' .*does not exist.*\n.*testannot"):
         CamVid(root, "test")
+    (root / "valannot").rename(root / "labels")
+    with pytest.raises(DataError, match="label folder 'valannot'"):
+        CamVid(root, "val")
     with pytest.raises(DataError, match="leftImg8bit"):
         Cityscapes(root, "val")
-    with pytest.raises(DataError, match="unknown dataset"):
+    with pytest.raises(
+        DataError, match=r"(?s)unlabeled image folder .*nothing does not exist.*ROOT/\*\*/\*.png"
+    ):
+        UnlabeledImageFolder(tmp_path / "nothing")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "classes.yaml").write_text("classes: [a]\n")
+    with pytest.raises(DataError, match=r"(?s)split folder .*mine/train does not exist.*\n.*classes.yaml"):
+        FolderDataset(tmp_path / "mine", "train")
+    with pytest.raises(DataError, match="unknown dataset 'kitti'"):
         build_dataset("kitti", root, "train")
 
 
-def test_unmatched_files_are_listed(tmp_path) -> None:
+def test_unmatched_and_duplicate_files_are_listed(tmp_path) -> None:
     root = _camvid_tree(tmp_path)
     _png(root / "train" / "lonely.png", np.zeros((24, 32, 3), np.uint8))
     _png(root / "trainannot" / "orphan.png", np.zeros((24, 32), np.uint8))
@@ -223,40 +362,87 @@ def test_unmatched_files_are_listed(tmp_path) -> None:
         DataError, match=r"image\(s\) without a label.*lonely.png.*label\(s\) without an image.*orphan"
     ):
         CamVid(root, "train")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "classes.yaml").write_text("classes: [a]\n")
+    _png(tmp_path / "mine" / "images" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    _png(tmp_path / "mine" / "images" / "x.jpg", np.zeros((4, 4, 3), np.uint8))
+    _png(tmp_path / "mine" / "masks" / "x.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"used twice.*images/x.jpg / .*images/x.png"):
+        FolderDataset(tmp_path / "mine")
 
 
 def test_size_mismatch_and_unknown_labels(tmp_path) -> None:
     root = _camvid_tree(tmp_path, label_value=3)
     _png(root / "trainannot" / "f1.png", np.zeros((20, 32), np.uint8))
-    with pytest.raises(DataError, match="f1.png is 24x32 but its label .* is 20x32"):
+    with pytest.raises(DataError, match="f1.png is 24x32 but its label .*f1.png is 20x32.*same size"):
         CamVid(root, "train")[1]
-    _png(root / "valannot" / "f2.png", np.full((24, 32), 42, np.uint8))
-    with pytest.raises(DataError, match=r"values \[42\].*unknown_labels='ignore'"):
+    lab = np.full((24, 32), 3, np.uint8)
+    lab[0, :3] = (42, 12, 200)
+    _png(root / "valannot" / "f2.png", lab)
+    with pytest.raises(
+        DataError, match=r"valannot/f2.png has values \[12, 42, 200\].*unknown_labels='ignore'"
+    ):
         CamVid(root, "val")[2]
-    assert (CamVid(root, "val", unknown_labels="ignore")[2][1] == 255).all()
+    ignored = CamVid(root, "val", unknown_labels="ignore")[2][1]
+    assert ignored[0, :4].tolist() == [255, 255, 255, 3] and (ignored[1:] == 3).all()
+    with pytest.raises(DataError, match="unknown_labels must be one of"):
+        CamVid(root, "val", unknown_labels="skip")
 
 
-def test_unreadable_and_odd_images(tmp_path) -> None:
-    root = _camvid_tree(tmp_path)
-    (root / "train" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(DataError, match="cannot read image .*f0.png"):
+def test_unreadable_truncated_and_colour_files(tmp_path) -> None:
+    root = _camvid_tree(tmp_path, size=(64, 80))
+    (root / "train" / "f0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="cannot read image .*f0.png.*replace or remove it"):
         CamVid(root, "train")[0]
-    gray = _png(tmp_path / "g.png", np.full((5, 6), 77, np.uint8))
-    rgba = tmp_path / "a.png"
-    cv2.imwrite(
-        str(rgba), np.dstack([np.full((5, 6, 3), (10, 20, 30), np.uint8), np.full((5, 6), 128, np.uint8)])
-    )
-    deep = tmp_path / "d.png"
-    cv2.imwrite(str(deep), np.full((5, 6, 3), 65535, np.uint16))
-    assert read_image(gray).shape == (5, 6, 3) and (read_image(gray) == 77).all()
-    assert read_image(rgba)[0, 0].tolist() == [30, 20, 10]  # BGRA on disk → RGB
-    assert read_image(deep).dtype == np.uint8 and (read_image(deep) == 255).all()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    for ext in ("png", "jpg"):
+        _, buf = cv2.imencode(f".{ext}", noise)
+        path = tmp_path / f"cut.{ext}"
+        path.write_bytes(buf.tobytes()[: len(buf) // 2])
+        with pytest.raises(DataError, match=f"cannot read image .*cut.{ext}.*truncated"):
+            read_image(path)
+        path.write_bytes(buf.tobytes())
+        assert read_image(path).shape == (64, 80, 3)  # the whole file is fine
+    (root / "trainannot" / "f1.png").write_bytes(b"")
+    with pytest.raises(DataError, match="cannot read label file .*f1.png"):
+        CamVid(root, "train")[1]
+    ds = CamVid(root, "train")
+    (root / "train" / "f2.png").unlink()  # vanished after listing
+    with pytest.raises(DataError, match="cannot read image .*f2.png"):
+        ds[2]
+    colour = np.zeros((64, 80, 3), np.uint8)
+    colour[:, :, 1] = 5
+    _png(root / "valannot" / "f0.png", colour)
+    with pytest.raises(DataError, match="valannot/f0.png is a colour image"):
+        CamVid(root, "val")[0]
+    _png(root / "valannot" / "f0.png", np.dstack([np.full((64, 80), 4, np.uint8)] * 3))  # gray stored as RGB
+    assert (CamVid(root, "val")[0][1] == 4).all()
 
 
-def test_empty_dataset(tmp_path) -> None:
+def test_empty_data_sets(tmp_path) -> None:
     (tmp_path / "train").mkdir()
     (tmp_path / "trainannot").mkdir()
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match=r"(?s)CamVid train .* is empty.*\n.*trainannot"):
         CamVid(tmp_path, "train")
     with pytest.raises(DataError, match="holds no images"):
         UnlabeledImageFolder(tmp_path)
+    (tmp_path / "leftImg8bit" / "val").mkdir(parents=True)
+    (tmp_path / "gtFine" / "val").mkdir(parents=True)
+    with pytest.raises(DataError, match="Cityscapes val .* is empty"):
+        Cityscapes(tmp_path, "val")
+
+
+# -- throughput helpers ------------------------------------------------------------------------------------
+def test_benchmark_reports_figures(tmp_path) -> None:
+    root = make_demo_dataset(tmp_path, n_train=6, n_val=0, size=(60, 80))
+    r = run_benchmark(root, crop=(48, 64), n=6, workers=0, batch_size=2)
+    assert r["images"] == 6 and r["image_size"] == "60x80" and r["crop"] == "48x64"
+    assert r["images_per_second_one_worker"] > 0 and r["epoch_seconds"] > 0
+    assert r["load_ms"] > 0 and r["augment_ms"] > 0
+
+
+def test_non_ascii_file_names(tmp_path) -> None:
+    """Non-ASCII file names work (the bytes are read by numpy, not by OpenCV's path handling)."""
+    path = _png(tmp_path / "ascii.png", np.full((3, 4, 3), (1, 2, 3), np.uint8))
+    odd = path.rename(tmp_path / "straße_é.png")
+    assert read_image(odd)[0, 0].tolist() == [1, 2, 3]

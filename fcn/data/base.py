@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -13,38 +14,62 @@ from torch.utils.data import Dataset
 from fcn.data.errors import DataError
 from fcn.data.io import read_image, read_mask
 
-UNKNOWN = -1  # marks raw label values that are not in a data set's table
+UNKNOWN = int(np.iinfo(np.int64).min)  # marks raw values not in a table (-1 may be a valid ignore index)
 UNKNOWN_LABELS = ("error", "ignore")
 
 
 def label_table(mapping: dict[int, int], *, size: int = 256) -> np.ndarray:
-    """A lookup table ``raw value -> train id`` with :data:`UNKNOWN` for every value not in ``mapping``."""
-    lut = np.full(size, UNKNOWN, dtype=np.int64)
+    """A lookup table ``raw value -> train id`` (int64) with :data:`UNKNOWN` for every value not in
+    ``mapping``. Negative raw values (e.g. Cityscapes' license plate, -1) never occur in label files and
+    are skipped."""
+    lut = np.full(max(size, max((k + 1 for k in mapping), default=0)), UNKNOWN, dtype=np.int64)
     for raw, train_id in mapping.items():
-        lut[raw] = train_id
+        if raw >= 0:
+            lut[raw] = train_id
     return lut
 
 
 def pair_by_stem(
-    images: Sequence[Path], masks: Sequence[Path], *, mask_stem: Callable[[Path], str], where: str
+    images: Sequence[Path],
+    masks: Sequence[Path],
+    *,
+    mask_stem: Callable[[Path], str],
+    where: str,
+    image_stem: Callable[[Path], str] = lambda p: p.stem,
 ) -> list[tuple[Path, Path]]:
-    """Match images and labels by stem; unmatched files on either side raise one :class:`DataError`."""
-    by_stem = {mask_stem(m): m for m in masks}
-    pairs, lonely = [], []
+    """Match images and labels by key (the file stem by default); unmatched or ambiguous files on either
+    side raise one :class:`DataError` listing a few of them. Pairs come in the images' order."""
+    problems = []
+    by_key: dict[str, Path] = {}
+    duplicates = []
+    for m in masks:
+        key = mask_stem(m)
+        if key in by_key:
+            duplicates.append(f"{by_key[key]} / {m}")
+        by_key[key] = m
+    image_keys: dict[str, Path] = {}
     for img in images:
-        key = img.stem
-        if key in by_stem:
-            pairs.append((img, by_stem.pop(key)))
+        key = image_stem(img)
+        if key in image_keys:
+            duplicates.append(f"{image_keys[key]} / {img}")
+        image_keys[key] = img
+    if duplicates:
+        problems.append(f"{len(duplicates)} name(s) used twice, e.g. {duplicates[:3]}")
+    pairs, lonely = [], []
+    for key, img in image_keys.items():
+        if key in by_key:
+            pairs.append((img, by_key.pop(key)))
         else:
             lonely.append(img)
-    problems = []
     if lonely:
         problems.append(f"{len(lonely)} image(s) without a label, e.g. {[str(p) for p in lonely[:5]]}")
-    if by_stem:
-        extra = sorted(by_stem.values())
+    if by_key:
+        extra = sorted(by_key.values())
         problems.append(f"{len(extra)} label(s) without an image, e.g. {[str(p) for p in extra[:5]]}")
     if problems:
-        raise DataError(f"{where}: " + "; ".join(problems) + ". Add the missing files or remove the strays.")
+        raise DataError(
+            f"{where}: " + "; ".join(problems) + ". Add the missing files, or rename / remove the strays."
+        )
     return pairs
 
 
@@ -53,7 +78,8 @@ class SegmentationDataset(Dataset):
 
     Without a transform: ``image`` uint8 ``(H, W, 3)`` RGB, ``mask`` int64 ``(H, W)`` train ids with
     ``ignore_index`` for void. With an albumentations transform (see :mod:`fcn.data.transforms`):
-    a float tensor ``(3, H, W)`` and an int64 tensor ``(H, W)``.
+    a float tensor ``(3, H, W)`` and an int64 tensor ``(H, W)``. Raw label values outside the table raise
+    :class:`DataError` (``unknown_labels="error"``) or become ``ignore_index`` (``"ignore"``).
     """
 
     def __init__(
@@ -67,11 +93,12 @@ class SegmentationDataset(Dataset):
         unknown_labels: str = "error",
         transform: Callable[..., dict[str, Any]] | None = None,
         name: str = "dataset",
+        hint: str = "",
     ) -> None:
         if unknown_labels not in UNKNOWN_LABELS:
             raise DataError(f"unknown_labels must be one of {UNKNOWN_LABELS}, got {unknown_labels!r}")
         if not samples:
-            raise DataError(f"{name} is empty: no image/label pairs found")
+            raise DataError(f"{name} is empty: no image/label pairs found{hint}")
         self.samples = list(samples)
         self.classes = tuple(classes)
         self.palette = tuple(tuple(int(v) for v in c) for c in palette)
@@ -79,35 +106,58 @@ class SegmentationDataset(Dataset):
         self.unknown_labels = unknown_labels
         self.transform = transform
         self.name = name
-        self._lut = np.array(lut, dtype=np.int64)
+        lut = np.asarray(lut, dtype=np.int64)
+        self._lut = lut
+        known = lut != UNKNOWN
+        # Masks stay uint8 through augmentation when every train id fits (faster resampling, 8x less
+        # memory); the last step turns them into int64.
+        values = np.append(lut[known], ignore_index)
+        self._dtype = np.uint8 if values.min() >= 0 and values.max() <= 255 else np.int32
+        if self._dtype == np.uint8 and len(lut) >= 256:
+            self._lut8 = np.where(known, lut, ignore_index)[:256].astype(np.uint8)
+            self._unknown8 = (~known[:256]).astype(np.uint8)
+        else:
+            self._lut8 = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} images, {self.num_classes} classes)"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        """Raw label values → train ids through the table; unknown values raise or become ignore."""
+    def _unknown_error(self, raw: np.ndarray, unknown: np.ndarray, path: Path) -> DataError:
+        values = np.unique(raw[unknown])
+        known = np.flatnonzero(self._lut != UNKNOWN).tolist()
+        shown = values[:10].tolist() + (["..."] if len(values) > 10 else [])
+        return DataError(
+            f"label file {path} has values {shown} that are not in the {self.name} class table "
+            f"(known values: {known}); fix the labels, or set unknown_labels='ignore' "
+            "(--data.unknown_labels ignore) to map them to the ignore index"
+        )
+
+    def map_labels(self, raw: np.ndarray, path: Path | str = "?") -> np.ndarray:
+        """Raw label values → train ids (uint8 when they fit, else int32) through the table; values
+        outside it raise :class:`DataError` or become ``ignore_index``."""
+        if raw.dtype == np.uint8 and self._lut8 is not None:
+            if self.unknown_labels == "error" and cv2.countNonZero(cv2.LUT(raw, self._unknown8)):
+                raise self._unknown_error(raw, self._unknown8[raw].astype(bool), path)
+            return cv2.LUT(raw, self._lut8)  # unknown values already map to ignore_index
         raw = raw.astype(np.int64, copy=False)
-        inside = raw < len(self._lut)
+        inside = (raw >= 0) & (raw < len(self._lut))
         mapped = self._lut[np.where(inside, raw, 0)]
         unknown = (mapped == UNKNOWN) | ~inside
         if unknown.any():
             if self.unknown_labels == "error":
-                values = np.unique(raw[unknown])[:10].tolist()
-                known = np.flatnonzero(self._lut != UNKNOWN).tolist()
-                raise DataError(
-                    f"label file {path} has values {values} that are not in the {self.name} class table "
-                    f"(known values: {known}); fix the labels, or set unknown_labels='ignore' "
-                    "(--data.unknown_labels ignore) to map them to the ignore index"
-                )
-            mapped = np.where(unknown, self.ignore_index, mapped)
-        return mapped
+                raise self._unknown_error(raw, unknown, path)
+            mapped[unknown] = self.ignore_index
+        return mapped.astype(self._dtype)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw pair: RGB uint8 image and int64 train-id mask, checked for equal size."""
+        """The raw pair: RGB uint8 image and train-id mask (uint8 or int32), checked for equal size."""
         img_path, mask_path = self.samples[index]
         image = read_image(img_path)
         raw = read_mask(mask_path)
@@ -121,15 +171,21 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image, mask = self.load(index)
         if self.transform is None:
-            return image, mask
+            return image, mask.astype(np.int64)
         out = self.transform(image=image, mask=mask)
-        m = out["mask"]
-        return out["image"], (
-            m.long() if isinstance(m, torch.Tensor) else torch.as_tensor(m, dtype=torch.long)
-        )
+        return out["image"], as_long_tensor(out["mask"])
+
+
+def as_long_tensor(mask: Any) -> torch.Tensor:
+    """An augmented mask (tensor or array) as an int64 tensor."""
+    if isinstance(mask, torch.Tensor):
+        return mask.long()
+    return torch.as_tensor(np.asarray(mask), dtype=torch.long)
 
 
 def require_dir(path: Path, *, what: str, layout: str) -> Path:
+    """``path`` if it is a folder, else a :class:`DataError` showing the expected layout."""
     if not path.is_dir():
-        raise DataError(f"{what} {path} does not exist. Expected layout:\n{layout}")
+        state = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(f"{what} {path} {state}. Expected layout:\n{layout}")
     return path

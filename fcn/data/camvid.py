@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
-from fcn.data.io import is_image_file, read_mask
+from fcn.data.io import MASK_EXTENSIONS, list_images, read_mask
 
 CLASSES = (
     "Sky",
@@ -50,13 +50,17 @@ def camvid_table(ignore_index: int = 255) -> np.ndarray:
 
 
 def camvid_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """``(image, label)`` paths of one split, matched by file name."""
     root = Path(root)
     require_dir(root, what="CamVid root", layout=LAYOUT)
     img_dir = require_dir(root / split, what=f"CamVid split folder '{split}'", layout=LAYOUT)
     ann_dir = require_dir(root / f"{split}annot", what=f"CamVid label folder '{split}annot'", layout=LAYOUT)
-    images = sorted(p for p in img_dir.iterdir() if is_image_file(p))
-    masks = sorted(p for p in ann_dir.iterdir() if is_image_file(p))
-    return pair_by_stem(images, masks, mask_stem=lambda p: p.stem, where=f"CamVid {root} split {split!r}")
+    return pair_by_stem(
+        list_images(img_dir),
+        list_images(ann_dir, extensions=MASK_EXTENSIONS),
+        mask_stem=lambda p: p.stem,
+        where=f"CamVid {root} split {split!r}",
+    )
 
 
 class CamVid(SegmentationDataset):
@@ -79,7 +83,8 @@ class CamVid(SegmentationDataset):
             ignore_index=ignore_index,
             unknown_labels=unknown_labels,
             transform=transform,
-            name=f"CamVid {split}",
+            name=f"CamVid {split} ({root})",
+            hint=f". Expected layout:\n{LAYOUT}",
         )
 
 

@@ -16,8 +16,8 @@ import numpy as np
 from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
 
-# labelId: (name, trainId) for every official label with a labelId 0..33 (license plate, -1, never
-# appears in labelIds PNGs).
+# labelId: (name, trainId) for every official label. Officially "license plate" (labelId -1) has trainId
+# -1; it never appears in labelIds PNGs (its pixels are labelled car) and is ignored here like the rest.
 LABELS: dict[int, tuple[str, int]] = {
     0: ("unlabeled", 255),
     1: ("ego vehicle", 255),
@@ -53,6 +53,7 @@ LABELS: dict[int, tuple[str, int]] = {
     31: ("train", 16),
     32: ("motorcycle", 17),
     33: ("bicycle", 18),
+    -1: ("license plate", 255),
 }
 CLASSES = tuple(name for _, (name, t) in sorted(LABELS.items(), key=lambda kv: kv[1][1]) if t != 255)
 PALETTE = (
@@ -77,14 +78,19 @@ PALETTE = (
     (119, 11, 32),
 )
 # trainId → labelId, for writing predictions in the official evaluation server's format.
-TRAIN_ID_TO_LABEL_ID = np.array([lid for lid, (_, t) in sorted(LABELS.items()) if t != 255], dtype=np.uint8)
-LABEL_TYPES = ("labelIds", "labelTrainIds")
+TRAIN_ID_TO_LABEL_ID = np.array(
+    [min(lid for lid, (_, t) in LABELS.items() if t == train_id) for train_id in range(len(CLASSES))],
+    dtype=np.uint8,
+)
+LABEL_TYPES = ("labelIds", "labelTrainIds", "auto")
+IMAGE_SUFFIX = "_leftImg8bit.png"
 LAYOUT = """  ROOT/leftImg8bit/{train,val,test}/<city>/<name>_leftImg8bit.png
   ROOT/gtFine/{train,val,test}/<city>/<name>_gtFine_labelIds.png   (or _gtFine_labelTrainIds.png)"""
 
 
 def cityscapes_table(label_type: str = "labelIds", ignore_index: int = 255) -> np.ndarray:
-    """Raw label → train id for ``labelIds`` (the official table) or ``labelTrainIds`` files."""
+    """Raw label → train id (int64 table of 256) for ``labelIds`` (the official table) or
+    ``labelTrainIds`` files (0–18 kept, 255 → ``ignore_index``)."""
     if label_type == "labelIds":
         return label_table({lid: (ignore_index if t == 255 else t) for lid, (_, t) in LABELS.items()})
     if label_type == "labelTrainIds":
@@ -100,31 +106,48 @@ def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+def _frame(path: Path, suffix: str) -> str:
+    """``<city>/<frame>`` of a Cityscapes file, so that frames of different cities never pair up."""
+    return f"{path.parent.name}/{path.name[: -len(suffix)]}"
+
+
+def resolve_label_type(root: str | Path, split: str, label_type: str = "labelIds") -> str:
+    """``auto`` becomes ``labelTrainIds`` when every frame of the split has one, else ``labelIds``."""
+    if label_type not in LABEL_TYPES:
+        raise DataError(f"label_type must be one of {LABEL_TYPES}, got {label_type!r}")
+    if label_type != "auto":
+        return label_type
+    gt = Path(root) / "gtFine" / split
+    n_ids = sum(1 for _ in gt.glob("*/*_gtFine_labelIds.png"))
+    n_train = sum(1 for _ in gt.glob("*/*_gtFine_labelTrainIds.png"))
+    return "labelTrainIds" if n_train and n_train >= n_ids else "labelIds"
+
+
 def cityscapes_pairs(root: str | Path, split: str, label_type: str = "labelIds") -> list[tuple[Path, Path]]:
+    """``(leftImg8bit, gtFine label)`` paths of one split, matched by ``<city>/<frame>``."""
     root = Path(root)
     require_dir(root, what="Cityscapes root", layout=LAYOUT)
     img_dir = require_dir(
         root / "leftImg8bit" / split, what=f"Cityscapes image folder ({split})", layout=LAYOUT
     )
     gt_dir = require_dir(root / "gtFine" / split, what=f"Cityscapes label folder ({split})", layout=LAYOUT)
+    label_type = resolve_label_type(root, split, label_type)
     suffix = f"_gtFine_{label_type}.png"
-    images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
-    masks = sorted(gt_dir.glob(f"*/*{suffix}"))
-
-    # compare by "<city>/<frame>" so that files of different cities never pair up
-    renamed = [p.with_name(f"{p.parent.name}__{p.name[: -len('_leftImg8bit.png')]}.png") for p in images]
-    lookup = dict(zip(renamed, images))
-    pairs = pair_by_stem(
-        renamed,
-        masks,
-        mask_stem=lambda p: f"{p.parent.name}__{p.name[: -len(suffix)]}",
+    return pair_by_stem(
+        sorted(img_dir.glob(f"*/*{IMAGE_SUFFIX}")),
+        sorted(gt_dir.glob(f"*/*{suffix}")),
+        image_stem=lambda p: _frame(p, IMAGE_SUFFIX),
+        mask_stem=lambda p: _frame(p, suffix),
         where=f"Cityscapes {root} split {split!r} ({label_type})",
     )
-    return [(lookup[img], mask) for img, mask in pairs]
 
 
 class Cityscapes(SegmentationDataset):
-    """Cityscapes fine annotations, 19 train classes, everything else ignored."""
+    """Cityscapes fine annotations, 19 train classes, everything else ignored.
+
+    ``label_type``: ``labelIds`` (default, mapped with the official table), ``labelTrainIds`` (files made by
+    cityscapesScripts' ``createTrainIdLabelImgs``) or ``auto`` (trainIds when every frame has them).
+    """
 
     def __init__(
         self,
@@ -136,13 +159,15 @@ class Cityscapes(SegmentationDataset):
         ignore_index: int = 255,
         unknown_labels: str = "error",
     ) -> None:
+        self.label_type = resolve_label_type(root, split, label_type) if Path(root).is_dir() else label_type
         super().__init__(
-            cityscapes_pairs(root, split, label_type),
+            cityscapes_pairs(root, split, self.label_type),
             classes=CLASSES,
             palette=PALETTE,
-            lut=cityscapes_table(label_type, ignore_index),
+            lut=cityscapes_table(self.label_type, ignore_index),
             ignore_index=ignore_index,
             unknown_labels=unknown_labels,
             transform=transform,
-            name=f"Cityscapes {split}",
+            name=f"Cityscapes {split} ({root})",
+            hint=f". Expected layout:\n{LAYOUT}",
         )

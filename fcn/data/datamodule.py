@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from fcn.data import camvid, cityscapes
 from fcn.data.base import UNKNOWN_LABELS
@@ -24,7 +28,8 @@ DATASETS = ("demo", "camvid", "cityscapes", "folder")
 def build_dataset(
     name: str, root: str | Path, split: str, *, transform: Any = None, **kwargs: Any
 ) -> Dataset:
-    """``camvid`` / ``demo`` (CamVid layout), ``cityscapes`` or ``folder`` → a labelled data set."""
+    """A labelled data set: ``camvid`` / ``demo`` (CamVid layout), ``cityscapes`` (kwargs: ``label_type``)
+    or ``folder`` (kwargs: ``classes_file``); all take ``ignore_index`` and ``unknown_labels``."""
     if name in ("camvid", "demo"):
         return camvid.CamVid(root, split, transform=transform, **kwargs)
     if name == "cityscapes":
@@ -35,15 +40,44 @@ def build_dataset(
 
 
 def seed_worker(worker_id: int) -> None:
-    """Give every loader worker its own deterministic numpy / random / albumentations seed."""
+    """``worker_init_fn``: give every loader worker its own deterministic numpy / random / albumentations
+    seed (derived from the loader's generator, so the same seed gives the same batches); OpenCV runs
+    single-threaded inside workers (the workers are the parallelism)."""
     info = get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # 0 = no thread pool. Not 1: resizing OpenCV's pthreads pool in a forked child whose parent already
+    # used the pool deadlocks (tests/test_datamodule.py::test_workers_survive_a_parent_that_used_opencv).
+    cv2.setNumThreads(0)
     ds = info.dataset if info is not None else None
     transform = getattr(ds, "transform", None)
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+
+
+def collate(batch: list[Any]) -> Any:
+    """``default_collate`` with a clear error when images of one batch differ in size."""
+    try:
+        return default_collate(batch)
+    except RuntimeError as err:
+        if "equal size" not in str(err) and "same size" not in str(err):
+            raise
+        sizes = sorted({tuple(item[0].shape[-2:]) for item in batch})
+        raise DataError(
+            f"images of one batch have different sizes {sizes[:4]}; use a batch size of 1 for evaluation "
+            "(--data.val_batch_size 1) or resize them (--data.eval_size H W)"
+        ) from err
+
+
+def _pair(value: Sequence[Any], name: str, kind: type) -> tuple[Any, Any]:
+    try:
+        a, b = (kind(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{name} must be two numbers, got {value!r}") from err
+    if a <= 0 or b <= 0:
+        raise DataError(f"{name} must be positive, got {value!r}")
+    return a, b
 
 
 class SegDataModule(L.LightningDataModule):
@@ -58,10 +92,13 @@ class SegDataModule(L.LightningDataModule):
         batch_size, val_batch_size: per process. num_workers, pin_memory, persistent_workers: loaders.
         crop_size, scale_range: training crops and random scaling; eval_size: optional eval resize.
         ignore_index: void label; unknown_labels: ``error`` or ``ignore`` for values outside the table.
-        label_type: Cityscapes ``labelIds`` or ``labelTrainIds``; classes_file: folder data's YAML.
+        label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``; classes_file: folder data's YAML
+            (default ``<data_root>/classes.yaml``).
         class_weighting: None or ``median_frequency`` (CamVid/demo; computed from the training labels).
         unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation;
-            the train loader then yields ``{"labeled": ..., "unlabeled": ...}``.
+            the train loader then yields ``{"labeled": ..., "unlabeled": ...}`` (unlabeled batches of
+            ``round(batch_size * unlabeled_ratio)`` random crops).
+        predict_root: an image folder (recursive) for ``predict``; default: the test split.
         seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
             (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
     """
@@ -88,6 +125,7 @@ class SegDataModule(L.LightningDataModule):
         class_weighting: str | None = None,
         unlabeled_root: str | None = None,
         unlabeled_ratio: float = 1.0,
+        predict_root: str | None = None,
         seed: int = 0,
         demo_train: int = 160,
         demo_val: int = 40,
@@ -101,40 +139,56 @@ class SegDataModule(L.LightningDataModule):
             raise DataError(f"unknown_labels must be one of {UNKNOWN_LABELS}, got {unknown_labels!r}")
         if class_weighting not in (None, "median_frequency"):
             raise DataError(f"class_weighting must be null or 'median_frequency', got {class_weighting!r}")
+        if label_type not in cityscapes.LABEL_TYPES:
+            raise DataError(f"label_type must be one of {cityscapes.LABEL_TYPES}, got {label_type!r}")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if int(value) < 1:
+                raise DataError(f"{name} must be at least 1, got {value}")
+        if int(num_workers) < 0:
+            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
+        if not float(unlabeled_ratio) > 0:
+            raise DataError(f"unlabeled_ratio must be positive, got {unlabeled_ratio}")
         self.dataset = dataset
         self.data_root = Path(data_root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size
-        self.num_workers = num_workers
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.num_workers = int(num_workers)
         self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.crop_size = tuple(crop_size)
-        self.scale_range = tuple(scale_range)
-        self.eval_size = tuple(eval_size) if eval_size else None
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.crop_size = _pair(crop_size, "crop_size", int)
+        self.scale_range = _pair(scale_range, "scale_range", float)
+        if self.scale_range[0] > self.scale_range[1]:
+            raise DataError(f"scale_range must be (low, high) with low <= high, got {scale_range!r}")
+        self.eval_size = _pair(eval_size, "eval_size", int) if eval_size else None
         self.unknown_labels = unknown_labels
         self.label_type = label_type
         self.classes_file = classes_file
         self.class_weighting = class_weighting
         self.unlabeled_root = unlabeled_root
-        self.unlabeled_ratio = unlabeled_ratio
-        self.seed = seed
+        self.unlabeled_ratio = float(unlabeled_ratio)
+        self.predict_root = predict_root
+        self.seed = int(seed)
         self.demo = {
             "n_train": demo_train,
             "n_val": demo_val,
             "n_test": demo_test,
-            "size": tuple(demo_size),
-            "seed": seed,
+            "size": _pair(demo_size, "demo_size", int),
+            "seed": self.seed,
         }
         if dataset == "folder":
             meta = read_class_file(classes_file or self.data_root / "classes.yaml")
             self._classes, self._palette = meta["classes"], meta["palette"]
+            # the YAML's ignore index unless one is given explicitly (255 is the default)
             self._ignore = meta["ignore_index"] if ignore_index == 255 else ignore_index
         elif dataset == "cityscapes":
             self._classes, self._palette, self._ignore = cityscapes.CLASSES, cityscapes.PALETTE, ignore_index
         else:
             self._classes, self._palette, self._ignore = camvid.CLASSES, camvid.PALETTE, ignore_index
+        if 0 <= self._ignore < len(self._classes):
+            raise DataError(f"ignore_index {self._ignore} collides with class id {self._ignore}")
         self._data: dict[str, Dataset] = {}
+        self._class_weights: list[float] | None = None
 
     # -- the description linked into the model ----------------------------------------------------------
     @property
@@ -163,17 +217,37 @@ class SegDataModule(L.LightningDataModule):
 
     @property
     def class_weights(self) -> list[float] | None:
+        """Median-frequency weights from the training labels when ``class_weighting`` asks for them."""
         if self.class_weighting is None:
             return None
         if self.dataset not in ("camvid", "demo"):
             raise DataError("class_weighting='median_frequency' is implemented for CamVid-layout data")
-        self.prepare_data()
-        return camvid.median_frequency_weights(self.data_root, self.splits["train"])
+        if self._class_weights is None:
+            self.prepare_data()
+            self._class_weights = camvid.median_frequency_weights(self.data_root, self.splits["train"])
+        return self._class_weights
 
     # -- data sets -----------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.dataset == "demo" and not (self.data_root / "demo.json").is_file():
+        """Generate the demo data when ``dataset="demo"`` and its folder holds none yet."""
+        if self.dataset != "demo":
+            return
+        manifest = self.data_root / "demo.json"
+        if not manifest.is_file():
             make_demo_dataset(self.data_root, layout="camvid", **self.demo)
+            return
+        try:
+            found = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            found = {}
+        wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in self.demo.items()}
+        differ = {k: found.get(k) for k, v in wanted.items() if found.get(k) != v}
+        if differ:
+            warnings.warn(
+                f"demo data in {self.data_root} was generated with {differ}, not {wanted}; using it as it is "
+                f"(delete {self.data_root} to regenerate)",
+                stacklevel=2,
+            )
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"ignore_index": self._ignore, "unknown_labels": self.unknown_labels}
@@ -183,34 +257,61 @@ class SegDataModule(L.LightningDataModule):
             kw["classes_file"] = self.classes_file
         return kw
 
-    def make_dataset(self, stage: str) -> Dataset:
-        if stage == "train":
-            tf = train_transform(
-                crop_size=self.crop_size,
-                scale_range=self.scale_range,
-                ignore_index=self._ignore,
-                mean=self.mean,
-                std=self.std,
-            )
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _train_transform(self) -> Any:
+        tf = train_transform(
+            crop_size=self.crop_size,
+            scale_range=self.scale_range,
+            ignore_index=self._ignore,
+            mean=self.mean,
+            std=self.std,
+        )
+        tf.set_random_seed(self.seed + 7919 * self._rank())  # in-process loading (num_workers=0)
+        return tf
+
+    def make_dataset(self, split: str) -> Dataset:
+        """The data set of ``split`` (``train`` / ``val`` / ``test``) with its transform."""
+        if split == "train":
+            tf = self._train_transform()
         else:
             tf = eval_transform(mean=self.mean, std=self.std, size=self.eval_size)
-        return build_dataset(self.dataset, self.data_root, self.splits[stage], transform=tf, **self._kwargs())
+        return build_dataset(self.dataset, self.data_root, self.splits[split], transform=tf, **self._kwargs())
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # no-op unless the demo data is missing (e.g. outside a Trainer)
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: ("train", "val")}
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": () if self.predict_root else ("test",),
+            None: ("train", "val"),
+        }
         for split in wanted.get(stage, ()):
             if split not in self._data:
                 self._data[split] = self.make_dataset(split)
         if stage in ("fit", None) and self.unlabeled_root and "unlabeled" not in self._data:
-            tf = train_transform(
-                crop_size=self.crop_size, scale_range=self.scale_range, ignore_index=self._ignore
-            )
             self._data["unlabeled"] = UnlabeledImageFolder(
-                self.unlabeled_root, transform=tf, ignore_index=self._ignore
+                self.unlabeled_root, transform=self._train_transform(), ignore_index=self._ignore
+            )
+        if stage == "predict" and self.predict_root and "predict" not in self._data:
+            self._data["predict"] = UnlabeledImageFolder(
+                self.predict_root,
+                transform=eval_transform(mean=self.mean, std=self.std, size=self.eval_size),
+                ignore_index=self._ignore,
             )
 
-    def _loader(self, ds: Dataset, *, batch_size: int, shuffle: bool) -> DataLoader:
+    def _get(self, key: str, stage: str) -> Dataset:
+        if key not in self._data:
+            self.setup(stage)
+        return self._data[key]
+
+    def _loader(self, ds: Dataset, *, batch_size: int, shuffle: bool, salt: int = 0) -> DataLoader:
+        # one generator per loader and rank: shuffling and worker seeds are reproducible, and DDP ranks
+        # do not draw the same augmentations
+        seed = self.seed + 7919 * self._rank() + 104729 * salt
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -220,21 +321,26 @@ class SegDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
             worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
-        labeled = self._loader(self._data["train"], batch_size=self.batch_size, shuffle=True)
-        if "unlabeled" not in self._data:
+        """Shuffled random crops; with ``unlabeled_root`` a dict ``{"labeled", "unlabeled"}`` of loaders."""
+        labeled = self._loader(self._get("train", "fit"), batch_size=self.batch_size, shuffle=True)
+        if not self.unlabeled_root:
             return labeled
         n = max(1, round(self.batch_size * self.unlabeled_ratio))
-        return {
-            "labeled": labeled,
-            "unlabeled": self._loader(self._data["unlabeled"], batch_size=n, shuffle=True),
-        }
+        unlabeled = self._loader(self._get("unlabeled", "fit"), batch_size=n, shuffle=True, salt=1)
+        return {"labeled": labeled, "unlabeled": unlabeled}
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._data["val"], batch_size=self.val_batch_size, shuffle=False)
+        return self._loader(self._get("val", "validate"), batch_size=self.val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._data["test"], batch_size=self.val_batch_size, shuffle=False)
+        return self._loader(self._get("test", "test"), batch_size=self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``predict_root``'s images (items ``(image, all-ignore mask)``) or else the test split."""
+        key = "predict" if self.predict_root else "test"
+        return self._loader(self._get(key, "predict"), batch_size=self.val_batch_size, shuffle=False)

