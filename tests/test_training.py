@@ -178,3 +178,13 @@ def test_loss_decreases_on_real_camvid_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "config", sorted(str(p.relative_to(DEMO_CONFIG.parent)) for p in DEMO_CONFIG.parent.rglob("*.yaml"))
+)
+def test_every_shipped_config_parses(config, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        train_main(["fit", "--config", str(DEMO_CONFIG.parent / config), "--print_config"])
+    assert exc.value.code == 0
+    assert "class_path: fcn.lit." in capsys.readouterr().out
