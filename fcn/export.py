@@ -1,0 +1,257 @@
+"""Export a training checkpoint to ONNX or TorchScript, with the metadata predict needs and a parity check.
+
+``python scripts/export.py --checkpoint CKPT --format onnx --output model.onnx`` writes an ONNX graph with
+dynamic batch / height / width axes (the TorchScript-based exporter, ``dynamo=False``: the FCN crops are
+traced from the input shape, not baked in) and stores class names, palette, mean, std, ignore index and
+model name as ``metadata_props``. ``--format torchscript`` traces the model and stores the same metadata
+as the extra file ``fcn_meta.json``. Either file alone drives ``scripts/predict.py --checkpoint FILE``.
+
+After writing (atomically: a hidden temporary file in the same folder, then ``os.replace``), the file is
+loaded back and compared with the PyTorch model on random input at the export size and at a second, odd
+size with batch 2 (onnxruntime for ONNX); the maximum absolute logit difference is printed and a
+difference above ``--atol + --rtol * max|logit|`` exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fcn.checkpoint import load_model
+from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, open_temp_file
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+MIN_OPSET = 17
+
+
+class ExportError(ValueError):
+    """A user-facing export problem (missing optional package, bad option); printed as ``error:``."""
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """One comparison of the exported model with the PyTorch model."""
+
+    shape: tuple[int, int, int, int]
+    max_abs_diff: float
+    max_abs_logit: float
+    ok: bool
+
+    def line(self, fmt: str) -> str:
+        n, c, h, w = self.shape
+        verdict = "ok" if self.ok else "MISMATCH"
+        return (
+            f"parity {n}x{c}x{h}x{w}: max |{fmt} - torch| = {self.max_abs_diff:.3g} "
+            f"(max |logit| {self.max_abs_logit:.3g}) {verdict}"
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a hidden temporary path next to ``path``; on success it replaces ``path``, else it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = open_temp_file(path)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_onnx(
+    model: nn.Module,
+    meta: ModelMeta,
+    path: str | Path,
+    *,
+    size: tuple[int, int] = (360, 480),
+    opset: int = 17,
+) -> Path:
+    """Write ``model`` as ONNX (``input`` -> ``logits``, dynamic N, H, W) with ``meta`` embedded."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset must be at least {MIN_OPSET}, got {opset}")
+    try:
+        import onnx
+    except ImportError as err:
+        raise ExportError("ONNX export needs the onnx package: `pip install onnx onnxruntime`") from err
+    path = Path(path)
+    model = model.eval().cpu()
+    example = torch.randn(1, 3, *size)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings about the shape checks in the crops
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": axes, "logits": axes},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        for key, value in meta.to_onnx_props().items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        proto.producer_name = "fcn"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def export_torchscript(
+    model: nn.Module, meta: ModelMeta, path: str | Path, *, size: tuple[int, int] = (360, 480)
+) -> Path:
+    """Write ``model`` traced with TorchScript (shapes stay dynamic) and ``meta`` as ``fcn_meta.json``."""
+    path = Path(path)
+    model = model.eval().cpu()
+    example = torch.randn(1, 3, *size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit's deprecation (still supported)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_META_FILE: meta.to_json()})
+    return path
+
+
+def parity_sizes(size: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """``(batch, H, W)`` checks: the export size at batch 1 and a smaller odd size at batch 2."""
+    h, w = size
+    return [(1, h, w), (2, max(33, h * 2 // 3) | 1, max(33, w * 2 // 3 + 2) | 1)]
+
+
+def check_parity(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    fmt: str,
+    checks: Sequence[tuple[int, int, int]],
+    atol: float = 1e-3,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> list[ParityResult] | None:
+    """Compare the exported file with ``model`` on random input for each ``(batch, H, W)``.
+
+    Returns None for ONNX when onnxruntime is not installed (nothing to run the file with).
+    """
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = torch.jit.load(str(path), map_location="cpu")
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return loaded(x)
+
+    else:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    model = model.eval().cpu()
+    for n, h, w in checks:
+        x = torch.randn(n, 3, h, w, generator=gen)
+        with torch.inference_mode():
+            ref = model(x).float()
+            out = run(x).float()
+        if out.shape != ref.shape:
+            results.append(ParityResult((n, 3, h, w), float("inf"), float(ref.abs().max()), False))
+            continue
+        diff = float((out - ref).abs().max())
+        scale = float(ref.abs().max())
+        results.append(ParityResult((n, 3, h, w), diff, scale, diff <= atol + rtol * scale))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="export", description="Export a checkpoint to ONNX or TorchScript.")
+    parser.add_argument("--checkpoint", required=True, help="training .ckpt")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument(
+        "--output", type=Path, help="output file (default: the checkpoint's name, .onnx / .pt)"
+    )
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), default=(360, 480), help="trace size"
+    )
+    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset (at least {MIN_OPSET})")
+    parser.add_argument("--atol", type=float, default=1e-3, help="parity tolerance (absolute)")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="parity tolerance (relative to max |logit|)")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity check")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """The export command: 0 on success, 1 when the parity check fails, 2 for a user error."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if min(args.size) < 1:
+        raise ExportError(f"--size needs positive H W, got {args.size}")
+    model, info = load_model(args.checkpoint, device="cpu")
+    meta = ModelMeta.from_checkpoint_info(info)
+    output = (args.output or Path(args.checkpoint).with_suffix(SUFFIXES[args.format])).expanduser()
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a folder; give a file name")
+    size = (int(args.size[0]), int(args.size[1]))
+    try:
+        if args.format == "onnx":
+            export_onnx(model, meta, output, size=size, opset=args.opset)
+            detail = f"opset {args.opset}, dynamic batch/height/width"
+        else:
+            export_torchscript(model, meta, output, size=size)
+            detail = "traced, dynamic batch/height/width"
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write {output} ({err.strerror or err}); choose another --output"
+        ) from err
+    mb = output.stat().st_size / 2**20
+    print(f"exported {info.model_name} to {args.format} ({detail}): {output} ({mb:.1f} MB)")
+    if args.no_check:
+        return 0
+    results = check_parity(
+        model, output, fmt=args.format, checks=parity_sizes(size), atol=args.atol, rtol=args.rtol
+    )
+    if results is None:
+        print("parity check skipped: onnxruntime is not installed (`pip install onnxruntime`)")
+        return 0
+    for r in results:
+        print(r.line(args.format))
+    if not all(r.ok for r in results):
+        print(
+            f"error: the export differs from the checkpoint by over {args.atol} + {args.rtol} * max|logit|",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,672 @@
+"""Batch inference over an image, a folder (recursive), a glob or a text file of paths.
+
+``python scripts/predict.py --checkpoint CKPT --input PATH --output DIR`` writes, for every input
+``REL/name.ext`` (its path relative to the input folder), ``DIR/<kind>/REL/name.png`` for each selected
+output kind: ``label`` (class ids), ``color`` (palette colours), ``overlay`` (image blended with the
+colours) and ``confidence`` (max softmax probability, 8 or 16 bit).
+
+Pipeline: a DataLoader (``--num-workers`` processes) decodes images; a batch sampler groups images of equal
+size so every image runs at its own resolution; the model runs under ``torch.inference_mode``; a thread
+pool encodes and writes the PNGs (each atomically) while the next batch computes. Unreadable files are
+reported and skipped (exit code 1); ``--skip-existing`` resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fcn.inference import (
+    DEVICES,
+    IMAGE_EXTENSIONS,
+    PRECISIONS,
+    TMP_PREFIX,
+    ImageReadError,
+    InferenceError,
+    Predictor,
+    colorize,
+    forward_throughput,
+    labels_and_confidence,
+    load_predictor,
+    overlay,
+    predict_logits,
+    probe_size,
+    read_image_rgb,
+    write_png_atomic,
+)
+
+OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
+DEFAULT_OUTPUTS = ("label", "color")
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+
+
+class PredictError(ValueError):
+    """A user error of the predict command (bad option combination); printed as one ``error:`` line."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input image and its output path stem relative to the output folder of each kind."""
+
+    path: Path
+    rel: Path
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        path.resolve().relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _glob_base(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    base = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return Path(*base) if base else Path(".")
+
+
+def _make_items(paths: Sequence[Path], base: Path) -> list[InputItem]:
+    """Relative output stems; inputs that share a stem in one folder (a.png, a.jpg) keep their extension."""
+    rels: list[Path] = []
+    for p in paths:
+        try:
+            rels.append(p.relative_to(base))
+        except ValueError:
+            rels.append(Path(p.name))
+    stems: dict[Path, int] = {}
+    for r in rels:
+        stems[r.with_suffix("")] = stems.get(r.with_suffix(""), 0) + 1
+    items = []
+    for p, r in zip(paths, rels):
+        stem = r.with_suffix("")
+        if stems[stem] > 1:
+            stem = r.with_name(r.name.replace(".", "_"))
+        items.append(InputItem(path=p, rel=stem))
+    return items
+
+
+def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[list[InputItem], int]:
+    """Expand ``spec`` into images and count the non-image files that were ignored.
+
+    ``spec`` is an image, a folder (searched recursively for image extensions, hidden entries and
+    ``exclude`` skipped), a glob (``**`` recursive) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a
+    line (relative paths from the list's folder; ``#`` comments). Listed files are tried whatever their
+    extension. Raises :class:`FileNotFoundError` for a missing input or one without images.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    exclude = exclude.resolve() if exclude is not None else None
+    ignored = 0
+    if path.is_dir():
+        found = []
+        for root, dirs, files in os.walk(path):
+            root_path = Path(root)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _inside(root_path / d, exclude))
+            for name in sorted(files):
+                p = root_path / name
+                if name.startswith("."):
+                    continue
+                if _is_image_name(p):
+                    found.append(p)
+                else:
+                    ignored += 1
+        items = _make_items(found, path)
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise FileNotFoundError(f"cannot read the list of paths {path} ({err})") from err
+        listed: dict[Path, None] = {}
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line).expanduser()
+            listed[Path(os.path.abspath(p if p.is_absolute() else path.parent / p))] = None
+        paths = list(listed)
+        base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else path.parent
+        items = _make_items(paths, base)
+    elif path.is_file():
+        items = [InputItem(path=path, rel=Path(path.stem))]
+    elif glob.has_magic(text):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
+        files = [m for m in matches if m.is_file() and not _inside(m, exclude)]
+        images = [m for m in files if _is_image_name(m)]
+        ignored = len(files) - len(images)
+        items = _make_items(images, _glob_base(os.path.expanduser(text)))
+    else:
+        raise FileNotFoundError(
+            f"input {text} does not exist; pass an image, a folder, a glob in quotes or a .txt list of paths"
+        )
+    if not items:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"no images found in {text} (looked for {exts})")
+    return items, ignored
+
+
+def output_paths(item: InputItem, output: Path, kinds: Sequence[str]) -> dict[str, Path]:
+    """``{kind: output / kind / rel.png}`` for the selected output kinds."""
+    return {k: output / k / item.rel.with_name(item.rel.name + ".png") for k in kinds}
+
+
+def check_output_dir(output: Path) -> None:
+    """Create ``output`` and prove it is writable; :class:`PermissionError` with the fix otherwise."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=output)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write to the output folder {output} ({err.strerror or err}); choose another --output"
+        ) from err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+
+class ImageListDataset(Dataset):
+    """Decodes input images: ``{"index", "image" (uint8 HWC, resized when asked), "size", "original"}``.
+
+    A file that cannot be read gives ``{"index", "error"}`` instead of raising, so one bad file does not
+    stop the run. ``original`` (the full-size image) is only kept when resizing and an overlay is needed.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[InputItem],
+        *,
+        resize: tuple[int, int] | None = None,
+        keep_original: bool = False,
+    ) -> None:
+        self.items = list(items)
+        self.resize = resize
+        self.keep_original = keep_original
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.items[index].path
+        try:
+            image = read_image_rgb(path)
+        except ImageReadError as err:
+            return {"index": index, "error": str(err)}
+        size = image.shape[:2]
+        sample: dict[str, Any] = {"index": index, "size": size, "original": None}
+        if self.resize is not None:
+            if self.keep_original:
+                sample["original"] = image
+            image = cv2.resize(image, (self.resize[1], self.resize[0]), interpolation=cv2.INTER_LINEAR)
+        sample["image"] = torch.from_numpy(np.ascontiguousarray(image))
+        return sample
+
+
+def collate_images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images of equal shape; a batch with several shapes (a wrong header) splits into groups."""
+    errors = [(s["index"], s["error"]) for s in samples if "error" in s]
+    by_shape: OrderedDict[tuple[int, ...], list[dict[str, Any]]] = OrderedDict()
+    for s in samples:
+        if "error" not in s:
+            by_shape.setdefault(tuple(s["image"].shape), []).append(s)
+    groups = [
+        {
+            "indices": [s["index"] for s in group],
+            "images": torch.stack([s["image"] for s in group]),
+            "sizes": [tuple(s["size"]) for s in group],
+            "originals": [s["original"] for s in group],
+        }
+        for group in by_shape.values()
+    ]
+    return {"groups": groups, "errors": errors}
+
+
+class SizeGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of up to ``batch_size`` indices that share a key (an image size).
+
+    Indices with key ``None`` (size unknown) get a batch of their own. Batches are ordered by their first
+    index, so the run follows the input order; only the last batch of each size may be short.
+    """
+
+    def __init__(self, keys: Sequence[Hashable | None], batch_size: int) -> None:
+        if batch_size < 1:
+            raise PredictError(f"--batch-size must be at least 1, got {batch_size}")
+        groups: OrderedDict[Hashable, list[int]] = OrderedDict()
+        batches: list[list[int]] = []
+        for i, key in enumerate(keys):
+            if key is None:
+                batches.append([i])
+            else:
+                groups.setdefault(key, []).append(i)
+        for indices in groups.values():
+            batches.extend(indices[j : j + batch_size] for j in range(0, len(indices), batch_size))
+        self.batches = sorted(batches, key=lambda b: b[0])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _worker_init(_: int) -> None:
+    # No cv2.setNumThreads here: reconfiguring OpenCV's thread pool in a forked child deadlocks when the
+    # parent's pool had threads; run_predict switches the parent's pool off before forking instead.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def probe_sizes(items: Sequence[InputItem], *, threads: int = 8) -> list[tuple[int, int] | None]:
+    """Header sizes of all items (in a thread pool; ``None`` where unknown)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda it: probe_size(it.path), items))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictSummary:
+    """Counts and speed of one run."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        extra = f", {self.ignored} non-image files ignored" if self.ignored else ""
+        return (
+            f"done {self.done}, skipped {self.skipped}, failed {self.failed}{extra} "
+            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
+        )
+
+
+def _write_outputs(
+    paths: dict[str, Path],
+    *,
+    label: np.ndarray,
+    confidence: np.ndarray | None,
+    image: np.ndarray | None,
+    palette: list[list[int]],
+    alpha: float,
+) -> None:
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    if "confidence" in paths and confidence is not None:
+        write_png_atomic(paths["confidence"], confidence)
+    if "overlay" in paths and image is not None:
+        write_png_atomic(paths["overlay"], overlay(image, colorize(label, palette), alpha=alpha))
+    if "color" in paths:  # an indexed-colour PNG: several times faster to encode than RGB
+        write_png_atomic(paths["color"], label, palette=palette)
+    if "label" in paths:
+        write_png_atomic(paths["label"], label)
+
+
+def _predict_group(
+    predictor: Predictor,
+    group: dict[str, Any],
+    *,
+    resize: tuple[int, int] | None,
+    crop: tuple[int, int] | None,
+    stride: tuple[int, int] | None,
+    scales: Sequence[float],
+    flip: bool,
+    confidence_bits: int | None,
+    overlay: bool,
+) -> list[tuple[int, dict[str, np.ndarray | None]]]:
+    """Run one same-shape group; per image: its index and the arrays to write (label, confidence, image)."""
+    x = predictor.normalize(group["images"])
+    logits = predict_logits(predictor, x, crop=crop, stride=stride, scales=scales, flip=flip)
+    want_conf = confidence_bits is not None
+    if resize is None:
+        labels, conf = labels_and_confidence(logits, confidence=want_conf)
+        per_image = [(labels[k], None if conf is None else conf[k]) for k in range(len(group["indices"]))]
+    else:  # back to each image's own size: bilinear on the logits, then arg-max
+        per_image = []
+        for k, size in enumerate(group["sizes"]):
+            full = F.interpolate(logits[k : k + 1], size=size, mode="bilinear", align_corners=False)
+            lab, cf = labels_and_confidence(full, confidence=want_conf)
+            per_image.append((lab[0], None if cf is None else cf[0]))
+    top = 255.0 if confidence_bits == 8 else 65535.0
+    results = []
+    for k, (lab, cf) in enumerate(per_image):
+        label = lab.to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
+        conf = None if cf is None else (cf * top).round_().to(torch.int32).cpu().numpy()
+        image = None
+        if overlay:
+            image = group["originals"][k] if resize is not None else group["images"][k].numpy()
+        results.append(
+            (
+                group["indices"][k],
+                {
+                    "label": label if label.dtype == np.uint8 else label.astype(np.uint16),
+                    "confidence": None
+                    if conf is None
+                    else conf.astype(np.uint8 if top == 255.0 else np.uint16),
+                    "image": image,
+                },
+            )
+        )
+    return results
+
+
+def _make_progress(enabled: bool):  # -> rich Progress or a no-op stand-in
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=False,
+    )
+
+
+def run_predict(
+    predictor: Predictor,
+    items: Sequence[InputItem],
+    *,
+    output: Path,
+    kinds: Sequence[str] = DEFAULT_OUTPUTS,
+    batch_size: int = 4,
+    num_workers: int = 2,
+    writers: int = 2,
+    resize: tuple[int, int] | None = None,
+    crop: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    alpha: float = 0.5,
+    confidence_bits: int = 8,
+    skip_existing: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> PredictSummary:
+    """Predict every item and write its outputs under ``output``; failures are counted, not raised."""
+    kinds = list(kinds)
+    unknown = sorted(set(kinds) - set(OUTPUT_KINDS))
+    if unknown or not kinds:
+        raise PredictError(f"--outputs takes a comma list of {', '.join(OUTPUT_KINDS)}; got {kinds}")
+    if not 0.0 <= alpha <= 1.0:
+        raise PredictError(f"--alpha must be in [0, 1], got {alpha}")
+    if confidence_bits not in (8, 16):
+        raise PredictError(f"--confidence-bits must be 8 or 16, got {confidence_bits}")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    summary = PredictSummary(total=len(items))
+    start = time.perf_counter()
+
+    todo: list[InputItem] = []
+    for item in items:
+        if skip_existing and all(p.is_file() for p in output_paths(item, output, kinds).values()):
+            summary.skipped += 1
+        else:
+            todo.append(item)
+    if not todo:
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    keys: Sequence[Hashable | None] = [resize] * len(todo) if resize else probe_sizes(todo)
+    dataset = ImageListDataset(todo, resize=resize, keep_original=resize is not None and "overlay" in kinds)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=SizeGroupedBatchSampler(keys, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=predictor.device.type == "cuda",
+        worker_init_fn=_worker_init,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    palette = predictor.meta.palette
+    infer = {
+        "resize": resize, "crop": crop, "stride": stride, "scales": scales, "flip": flip,
+        "confidence_bits": confidence_bits if "confidence" in kinds else None, "overlay": "overlay" in kinds,
+    }  # fmt: skip
+    pending: deque[tuple[InputItem, Future]] = deque()
+    max_pending = max(4, 2 * batch_size * max(1, writers))
+
+    def harvest(block: bool) -> None:
+        while pending and (block or pending[0][1].done()):
+            item, fut = pending.popleft()
+            try:
+                fut.result()
+            except (OSError, cv2.error) as err:
+                summary.failed += 1
+                summary.failures.append(f"{item.path}: cannot write outputs ({err})")
+                log(f"failed: {item.path}: cannot write outputs ({err})")
+            else:
+                summary.done += 1
+            bar.advance(task)
+
+    # OpenCV's pthreads pool is not fork-safe: with it off in this process while the workers fork, they
+    # start clean (a live pool deadlocked them). PNG encoding runs in our own writer threads anyway.
+    cv2_threads = cv2.getNumThreads()
+    if num_workers > 0:
+        cv2.setNumThreads(1)
+    try:
+        with _make_progress(progress) as bar, ThreadPoolExecutor(max_workers=max(1, writers)) as pool:
+            task = bar.add_task("predict", total=len(items), completed=summary.skipped)
+            for batch in loader:
+                for _index, message in batch["errors"]:
+                    summary.failed += 1
+                    summary.failures.append(message)
+                    log(f"failed: {message}")
+                    bar.advance(task)
+                for group in batch["groups"]:
+                    for index, outputs in _predict_group(predictor, group, **infer):
+                        item = todo[index]
+                        fut = pool.submit(
+                            _write_outputs,
+                            output_paths(item, output, kinds),
+                            **outputs,
+                            palette=palette,
+                            alpha=alpha,
+                        )
+                        pending.append((item, fut))
+                harvest(block=False)
+                while len(pending) > max_pending:  # back-pressure: never queue more than a few batches
+                    pending[0][1].exception()  # waits without raising; harvest reports it
+                    harvest(block=False)
+            harvest(block=True)
+    finally:
+        cv2.setNumThreads(cv2_threads)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_outputs(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in OUTPUT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"choose a comma list of {', '.join(OUTPUT_KINDS)}; got {text!r}")
+    return list(dict.fromkeys(kinds))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="predict",
+        description="Segment images with a training checkpoint or an exported .onnx / TorchScript model.",
+    )
+    parser.add_argument("--checkpoint", required=True, help=".ckpt from training, or .onnx / .pt from export")
+    parser.add_argument("--input", required=True, help="image, folder (recursive), 'glob' or .txt list")
+    parser.add_argument("--output", required=True, type=Path, help="output folder (DIR/<kind>/REL.png)")
+    parser.add_argument(
+        "--outputs",
+        type=_parse_outputs,
+        default=list(DEFAULT_OUTPUTS),
+        help=f"comma list of {','.join(OUTPUT_KINDS)} (default: label,color)",
+    )
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight in [0, 1]")
+    parser.add_argument("--confidence-bits", type=int, choices=(8, 16), default=8)
+    parser.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist")
+    parser.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward pass")
+    parser.add_argument("--num-workers", type=int, default=2, help="decoding processes (0: in-process)")
+    parser.add_argument("--writers", type=int, default=2, help="PNG writing threads")
+    parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="infer at a fixed size")
+    parser.add_argument("--sliding-window", action="store_true", help="infer on overlapping crops")
+    parser.add_argument(
+        "--crop", type=int, nargs=2, metavar=("H", "W"), default=(512, 512), help="window size"
+    )
+    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="default: half the crop")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="horizontal-flip TTA")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last memory format for PyTorch models (default: on; measured faster on CPU)",
+    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="also time the bare forward pass at the same batch size and print predict's share of it",
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """The predict command; returns 0, 1 when some images failed, 2 for a user error."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (PredictError, InferenceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    for name in ("batch_size", "writers"):
+        if getattr(args, name) < 1:
+            raise PredictError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_workers < 0:
+        raise PredictError("--num-workers must be 0 or more")
+    if args.resize is not None and args.sliding_window:
+        raise PredictError("choose either --resize or --sliding-window, not both")
+    if args.resize is not None and min(args.resize) < 1:
+        raise PredictError(f"--resize needs positive H W, got {args.resize}")
+    if args.sliding_window and min(args.crop + list(args.stride or [1])) < 1:
+        raise PredictError("--crop and --stride need positive H W")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = args.output.expanduser()
+    items, ignored = collect_inputs(args.input, exclude=output)
+    predictor = load_predictor(
+        args.checkpoint, device=args.device, precision=args.precision, channels_last=args.channels_last
+    )
+    check_output_dir(output)
+    crop = tuple(args.crop) if args.sliding_window else None
+    stride = tuple(args.stride) if (args.sliding_window and args.stride) else None
+    options: dict[str, Any] = {
+        "output": output,
+        "kinds": args.outputs,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "writers": args.writers,
+        "resize": tuple(args.resize) if args.resize else None,
+        "crop": crop,
+        "stride": stride,
+        "scales": args.scales,
+        "flip": args.tta == "flip",
+        "alpha": args.alpha,
+        "confidence_bits": args.confidence_bits,
+        "skip_existing": args.skip_existing,
+        "progress": not args.quiet,
+    }
+    forward_ips = None
+    if args.benchmark:
+        forward_ips = benchmark_forward(predictor, items, **options)
+    summary = run_predict(predictor, items, **options)
+    summary.ignored = ignored
+    print(summary.line())
+    if forward_ips is not None:
+        share = summary.images_per_second / forward_ips if forward_ips else 0.0
+        print(
+            f"benchmark: predict {summary.images_per_second:.2f} images/s, bare forward "
+            f"{forward_ips:.2f} images/s at batch {args.batch_size} -> {100 * share:.1f}%"
+        )
+    return 1 if summary.failed else 0
+
+
+def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], **options: Any) -> float:
+    """Bare forward images/s with the run's batch size, inference strategy and first image's size.
+
+    Runs as many images as the predict run will (at least two batches), after one warm-up batch.
+    """
+    size = options["resize"] or probe_size(items[0].path)
+    if size is None:
+        raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
+    batch = options["batch_size"]
+    batches = max(2, -(-len(items) // batch))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return predict_logits(
+            predictor, x, crop=options["crop"], stride=options["stride"], scales=options["scales"],
+            flip=options["flip"],
+        )  # fmt: skip
+
+    return forward_throughput(
+        forward, batch_size=batch, size=tuple(size), batches=batches, device=predictor.device
+    )

@@ -1,0 +1,355 @@
+"""The predict command end to end: inputs, outputs, odd images, resume, interruption, user errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fcn.checkpoint import save_checkpoint
+from fcn.cli import predict_main
+from fcn.models import build_model
+from fcn.predict import SizeGroupedBatchSampler, collect_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"fc_dim": 32, "width_mult": 0.125}
+PALETTE = [[128, 64, 128], [70, 70, 70], [107, 142, 35], [70, 130, 180]]
+MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give the zero-initialised score layers random weights so the labels vary."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.any() and not name.endswith("bias"):  # random biases would swamp the tiny features
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _ckpt(path: Path, name: str = "fcn8s", kwargs: dict | None = None) -> Path:
+    kwargs = TINY if kwargs is None else kwargs
+    torch.manual_seed(0)
+    model = _randomize(build_model(name, num_classes=len(PALETTE), **kwargs))
+    return save_checkpoint(
+        path, model=model, model_name=name, model_kwargs=kwargs, palette=PALETTE, mean=MEAN, std=STD
+    )
+
+
+def _img(rng: np.random.Generator, h: int, w: int, c: int = 3, dtype: type = np.uint8) -> np.ndarray:
+    """A smooth random picture (so a JPEG keeps it) with some structure for the model to react to."""
+    top = 65535 if dtype == np.uint16 else 255
+    small = rng.integers(0, top + 1, (max(2, h // 8), max(2, w // 8), c)).astype(np.float32)
+    big = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    big = big.reshape(h, w, c) if c > 1 else big.reshape(h, w)
+    return big.astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    src = root / "images"
+    (src / "city" / "day").mkdir(parents=True)
+    (src / "odd").mkdir()
+    (src / ".hidden").mkdir()
+    rng = np.random.default_rng(0)
+    rgb = _img(rng, 48, 64)
+    cv2.imwrite(str(src / "a.png"), rgb)
+    cv2.imwrite(str(src / "city" / "b.jpg"), _img(rng, 48, 64))
+    cv2.imwrite(str(src / "city" / "day" / "c.png"), _img(rng, 40, 56))
+    cv2.imwrite(str(src / "city" / "day" / "d.jpeg"), _img(rng, 48, 64))
+    gray = _img(rng, 33, 47, c=1)
+    cv2.imwrite(str(src / "odd" / "gray.png"), gray)
+    cv2.imwrite(str(src / "odd" / "gray_as_rgb.png"), np.repeat(gray[..., None], 3, axis=2))
+    bgra = np.dstack([rgb, rng.integers(0, 256, (48, 64), dtype=np.uint8)])
+    cv2.imwrite(str(src / "odd" / "rgba.png"), bgra)
+    cv2.imwrite(str(src / "odd" / "deep16.png"), rgb.astype(np.uint16) * 257)  # same picture, 16 bit
+    (src / "odd" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (src / "README.md").write_text("not an image")
+    cv2.imwrite(str(src / ".hidden" / "skip.png"), rgb)
+    im = Image.fromarray(_img(rng, 30, 52))
+    exif = im.getexif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 52 x 30
+    im.save(src / "odd" / "exif.jpg", exif=exif)
+    return {"root": root, "src": src, "ckpt": _ckpt(root / "model.ckpt")}
+
+
+GOOD = [
+    "a",
+    "city/b",
+    "city/day/c",
+    "city/day/d",
+    "odd/gray",
+    "odd/gray_as_rgb",
+    "odd/rgba",
+    "odd/deep16",
+    "odd/exif",
+]
+
+
+def _run(*args: object) -> int:
+    return predict_main([str(a) for a in args])
+
+
+def _read(path: Path) -> np.ndarray:
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert arr is not None, path
+    return arr
+
+
+def test_folder_all_outputs(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    rc = _run(
+        "--checkpoint", data["ckpt"], "--input", data["src"], "--output", out,
+        "--outputs", "label,color,overlay,confidence", "--batch-size", 3, "--num-workers", 2, "--quiet",
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 1  # one corrupt file
+    assert "corrupt.png" in captured.err
+    assert "done 9, skipped 0, failed 1, 1 non-image files ignored" in captured.out
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    expected = sorted(
+        f"{kind}/{rel}.png" for kind in ("label", "color", "overlay", "confidence") for rel in GOOD
+    )
+    assert written == expected  # mirrored paths, nothing for corrupt / hidden / non-image files
+    for rel in GOOD:
+        label = _read(out / "label" / f"{rel}.png")
+        color = _read(out / "color" / f"{rel}.png")[..., ::-1]
+        assert label.dtype == np.uint8 and label.max() < len(PALETTE)
+        assert np.array_equal(color, np.asarray(PALETTE, dtype=np.uint8)[label])
+        assert _read(out / "overlay" / f"{rel}.png").shape == (*label.shape, 3)
+        assert _read(out / "confidence" / f"{rel}.png").shape == label.shape
+    assert _read(out / "label" / "odd/exif.png").shape == (52, 30)  # EXIF rotation applied
+    assert _read(out / "label" / "odd/gray.png").shape == (33, 47)
+    # a grayscale picture gives the labels of its 3-channel copy; a 16-bit one those of its 8-bit twin
+    assert np.array_equal(_read(out / "label/odd/gray.png"), _read(out / "label/odd/gray_as_rgb.png"))
+    assert np.array_equal(_read(out / "label/odd/deep16.png"), _read(out / "label/a.png"))
+    assert np.array_equal(_read(out / "label/odd/rgba.png"), _read(out / "label/a.png"))
+    assert len(np.unique(_read(out / "label/a.png"))) > 1  # the model is not constant
+
+
+def test_labels_match_the_model(data: dict[str, Path], tmp_path: Path) -> None:
+    """The pipeline (decode, normalise with the checkpoint's mean/std, forward, argmax) matches by hand."""
+    from fcn.checkpoint import load_model
+
+    out = tmp_path / "out"
+    assert (
+        _run("--checkpoint", data["ckpt"], "--input", data["src"] / "a.png", "--output", out, "--quiet") == 0
+    )
+    model, _ = load_model(data["ckpt"])
+    rgb = cv2.imread(str(data["src"] / "a.png"))[..., ::-1].astype(np.float32) / 255
+    x = torch.from_numpy(((rgb - MEAN) / STD).astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        ref = model(x).argmax(1)[0].numpy()
+    label = _read(out / "label" / "a.png")
+    assert (label == ref).mean() > 0.99
+    assert sorted(p.name for p in out.iterdir()) == ["color", "label"]  # the default outputs
+
+
+def test_list_file_and_glob(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = data["src"]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# images\n{src / 'city/b.jpg'}\n\n{src / 'city/day/c.png'}\n")
+    out = tmp_path / "from_list"
+    assert _run("--checkpoint", data["ckpt"], "--input", listing, "--output", out, "--quiet") == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "color/b.png", "color/day/c.png", "label/b.png", "label/day/c.png",
+    ]  # fmt: skip
+    out = tmp_path / "from_glob"
+    assert (
+        _run("--checkpoint", data["ckpt"], "--input", f"{src}/city/**/*.*", "--output", out, "--quiet") == 0
+    )
+    labels = sorted(str(p.relative_to(out / "label")) for p in (out / "label").rglob("*.png"))
+    assert labels == ["b.png", "day/c.png", "day/d.png"]  # relative to the glob's fixed part
+    assert "done 3, skipped 0, failed 0" in capsys.readouterr().out
+
+
+def test_collect_inputs(tmp_path: Path) -> None:
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("x.png", "x.jpg", "sub/y.PNG", "sub/z.txt"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    (tmp_path / "in" / "out").mkdir()
+    (tmp_path / "in" / "out" / "w.png").write_bytes(b"")
+    items, ignored = collect_inputs(tmp_path / "in", exclude=tmp_path / "in" / "out")
+    assert [(str(i.path.relative_to(tmp_path / "in")), str(i.rel)) for i in items] == [
+        ("x.jpg", "x_jpg"), ("x.png", "x_png"), ("sub/y.PNG", "sub/y"),
+    ]  # fmt: skip
+    assert ignored == 1
+    listing = tmp_path / "in" / "sub" / "files.lst"
+    listing.write_text("y.PNG\n../x.png\nmissing.png\n")
+    items, _ = collect_inputs(listing)
+    assert [str(i.rel) for i in items] == ["sub/y", "x", "sub/missing"]  # listed files are all tried
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        collect_inputs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        collect_inputs(tmp_path / "nope")
+
+
+def test_size_grouped_batch_sampler() -> None:
+    keys = [(4, 4), (8, 8), (4, 4), None, (4, 4), (8, 8), (4, 4), (4, 4)]
+    batches = list(SizeGroupedBatchSampler(keys, batch_size=3))
+    assert batches == [[0, 2, 4], [1, 5], [3], [6, 7]]
+    assert len(SizeGroupedBatchSampler(keys, batch_size=3)) == 4
+    assert sorted(i for b in batches for i in b) == list(range(len(keys)))
+    assert all(len({keys[i] for i in b}) == 1 for b in batches)
+
+
+def test_mixed_sizes_batched_like_single(data: dict[str, Path], tmp_path: Path) -> None:
+    args = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--num-workers", 0]
+    assert _run(*args, "--output", tmp_path / "b1", "--batch-size", 1) == 0
+    assert _run(*args, "--output", tmp_path / "b4", "--batch-size", 4) == 0
+    for rel in ("city/b", "city/day/c", "city/day/d"):
+        name = rel.split("/", 1)[1]
+        one, four = _read(tmp_path / "b1/label" / f"{name}.png"), _read(tmp_path / "b4/label" / f"{name}.png")
+        assert one.shape == four.shape and (one == four).mean() > 0.999
+
+
+def test_resize_sliding_tta_and_16bit_confidence(data: dict[str, Path], tmp_path: Path) -> None:
+    base = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--num-workers", 0]
+    variants = {
+        "resize": ["--resize", 32, 40, "--outputs", "label,overlay"],
+        "sliding": ["--sliding-window", "--crop", 32, 32, "--stride", 16, 16],
+        "tta": [
+            "--tta",
+            "flip",
+            "--scales",
+            0.75,
+            1.0,
+            "--outputs",
+            "label,confidence",
+            "--confidence-bits",
+            16,
+        ],
+    }
+    results = {}
+    for name, extra in variants.items():
+        assert _run(*base, *extra, "--output", tmp_path / name) == 0, name
+        results[name] = _read(tmp_path / name / "label" / "day" / "c.png")
+        assert results[name].shape == (40, 56), name  # back at the original size
+    assert _read(tmp_path / "resize" / "overlay" / "day" / "c.png").shape == (40, 56, 3)
+    conf = _read(tmp_path / "tta" / "confidence" / "day" / "c.png")
+    assert conf.dtype == np.uint16 and conf.min() >= 65535 // len(PALETTE)
+    assert not np.array_equal(results["resize"], results["sliding"])
+
+
+def test_skip_existing_resumes(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    args = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--output", out, "--quiet"]
+    assert _run(*args, "--num-workers", 0) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert len(stamps) == 6
+    capsys.readouterr()
+    assert _run(*args, "--skip-existing") == 0
+    assert "done 0, skipped 3, failed 0" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+    (out / "color" / "day" / "c.png").unlink()  # one output missing: only that image is redone
+    assert _run(*args, "--skip-existing", "--num-workers", 0) == 0
+    assert "done 1, skipped 2, failed 0" in capsys.readouterr().out
+    assert (out / "color" / "day" / "c.png").is_file()
+    assert _run(*args, "--skip-existing", "--outputs", "label,color,overlay", "--num-workers", 0) == 0
+    assert "done 3, skipped 0" in capsys.readouterr().out  # a new output kind: every image is redone
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "no images found"),
+        ("unwritable", "cannot write to the output folder"),
+        ("no_checkpoint", "does not exist"),
+        ("resize_and_sliding", "not both"),
+    ],
+)
+def test_user_errors_are_one_line(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, case: str, message: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    args = {"--checkpoint": data["ckpt"], "--input": data["src"] / "a.png", "--output": tmp_path / "out"}
+    extra: list[object] = []
+    if case == "missing":
+        args["--input"] = tmp_path / "nowhere"
+    elif case == "empty":
+        args["--input"] = tmp_path / "empty"
+    elif case == "unwritable":
+        args["--output"] = tmp_path / "a_file" / "out"  # below a file: cannot be created, even by root
+    elif case == "no_checkpoint":
+        args["--checkpoint"] = tmp_path / "none.ckpt"
+    else:
+        extra = ["--resize", 32, 32, "--sliding-window"]
+    rc = _run(*[v for kv in args.items() for v in kv], *extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_script_subprocess(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(data["ckpt"]),
+         "--input", str(data["src"] / "odd"), "--output", str(out), "--num-workers", "1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # odd/ holds the corrupt file
+    assert "corrupt.png" in proc.stderr and "Traceback" not in proc.stderr
+    assert "done 5, skipped 0, failed 1" in proc.stdout
+    assert (out / "label" / "exif.png").is_file()
+
+
+def test_interrupted_run_leaves_only_whole_pngs(tmp_path: Path) -> None:
+    """SIGKILL mid-run: every PNG present decodes fully, no temp file looks like an output; resume works."""
+    src = tmp_path / "many"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    n = 60
+    for i in range(n):
+        cv2.imwrite(str(src / f"{i:03d}.png"), _img(rng, 96, 128))
+    ckpt = _ckpt(tmp_path / "m.ckpt", kwargs={"fc_dim": 64, "width_mult": 0.25})
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(ckpt), "--input", str(src),
+        "--output", str(out), "--outputs", "label,color,overlay", "--batch-size", "1", "--num-workers", "1",
+        "--tta", "flip", "--scales", "1.0", "1.5", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            # overlays are written first: three of them mean some images are complete
+            if (out / "overlay").is_dir() and len(list((out / "overlay").glob("*.png"))) >= 3:
+                break
+            time.sleep(0.005)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert still_running, "the run ended before it could be interrupted; make it slower"
+    pngs = list(out.rglob("*.png"))
+    assert 0 < len(pngs) < 3 * n
+    for p in pngs:
+        _read(p)  # cv2 gives None for a truncated PNG
+        with Image.open(p) as im:
+            im.load()  # raises on a truncated file
+    visible = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert all(p.suffix == ".png" for p in visible)
+    resumed = subprocess.run(
+        [*cmd[:-6], "--quiet", "--skip-existing"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "failed 0" in resumed.stdout
+    done = int(resumed.stdout.split("done ")[1].split(",")[0])
+    skipped = int(resumed.stdout.split("skipped ")[1].split(",")[0])
+    assert done + skipped == n and 0 < skipped < n
+    assert all((out / k / f"{i:03d}.png").is_file() for k in ("label", "color", "overlay") for i in range(n))
