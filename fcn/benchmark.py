@@ -152,7 +152,7 @@ def matmul_peak_gflops(
     product as a channels-last 1x1 convolution (oneDNN/cuDNN). On AMD CPUs MKL's sgemm reaches only about
     half of what oneDNN's GEMM does, and a 'peak' below what the convolutions achieve would mean nothing.
     """
-    n = n or (8192 if device.type == "cuda" else 2048)
+    n = n or (8192 if device.type == "cuda" else 4096)
     dtype = PRECISIONS[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
