@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fcn.checkpoint import CheckpointError
 from fcn.inference import (
     DEVICES,
     IMAGE_EXTENSIONS,
@@ -48,6 +50,7 @@ from fcn.inference import (
     predict_logits,
     probe_size,
     read_image_rgb,
+    resolve_device,
     write_png_atomic,
 )
 
@@ -311,6 +314,7 @@ class PredictSummary:
     ignored: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    predictor: Predictor | None = field(default=None, repr=False)
 
     @property
     def images_per_second(self) -> float:
@@ -327,12 +331,22 @@ class PredictSummary:
 def _write_outputs(
     paths: dict[str, Path],
     *,
-    label: np.ndarray,
+    label: np.ndarray | None,
+    logits: np.ndarray | None,
     confidence: np.ndarray | None,
     image: np.ndarray | None,
     palette: list[list[int]],
     alpha: float,
 ) -> None:
+    """Encode and write one image's outputs (in a writer thread); ``label`` comes from ``logits`` if None."""
+    if label is None and logits is not None:
+        # (C, H, W) logits -> ids, in this writer thread rather than on the model's threads. NumPy's
+        # arg-max over a contiguous class axis (channels-last memory) takes a quarter of torch's CPU time.
+        hwc = logits.transpose(1, 2, 0)
+        ids = hwc.argmax(-1) if hwc.flags.c_contiguous else logits.argmax(0)
+        label = ids.astype(np.uint8 if logits.shape[0] <= 256 else np.uint16)
+    if label is None:
+        raise ValueError("_write_outputs needs label or logits")
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     if "confidence" in paths and confidence is not None:
@@ -357,39 +371,34 @@ def _predict_group(
     confidence_bits: int | None,
     overlay: bool,
 ) -> list[tuple[int, dict[str, np.ndarray | None]]]:
-    """Run one same-shape group; per image: its index and the arrays to write (label, confidence, image)."""
+    """Run one same-shape group; per image: its index and what :func:`_write_outputs` needs.
+
+    On CPU without a confidence output the arg-max is left to the writer threads (``logits`` as a
+    ``(C, H, W)`` array); otherwise labels (and confidences) are computed here, on the model's device.
+    """
     x = predictor.normalize(group["images"])
     logits = predict_logits(predictor, x, crop=crop, stride=stride, scales=scales, flip=flip)
     want_conf = confidence_bits is not None
-    if resize is None:
-        labels, conf = labels_and_confidence(logits, confidence=want_conf)
-        per_image = [(labels[k], None if conf is None else conf[k]) for k in range(len(group["indices"]))]
-    else:  # back to each image's own size: bilinear on the logits, then arg-max
-        per_image = []
-        for k, size in enumerate(group["sizes"]):
-            full = F.interpolate(logits[k : k + 1], size=size, mode="bilinear", align_corners=False)
-            lab, cf = labels_and_confidence(full, confidence=want_conf)
-            per_image.append((lab[0], None if cf is None else cf[0]))
+    defer = logits.device.type == "cpu" and not want_conf
     top = 255.0 if confidence_bits == 8 else 65535.0
     results = []
-    for k, (lab, cf) in enumerate(per_image):
-        label = lab.to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
-        conf = None if cf is None else (cf * top).round_().to(torch.int32).cpu().numpy()
-        image = None
+    for k, index in enumerate(group["indices"]):
+        one = logits[k : k + 1]
+        if resize is not None:  # back to the image's own size: bilinear on the logits, then arg-max
+            one = F.interpolate(one, size=group["sizes"][k], mode="bilinear", align_corners=False)
+        out: dict[str, np.ndarray | None] = {"label": None, "logits": None, "confidence": None, "image": None}
+        if defer:
+            out["logits"] = one[0].numpy()  # (C, H, W), a view of the batch's logits
+        else:
+            lab, cf = labels_and_confidence(one, confidence=want_conf)
+            label = lab[0].to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
+            out["label"] = label if label.dtype == np.uint8 else label.astype(np.uint16)
+            if cf is not None:
+                conf = (cf[0] * top).round_().to(torch.int32).cpu().numpy()
+                out["confidence"] = conf.astype(np.uint8 if top == 255.0 else np.uint16)
         if overlay:
-            image = group["originals"][k] if resize is not None else group["images"][k].numpy()
-        results.append(
-            (
-                group["indices"][k],
-                {
-                    "label": label if label.dtype == np.uint8 else label.astype(np.uint16),
-                    "confidence": None
-                    if conf is None
-                    else conf.astype(np.uint8 if top == 255.0 else np.uint16),
-                    "image": image,
-                },
-            )
-        )
+            out["image"] = group["originals"][k] if resize is not None else group["images"][k].numpy()
+        results.append((index, out))
     return results
 
 
@@ -418,7 +427,7 @@ def _make_progress(enabled: bool):  # -> rich Progress or a no-op stand-in
 
 
 def run_predict(
-    predictor: Predictor,
+    predictor: Predictor | Callable[[], Predictor],
     items: Sequence[InputItem],
     *,
     output: Path,
@@ -434,10 +443,18 @@ def run_predict(
     alpha: float = 0.5,
     confidence_bits: int = 8,
     skip_existing: bool = False,
+    pin_memory: bool | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PredictSummary:
-    """Predict every item and write its outputs under ``output``; failures are counted, not raised."""
+    """Predict every item and write its outputs under ``output``; failures are counted, not raised.
+
+    ``predictor`` may be a function that loads it: it is then called after the decoding workers have
+    started (they decode the first batches while the model loads), and not at all when ``skip_existing``
+    finds every output present. ``summary.seconds`` counts the input checks and everything from the
+    model being ready to the last file written (not the model loading). ``pin_memory`` defaults to
+    "the predictor runs on CUDA" (for a loader function: CUDA is available).
+    """
     kinds = list(kinds)
     unknown = sorted(set(kinds) - set(OUTPUT_KINDS))
     if unknown or not kinds:
@@ -448,7 +465,7 @@ def run_predict(
         raise PredictError(f"--confidence-bits must be 8 or 16, got {confidence_bits}")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     summary = PredictSummary(total=len(items))
-    start = time.perf_counter()
+    t0 = time.perf_counter()
 
     todo: list[InputItem] = []
     for item in items:
@@ -457,21 +474,23 @@ def run_predict(
         else:
             todo.append(item)
     if not todo:
-        summary.seconds = time.perf_counter() - start
+        summary.seconds = time.perf_counter() - t0
         return summary
 
     keys: Sequence[Hashable | None] = [resize] * len(todo) if resize else probe_sizes(todo)
-    dataset = ImageListDataset(todo, resize=resize, keep_original=resize is not None and "overlay" in kinds)
+    if pin_memory is None:
+        pin_memory = (
+            predictor.device.type == "cuda" if isinstance(predictor, Predictor) else torch.cuda.is_available()
+        )
     loader = DataLoader(
-        dataset,
+        ImageListDataset(todo, resize=resize, keep_original=resize is not None and "overlay" in kinds),
         batch_sampler=SizeGroupedBatchSampler(keys, batch_size),
         num_workers=num_workers,
         collate_fn=collate_images,
-        pin_memory=predictor.device.type == "cuda",
+        pin_memory=pin_memory,
         worker_init_fn=_worker_init,
         prefetch_factor=2 if num_workers > 0 else None,
     )
-    palette = predictor.meta.palette
     infer = {
         "resize": resize, "crop": crop, "stride": stride, "scales": scales, "flip": flip,
         "confidence_bits": confidence_bits if "confidence" in kinds else None, "overlay": "overlay" in kinds,
@@ -498,9 +517,20 @@ def run_predict(
     if num_workers > 0:
         cv2.setNumThreads(1)
     try:
-        with _make_progress(progress) as bar, ThreadPoolExecutor(max_workers=max(1, writers)) as pool:
+        prepared = time.perf_counter() - t0
+        start = time.perf_counter()
+        batches = iter(loader)  # forks the workers now: they decode while the model loads
+        if not isinstance(predictor, Predictor):
+            predictor = predictor()
+            start = time.perf_counter()  # loading is not prediction time; the workers' start overlapped it
+        summary.predictor = predictor
+        palette = predictor.meta.palette
+        with (
+            _make_progress(progress) as bar,
+            ThreadPoolExecutor(max_workers=max(1, writers)) as pool,
+        ):
             task = bar.add_task("predict", total=len(items), completed=summary.skipped)
-            for batch in loader:
+            for batch in batches:
                 for _index, message in batch["errors"]:
                     summary.failed += 1
                     summary.failures.append(message)
@@ -524,7 +554,7 @@ def run_predict(
             harvest(block=True)
     finally:
         cv2.setNumThreads(cv2_threads)
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = prepared + time.perf_counter() - start
     return summary
 
 
@@ -581,8 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--benchmark",
-        action="store_true",
-        help="also time the bare forward pass at the same batch size and print predict's share of it",
+        type=int,
+        nargs="?",
+        const=3,
+        metavar="N",
+        help="run N times (default 3) alternating with the bare forward pass at the same batch size; "
+        "print the median share of the forward's throughput that predict reaches",
     )
     return parser
 
@@ -613,12 +647,19 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     output = args.output.expanduser()
     items, ignored = collect_inputs(args.input, exclude=output)
-    predictor = load_predictor(
-        args.checkpoint, device=args.device, precision=args.precision, channels_last=args.channels_last
-    )
+    checkpoint = Path(args.checkpoint).expanduser()
+    if not checkpoint.is_file():  # fail before starting workers; load_predictor would say the same
+        raise CheckpointError(
+            f"model file {checkpoint} does not exist; pass a training .ckpt or a file from scripts/export.py"
+        )
+    device = resolve_device(args.device)
     check_output_dir(output)
-    crop = tuple(args.crop) if args.sliding_window else None
-    stride = tuple(args.stride) if (args.sliding_window and args.stride) else None
+
+    def load() -> Predictor:
+        return load_predictor(
+            checkpoint, device=device, precision=args.precision, channels_last=args.channels_last
+        )
+
     options: dict[str, Any] = {
         "output": output,
         "kinds": args.outputs,
@@ -626,28 +667,67 @@ def _main(args: argparse.Namespace) -> int:
         "num_workers": args.num_workers,
         "writers": args.writers,
         "resize": tuple(args.resize) if args.resize else None,
-        "crop": crop,
-        "stride": stride,
+        "crop": tuple(args.crop) if args.sliding_window else None,
+        "stride": tuple(args.stride) if (args.sliding_window and args.stride) else None,
         "scales": args.scales,
         "flip": args.tta == "flip",
         "alpha": args.alpha,
         "confidence_bits": args.confidence_bits,
         "skip_existing": args.skip_existing,
         "progress": not args.quiet,
+        "pin_memory": device.type == "cuda",
     }
-    forward_ips = None
     if args.benchmark:
-        forward_ips = benchmark_forward(predictor, items, **options)
-    summary = run_predict(predictor, items, **options)
+        report = benchmark_predict(load, items, repeats=args.benchmark, **options)
+        for i, (pred_ips, fwd_ips) in enumerate(report["runs"], 1):
+            print(f"benchmark run {i}: predict {pred_ips:.2f} images/s, bare forward {fwd_ips:.2f} images/s")
+        print(
+            f"benchmark: predict {report['predict_ips']:.2f} images/s, bare forward "
+            f"{report['forward_ips']:.2f} images/s at batch {args.batch_size} (same process, medians of "
+            f"{args.benchmark}) -> {100 * report['share']:.1f}%"
+        )
+        return 1 if report["failed"] else 0
+    # The model loads inside run_predict once the decoding workers run, so both happen at once.
+    summary = run_predict(load, items, **options)
     summary.ignored = ignored
     print(summary.line())
-    if forward_ips is not None:
-        share = summary.images_per_second / forward_ips if forward_ips else 0.0
-        print(
-            f"benchmark: predict {summary.images_per_second:.2f} images/s, bare forward "
-            f"{forward_ips:.2f} images/s at batch {args.batch_size} -> {100 * share:.1f}%"
-        )
     return 1 if summary.failed else 0
+
+
+def benchmark_predict(
+    predictor: Predictor | Callable[[], Predictor],
+    items: Sequence[InputItem],
+    *,
+    repeats: int = 3,
+    **options: Any,
+) -> dict[str, Any]:
+    """Predict throughput against the bare forward pass, in one process.
+
+    Alternates ``repeats`` full runs of :func:`run_predict` (outputs rewritten, no skipping) with
+    :func:`benchmark_forward` at the same batch size and strategy, and returns the medians (``predict_ips``,
+    ``forward_ips``, ``share`` = median of the per-repeat ratios), the per-repeat ``runs`` and the
+    ``failed`` count of the first run. Each run counts the model's first-batch warm-up; the bare forward
+    does not (it warms up first), so ``share`` is conservative.
+    """
+    if repeats < 1:
+        raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
+    runs: list[tuple[float, float]] = []
+    failed = 0
+    for i in range(repeats):
+        summary = run_predict(predictor, items, **{**options, "skip_existing": False, "progress": False})
+        failed = summary.failed if i == 0 else failed
+        if summary.predictor is None or not summary.done:
+            raise PredictError("--benchmark: no image could be predicted")
+        predictor = summary.predictor
+        print(summary.line())
+        runs.append((summary.images_per_second, benchmark_forward(predictor, items, **options)))
+    return {
+        "predict_ips": statistics.median(p for p, _ in runs),
+        "forward_ips": statistics.median(f for _, f in runs),
+        "share": statistics.median(p / f for p, f in runs),
+        "runs": runs,
+        "failed": failed,
+    }
 
 
 def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], **options: Any) -> float:

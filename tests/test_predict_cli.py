@@ -18,8 +18,9 @@ from torch import nn
 
 from fcn.checkpoint import save_checkpoint
 from fcn.cli import predict_main
+from fcn.inference import Predictor
 from fcn.models import build_model
-from fcn.predict import SizeGroupedBatchSampler, collect_inputs
+from fcn.predict import SizeGroupedBatchSampler, collect_inputs, run_predict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"fc_dim": 32, "width_mult": 0.125}
@@ -259,6 +260,21 @@ def test_skip_existing_resumes(data: dict[str, Path], tmp_path: Path, capsys: py
     assert (out / "color" / "day" / "c.png").is_file()
     assert _run(*args, "--skip-existing", "--outputs", "label,color,overlay", "--num-workers", 0) == 0
     assert "done 3, skipped 0" in capsys.readouterr().out  # a new output kind: every image is redone
+
+    def no_model() -> Predictor:
+        raise AssertionError("nothing to do: the model must not be loaded")
+
+    items, _ = collect_inputs(data["src"] / "city")
+    summary = run_predict(no_model, items, output=out, skip_existing=True, progress=False)
+    assert (summary.skipped, summary.done, summary.predictor) == (3, 0, None)
+
+
+def test_benchmark_flag(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--output", tmp_path, "--quiet"]
+    assert _run(*args, "--benchmark", 2, "--num-workers", 0) == 0
+    out = capsys.readouterr().out
+    assert out.count("done 3, skipped 0, failed 0") == 2
+    assert "benchmark run 2: predict" in out and "(same process, medians of 2) ->" in out
 
 
 @pytest.mark.parametrize(
