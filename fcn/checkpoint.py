@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fcn.models import ModelError, build_model, list_models
+from fcn.palette import default_palette
 
 
 class CheckpointError(ValueError):
@@ -109,12 +110,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit {info.model_name} ({err})") from err
     return model.to(device).eval(), info
-
-
-def default_palette(num_classes: int) -> list[list[int]]:
-    """A deterministic, well-spread colour per class for data sets without a palette."""
-    g = torch.Generator().manual_seed(num_classes)
-    return torch.randint(0, 256, (num_classes, 3), generator=g).tolist()
 
 
 def save_checkpoint(

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fcn.metrics import SUMMARY_KEYS, segmentation_scores
+from fcn.palette import default_palette
 
 __all__ = [
     "ReportError",
@@ -97,21 +98,6 @@ def _jsonable(obj: Any) -> Any:
 def _safe_name(name: str) -> str:
     stem = Path(str(name)).stem or "image"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80]
-
-
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """Distinct deterministic RGB colours (the PASCAL VOC bit-interleaving scheme, black skipped)."""
-    colours = []
-    for label in range(1, num_classes + 1):
-        r = g = b = 0
-        c = label
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        colours.append((r, g, b))
-    return colours
 
 
 def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:

@@ -23,22 +23,13 @@ from torch.utils.data import Dataset
 
 from fcn.data.base import SegmentationDataset, as_long_tensor, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
+from fcn.palette import default_palette
 from fcn.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, list_images, read_image
 
 LAYOUT = """  ROOT/classes.yaml                      (classes: [...], optional palette / ignore_index)
   ROOT/<split>/images/*.png|jpg          ROOT/<split>/masks/<same stem>.png   (or ROOT/images, ROOT/masks)"""
 
 UNLABELED_LAYOUT = "  ROOT/**/*.png|jpg|jpeg|bmp|tif|tiff|webp   (any depth, any letter case)"
-
-
-def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """Distinct colours (golden-ratio hues) for classes without a palette."""
-    import colorsys
-
-    return [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95))
-        for i in range(n)
-    ]
 
 
 def read_class_file(path: str | Path) -> dict[str, Any]:
