@@ -230,10 +230,11 @@ def count_parameters(module: nn.Module) -> int:
 
 DISTILL_MODES = ("offline", "semi", "self")
 SELF_TEACHERS = ("ema", "snapshot")
+FEATURE_KEYS = ("c3", "c4", "c5", "out")
 
 
 class DistillationModule(SegmentationModule):
-    """Train a student with knowledge from a teacher (see ``docs/DISTILLATION.md``).
+    """Train a student with knowledge from a teacher (README: "The distilled student"; docs/RESULTS.md 5).
 
     Modes:
         ``offline``: a frozen teacher loaded from ``teacher_checkpoint`` (any registered model).
@@ -245,7 +246,8 @@ class DistillationModule(SegmentationModule):
 
     Losses: ``ce_weight`` x cross-entropy on ground truth + ``kd_weight`` x pixel KD (temperature
     ``temperature``, void pixels ignored) + ``pairwise_weight`` x affinity distillation on
-    ``feature_key`` + ``channel_weight`` x channel-wise distillation (through a learned 1x1 adapter).
+    ``feature_key`` + ``channel_weight`` x channel-wise distillation (backbone features ``c3``/``c4``/``c5``
+    go through a learned 1x1 adapter to the teacher's width; ``out``, the logits, need none).
     The teacher is never a submodule: it is not optimised, not wrapped by DDP and not saved.
     """
 
@@ -273,8 +275,11 @@ class DistillationModule(SegmentationModule):
             raise ValueError(f"distill_mode must be one of {DISTILL_MODES}, got {distill_mode!r}")
         if self_teacher not in SELF_TEACHERS:
             raise ValueError(f"self_teacher must be one of {SELF_TEACHERS}, got {self_teacher!r}")
-        if feature_key not in ("c3", "c4", "c5"):
-            raise ValueError(f"feature_key must be c3, c4 or c5, got {feature_key!r}")
+        if feature_key not in FEATURE_KEYS:
+            raise ValueError(
+                f"feature_key must be one of {FEATURE_KEYS} (backbone features at 1/8, 1/16, 1/32, or the "
+                f"logits 'out'), got {feature_key!r}"
+            )
         teacher = None
         if distill_mode in ("offline", "semi"):
             if not teacher_checkpoint:
@@ -290,7 +295,7 @@ class DistillationModule(SegmentationModule):
         object.__setattr__(self, "teacher", teacher)
         object.__setattr__(self, "ema", make_ema(self.model) if distill_mode == "self" else None)
         self.adapter = None
-        if channel_weight > 0:
+        if channel_weight > 0 and feature_key != "out":  # logits share the class channels: no adapter
             t_ch = (teacher.backbone if teacher is not None else self.model.backbone).out_channels[
                 feature_key
             ]
@@ -359,7 +364,9 @@ class DistillationModule(SegmentationModule):
             losses["pairwise"] = pairwise_loss(s, t, pool_size=hp.pairwise_pool)
         if hp.channel_weight > 0:
             t = teacher[key]
-            s = self.adapter(student[key], tuple(t.shape[-2:]))
+            s = student[key]
+            if self.adapter is not None:
+                s = self.adapter(s, tuple(t.shape[-2:]))
             losses["channel"] = channel_wise_loss(s, t, temperature=hp.channel_temperature)
         return losses
 

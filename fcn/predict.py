@@ -5,10 +5,13 @@
 output kind: ``label`` (class ids), ``color`` (palette colours), ``overlay`` (image blended with the
 colours) and ``confidence`` (max softmax probability, 8 or 16 bit).
 
-Pipeline: a DataLoader (``--num-workers`` processes) decodes images; a batch sampler groups images of equal
-size so every image runs at its own resolution; the model runs under ``torch.inference_mode``; a thread
-pool encodes and writes the PNGs (each atomically) while the next batch computes. Unreadable files are
-reported and skipped (exit code 1); ``--skip-existing`` resumes an interrupted run.
+Pipeline: a batch sampler groups images of equal size so every image runs at its own resolution; the model
+runs under ``torch.inference_mode``; a thread pool (``--writers``) encodes and writes the PNGs (each
+atomically). With spare cores (a GPU, or a CPU with 2+ cores beyond the model's threads) a DataLoader
+(``--num-workers`` processes) decodes and the PNGs are written while the next batch computes; without them
+the pool decodes and writes between forward passes, so nothing preempts the model's threads (``--overlap``
+/ ``--no-overlap`` force either). Unreadable files are reported and skipped (exit code 1);
+``--skip-existing`` resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,9 @@ from fcn.inference import (
     InferenceError,
     Predictor,
     colorize,
+    deflate_label_rows,
     forward_throughput,
+    label_png,
     labels_and_confidence,
     load_predictor,
     overlay,
@@ -51,6 +56,7 @@ from fcn.inference import (
     probe_size,
     read_image_rgb,
     resolve_device,
+    write_bytes_atomic,
     write_png_atomic,
 )
 
@@ -353,10 +359,17 @@ def _write_outputs(
         write_png_atomic(paths["confidence"], confidence)
     if "overlay" in paths and image is not None:
         write_png_atomic(paths["overlay"], overlay(image, colorize(label, palette), alpha=alpha))
-    if "color" in paths:  # an indexed-colour PNG: several times faster to encode than RGB
-        write_png_atomic(paths["color"], label, palette=palette)
-    if "label" in paths:
-        write_png_atomic(paths["label"], label)
+    if label.dtype == np.uint8:  # label and colour PNGs share one deflate of the ids (indexed colour)
+        idat = None
+        for kind, pal in (("color", palette), ("label", None)):
+            if kind in paths:
+                idat = idat or deflate_label_rows(label)
+                write_bytes_atomic(paths[kind], label_png(idat, label.shape, palette=pal))
+    else:  # more than 256 classes: 16-bit ids, RGB colours
+        if "color" in paths:
+            write_png_atomic(paths["color"], label, palette=palette)
+        if "label" in paths:
+            write_png_atomic(paths["label"], label)
 
 
 def _predict_group(
@@ -402,6 +415,28 @@ def _predict_group(
     return results
 
 
+def spare_cores(device: torch.device, threads: int) -> bool:
+    """Whether decoding and writing can run beside the model without slowing it: on a GPU, or on a CPU with
+    at least two cores more than the model's ``threads``.
+
+    Otherwise (e.g. 2 cores, 2 model threads) helper threads would preempt the model's threads, and each
+    parallel operator waits for its slowest thread; :func:`run_predict` then decodes and writes between
+    forward passes, on all its threads (measured faster there, see docs/RESULTS.md section 7).
+    """
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores >= threads + 2
+
+
+def _threaded_batches(
+    dataset: ImageListDataset, sampler: Iterable[list[int]], pool: ThreadPoolExecutor
+) -> Iterator[dict[str, Any]]:
+    """The DataLoader's batches, decoded by ``pool``'s threads when the consumer asks for the next one."""
+    for indices in sampler:
+        yield collate_images(list(pool.map(dataset.__getitem__, indices)))
+
+
 def _make_progress(enabled: bool):  # -> rich Progress or a no-op stand-in
     from rich.console import Console
     from rich.progress import (
@@ -444,6 +479,7 @@ def run_predict(
     confidence_bits: int = 8,
     skip_existing: bool = False,
     pin_memory: bool | None = None,
+    overlap: bool | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PredictSummary:
@@ -478,25 +514,35 @@ def run_predict(
         return summary
 
     keys: Sequence[Hashable | None] = [resize] * len(todo) if resize else probe_sizes(todo)
+    cuda = predictor.device.type == "cuda" if isinstance(predictor, Predictor) else torch.cuda.is_available()
     if pin_memory is None:
-        pin_memory = (
-            predictor.device.type == "cuda" if isinstance(predictor, Predictor) else torch.cuda.is_available()
+        pin_memory = cuda
+    if overlap is None:
+        if isinstance(predictor, Predictor):
+            overlap = spare_cores(predictor.device, predictor.cpu_threads())
+        else:
+            overlap = spare_cores(torch.device("cuda" if cuda else "cpu"), torch.get_num_threads())
+    dataset = ImageListDataset(todo, resize=resize, keep_original=resize is not None and "overlay" in kinds)
+    sampler = SizeGroupedBatchSampler(keys, batch_size)
+    loader = None
+    if overlap:  # decoding processes and writer threads run beside the model
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate_images,
+            pin_memory=pin_memory,
+            worker_init_fn=_worker_init,
+            prefetch_factor=2 if num_workers > 0 else None,
         )
-    loader = DataLoader(
-        ImageListDataset(todo, resize=resize, keep_original=resize is not None and "overlay" in kinds),
-        batch_sampler=SizeGroupedBatchSampler(keys, batch_size),
-        num_workers=num_workers,
-        collate_fn=collate_images,
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
     infer = {
         "resize": resize, "crop": crop, "stride": stride, "scales": scales, "flip": flip,
         "confidence_bits": confidence_bits if "confidence" in kinds else None, "overlay": "overlay" in kinds,
     }  # fmt: skip
     pending: deque[tuple[InputItem, Future]] = deque()
-    max_pending = max(4, 2 * batch_size * max(1, writers))
+    # Without spare cores, each batch's outputs are written (and the next batch decoded) by all the
+    # threads while the model waits, instead of fighting the model's threads for the cores.
+    max_pending = max(4, 2 * batch_size * max(1, writers)) if overlap else 0
 
     def harvest(block: bool) -> None:
         while pending and (block or pending[0][1].done()):
@@ -512,23 +558,23 @@ def run_predict(
             bar.advance(task)
 
     # OpenCV's pthreads pool is not fork-safe: with it off in this process while the workers fork, they
-    # start clean (a live pool deadlocked them). PNG encoding runs in our own writer threads anyway.
+    # start clean (a live pool deadlocked them). Decoding and PNG encoding run in our own threads anyway.
     cv2_threads = cv2.getNumThreads()
-    if num_workers > 0:
-        cv2.setNumThreads(1)
+    cv2.setNumThreads(1)
     try:
-        prepared = time.perf_counter() - t0
-        start = time.perf_counter()
-        batches = iter(loader)  # forks the workers now: they decode while the model loads
-        if not isinstance(predictor, Predictor):
-            predictor = predictor()
-            start = time.perf_counter()  # loading is not prediction time; the workers' start overlapped it
-        summary.predictor = predictor
-        palette = predictor.meta.palette
         with (
             _make_progress(progress) as bar,
             ThreadPoolExecutor(max_workers=max(1, writers)) as pool,
         ):
+            prepared = time.perf_counter() - t0
+            start = time.perf_counter()
+            # iter(loader) forks the workers now: they decode while the model loads
+            batches = iter(loader) if loader is not None else _threaded_batches(dataset, sampler, pool)
+            if not isinstance(predictor, Predictor):
+                predictor = predictor()
+                start = time.perf_counter()  # loading is not prediction time (the workers' start overlaps)
+            summary.predictor = predictor
+            palette = predictor.meta.palette
             task = bar.add_task("predict", total=len(items), completed=summary.skipped)
             for batch in batches:
                 for _index, message in batch["errors"]:
@@ -589,8 +635,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence-bits", type=int, choices=(8, 16), default=8)
     parser.add_argument("--skip-existing", action="store_true", help="skip images whose outputs all exist")
     parser.add_argument("--batch-size", type=int, default=4, help="images of equal size per forward pass")
-    parser.add_argument("--num-workers", type=int, default=2, help="decoding processes (0: in-process)")
-    parser.add_argument("--writers", type=int, default=2, help="PNG writing threads")
+    parser.add_argument(
+        "--num-workers", type=int, default=2, help="decoding processes with --overlap (0: in-process)"
+    )
+    parser.add_argument(
+        "--writers", type=int, default=2, help="PNG writing threads (and decoding ones with --no-overlap)"
+    )
+    parser.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold BatchNorm into the convolutions of a checkpoint's model (same labels, faster)",
+    )
+    parser.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write outputs while the next batch runs (default: on a GPU, or with 2+ spare CPU cores)",
+    )
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="infer at a fixed size")
     parser.add_argument("--sliding-window", action="store_true", help="infer on overlapping crops")
     parser.add_argument(
@@ -657,7 +719,11 @@ def _main(args: argparse.Namespace) -> int:
 
     def load() -> Predictor:
         return load_predictor(
-            checkpoint, device=device, precision=args.precision, channels_last=args.channels_last
+            checkpoint,
+            device=device,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            fuse=args.fuse,
         )
 
     options: dict[str, Any] = {
@@ -666,6 +732,9 @@ def _main(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "writers": args.writers,
+        "overlap": args.overlap
+        if args.overlap is not None
+        else spare_cores(device, args.threads or torch.get_num_threads()),
         "resize": tuple(args.resize) if args.resize else None,
         "crop": tuple(args.crop) if args.sliding_window else None,
         "stride": tuple(args.stride) if (args.sliding_window and args.stride) else None,

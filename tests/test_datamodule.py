@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fcn.data.camvid import CLASSES as CAMVID_CLASSES
 from fcn.data.cityscapes import CLASSES as CS_CLASSES
-from fcn.data.datamodule import SegDataModule, build_dataset, collate, seed_worker
+from fcn.data.datamodule import PermutationStream, SegDataModule, build_dataset, collate, seed_worker
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import UnlabeledImageFolder
@@ -116,8 +116,20 @@ def test_semi_supervised_loaders(demo) -> None:
     assert xu.shape == (2, 3, 40, 48) and yu.dtype == torch.int64 and (yu == 255).all()  # round(4 * 0.5)
     combined = CombinedLoader(loaders, "max_size_cycle")  # what Lightning does with the dict
     batches = list(combined)
-    assert len(batches) == 2  # max(6 // 4, 5 // 2)
+    # the labelled set sets the epoch: 6 // 4 = 1 batch, although the 5-image pool holds 2 batches of 2
+    assert len(batches) == len(loaders["labeled"]) == len(loaders["unlabeled"]) == 1
     assert {k: v[0].shape[0] for k, v in batches[0][0].items()} == {"labeled": 4, "unlabeled": 2}
+
+
+def test_permutation_stream_covers_the_pool_across_epochs() -> None:
+    stream = PermutationStream(10, num_samples=4, generator=torch.Generator().manual_seed(0))
+    epochs = [list(stream) for _ in range(5)]
+    assert all(len(e) == len(stream) == 4 for e in epochs)
+    flat = [i for e in epochs for i in e]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # a fresh permutation each pass
+    with pytest.raises(DataError, match="num_samples"):
+        PermutationStream(10, num_samples=0, generator=torch.Generator())
 
 
 def test_predict_loader(demo) -> None:

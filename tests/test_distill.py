@@ -193,6 +193,23 @@ def test_self_distillation_switches_at_the_configured_epoch(demo, tmp_path) -> N
     assert not torch.equal(s, e) and (s - e).abs().max() < (s.abs().max() + 1e-6)
 
 
+def test_logit_maps_distil_without_an_adapter(demo) -> None:
+    """feature_key='out': channel-wise and pair-wise losses on the class logits, no 1x1 adapter needed."""
+    _, ckpt = demo
+    module = _module(teacher_checkpoint=str(ckpt), channel_weight=3.0, pairwise_weight=1.0, feature_key="out")
+    assert module.adapter is None
+    x = torch.randn(2, 3, 48, 64)
+    student = module.model(x, return_features=True)
+    with torch.no_grad():
+        teacher = module.teacher(x, return_features=True)
+    losses = module.distill_losses(student, teacher, None)
+    assert set(losses) == {"kd", "pairwise", "channel"} and losses["channel"].item() > 0
+    module._weighted(losses).backward()
+    assert module.model.score_fr.weight.grad is not None
+    with pytest.raises(ValueError, match="feature_key must be one of"):
+        _module(teacher_checkpoint=str(ckpt), feature_key="c6")
+
+
 def test_distill_bad_configuration(demo) -> None:
     _, ckpt = demo
     with pytest.raises(CheckpointError, match="needs teacher_checkpoint"):

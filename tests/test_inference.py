@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from fcn.inference import (
     _jpeg_truncated,
     colorize,
     confidence_to_uint,
+    deflate_label_rows,
+    label_png,
     labels_and_confidence,
     load_predictor,
     overlay,
@@ -242,6 +245,26 @@ def test_indexed_colour_png_decodes_to_the_palette(tmp_path: Path) -> None:
     assert back.tolist() == [[[255, 0, 0], [0, 0, 0]]]
 
 
+def test_label_pngs_share_one_deflate_and_decode_exactly() -> None:
+    """Grayscale and indexed PNG from one stream: Pillow and OpenCV both read back the exact ids/colours."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, (37, 53)).astype(np.uint8)
+    labels[:5, :20] = 255  # void: past the palette, black
+    palette = [[10 * i, 255 - 10 * i, 3 * i] for i in range(11)]
+    idat = deflate_label_rows(labels)
+    gray, indexed = label_png(idat, labels.shape), label_png(idat, labels.shape, palette=palette)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(gray, np.uint8), cv2.IMREAD_UNCHANGED), labels)
+    with Image.open(io.BytesIO(indexed)) as im:
+        assert im.mode == "P" and np.array_equal(np.asarray(im), labels)
+        assert np.array_equal(np.asarray(im.convert("RGB")), colorize(labels, palette))
+    rgb = cv2.imdecode(np.frombuffer(indexed, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    assert np.array_equal(rgb, colorize(labels, palette))
+    with pytest.raises(ValueError, match="uint8"):
+        deflate_label_rows(labels.astype(np.uint16))
+
+
 def test_write_png_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "x.png"
     write_png_atomic(target, np.zeros((4, 4), np.uint8))
@@ -279,6 +302,22 @@ def test_load_predictor_from_checkpoint(tmp_path: Path) -> None:
     out = bf16(x)
     assert out.dtype == torch.float32
     assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.8
+
+
+def test_predictor_folds_batchnorm_by_default(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _randomize(build_model("student", num_classes=4))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(std=0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    ckpt = save_checkpoint(tmp_path / "s.ckpt", model=model, model_name="student")
+    fused, plain = load_predictor(ckpt, device="cpu"), load_predictor(ckpt, device="cpu", fuse=False)
+    assert fused.fused == 46 and plain.fused == 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.model.modules())
+    x = torch.randn(2, 3, 64, 80)
+    ref = plain(x)
+    torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_load_predictor_errors(tmp_path: Path) -> None:

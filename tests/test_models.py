@@ -193,3 +193,36 @@ def test_student_weights_from_local_file(tmp_path) -> None:
     torch.testing.assert_close(student.backbone.features[0][0].weight, ref.features[0][0].weight)
     with pytest.raises(ModelError, match="does not exist"):
         build_model("student", num_classes=3, weights=tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "pairs"),
+    [("student", {}, 46), ("fcn8s", {"backbone": "vgg16_bn", "width_mult": 0.125, "fc_dim": 32}, 13)],
+)
+def test_fuse_conv_bn_keeps_outputs(name: str, kwargs: dict, pairs: int) -> None:
+    from fcn.models.fuse import fuse_conv_bn
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, **kwargs)
+    for module in model.modules():  # non-trivial statistics and affine parameters everywhere
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.normal_(module.weight)
+            torch.nn.init.normal_(module.bias)
+    for pname, p in model.named_parameters():
+        if "score" in pname:
+            torch.nn.init.normal_(p, std=0.1)
+    with pytest.raises(ModelError, match="eval mode"):
+        fuse_conv_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, 67, 91)
+    with torch.no_grad():
+        ref = model(x, return_features=True)
+        assert fuse_conv_bn(model) == pairs
+        out = model(x, return_features=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for key in ("out", "c3", "c4", "c5"):
+        assert ref[key].abs().max() > 0
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4 * float(ref[key].abs().max()))
+    assert fuse_conv_bn(model) == 0  # nothing left to fuse

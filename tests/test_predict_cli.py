@@ -20,7 +20,7 @@ from fcn.checkpoint import save_checkpoint
 from fcn.cli import predict_main
 from fcn.inference import Predictor
 from fcn.models import build_model
-from fcn.predict import SizeGroupedBatchSampler, collect_inputs, run_predict
+from fcn.predict import SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"fc_dim": 32, "width_mult": 0.125}
@@ -108,10 +108,14 @@ def _read(path: Path) -> np.ndarray:
     return arr
 
 
-def test_folder_all_outputs(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("pipeline", ["--overlap", "--no-overlap"])
+def test_folder_all_outputs(
+    pipeline: str, data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Both pipelines (DataLoader processes + overlapped writes; threads between forward passes)."""
     out = tmp_path / "out"
     rc = _run(
-        "--checkpoint", data["ckpt"], "--input", data["src"], "--output", out,
+        "--checkpoint", data["ckpt"], "--input", data["src"], "--output", out, pipeline,
         "--outputs", "label,color,overlay,confidence", "--batch-size", 3, "--num-workers", 2, "--quiet",
     )  # fmt: skip
     captured = capsys.readouterr()
@@ -206,14 +210,25 @@ def test_size_grouped_batch_sampler() -> None:
     assert all(len({keys[i] for i in b}) == 1 for b in batches)
 
 
+def test_spare_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert spare_cores(torch.device("cuda"), 64)  # a GPU model leaves the cores free
+    assert not spare_cores(torch.device("cpu"), cores) and not spare_cores(torch.device("cpu"), cores - 1)
+    assert spare_cores(torch.device("cpu"), max(1, cores - 2)) == (cores >= 3)
+
+
 def test_mixed_sizes_batched_like_single(data: dict[str, Path], tmp_path: Path) -> None:
     args = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--num-workers", 0]
     assert _run(*args, "--output", tmp_path / "b1", "--batch-size", 1) == 0
-    assert _run(*args, "--output", tmp_path / "b4", "--batch-size", 4) == 0
+    assert _run(*args, "--output", tmp_path / "b4", "--batch-size", 4, "--no-overlap") == 0
+    assert _run(*args, "--output", tmp_path / "o4", "--batch-size", 4, "--overlap") == 0
     for rel in ("city/b", "city/day/c", "city/day/d"):
         name = rel.split("/", 1)[1]
         one, four = _read(tmp_path / "b1/label" / f"{name}.png"), _read(tmp_path / "b4/label" / f"{name}.png")
         assert one.shape == four.shape and (one == four).mean() > 0.999
+        for kind in ("label", "color"):  # the two pipelines write the same bytes
+            same = (tmp_path / "o4" / kind / f"{name}.png").read_bytes()
+            assert same == (tmp_path / "b4" / kind / f"{name}.png").read_bytes()
 
 
 def test_resize_sliding_tta_and_16bit_confidence(data: dict[str, Path], tmp_path: Path) -> None:

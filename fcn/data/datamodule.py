@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from fcn.data import camvid, cityscapes
 from fcn.data.base import UNKNOWN_LABELS
@@ -23,6 +23,33 @@ from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
 from fcn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 DATASETS = ("demo", "camvid", "cityscapes", "folder")
+
+
+class PermutationStream(Sampler[int]):
+    """``num_samples`` indices per epoch taken from an endless stream of random permutations of
+    ``range(size)``: every index once before any repeats, and the next epoch goes on where this one stopped.
+
+    The unlabeled loader uses it so that the labelled set sets the epoch's length whatever the pool's size.
+    Not a ``RandomSampler``, so Lightning shards it across DDP ranks (``DistributedSamplerWrapper``) instead
+    of replacing it with a sampler over the whole pool.
+    """
+
+    def __init__(self, size: int, *, num_samples: int, generator: torch.Generator) -> None:
+        if size < 1 or num_samples < 1:
+            raise DataError(f"PermutationStream needs size and num_samples >= 1, got {size}, {num_samples}")
+        self.size = size
+        self.num_samples = num_samples
+        self.generator = generator
+        self._pending: list[int] = []
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        for _ in range(self.num_samples):
+            if not self._pending:
+                self._pending = torch.randperm(self.size, generator=self.generator).tolist()[::-1]
+            yield self._pending.pop()
 
 
 def build_dataset(
@@ -97,7 +124,9 @@ class SegDataModule(L.LightningDataModule):
         class_weighting: None or ``median_frequency`` (CamVid/demo; computed from the training labels).
         unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation;
             the train loader then yields ``{"labeled": ..., "unlabeled": ...}`` (unlabeled batches of
-            ``round(batch_size * unlabeled_ratio)`` random crops).
+            ``round(batch_size * unlabeled_ratio)`` random crops). The labelled set sets the epoch's length:
+            each epoch draws as many unlabeled batches as there are labelled ones, walking through random
+            permutations of the whole pool (a pool larger than an epoch's share is covered over epochs).
         predict_root: an image folder (recursive) for ``predict``; default: the test split.
         seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
             (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
@@ -308,20 +337,33 @@ class SegDataModule(L.LightningDataModule):
             self.setup(stage)
         return self._data[key]
 
-    def _loader(self, ds: Dataset, *, batch_size: int, shuffle: bool, salt: int = 0) -> DataLoader:
+    def _loader(
+        self,
+        ds: Dataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        salt: int = 0,
+        num_samples: int | None = None,
+    ) -> DataLoader:
         # one generator per loader and rank: shuffling and worker seeds are reproducible, and DDP ranks
         # do not draw the same augmentations
         seed = self.seed + 7919 * self._rank() + 104729 * salt
+        generator = torch.Generator().manual_seed(seed)
+        sampler = None
+        if num_samples is not None:
+            sampler = PermutationStream(len(ds), num_samples=num_samples, generator=generator)
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=shuffle and len(ds) >= batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
             worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
             collate_fn=collate,
         )
 
@@ -331,7 +373,9 @@ class SegDataModule(L.LightningDataModule):
         if not self.unlabeled_root:
             return labeled
         n = max(1, round(self.batch_size * self.unlabeled_ratio))
-        unlabeled = self._loader(self._get("unlabeled", "fit"), batch_size=n, shuffle=True, salt=1)
+        unlabeled = self._loader(
+            self._get("unlabeled", "fit"), batch_size=n, shuffle=True, salt=1, num_samples=len(labeled) * n
+        )
         return {"labeled": labeled, "unlabeled": unlabeled}
 
     def val_dataloader(self) -> DataLoader:
