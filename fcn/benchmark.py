@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fcn.inference import write_bytes_atomic
 from fcn.models import ModelError, build_model, list_models
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
@@ -383,8 +383,6 @@ def main(argv: Sequence[str]) -> int:
         )
     if args.json:
         payload = {"env": env, "results": [asdict(r) for r in results], "backbone": extra}
-        tmp = args.json.with_name(args.json.name + ".tmp")
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, args.json)
+        write_bytes_atomic(args.json, json.dumps(payload, indent=2).encode())
     return 0
