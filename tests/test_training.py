@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -143,7 +142,7 @@ def _validate(root: Path, ckpt: Path, devices: int, out: Path) -> float:
     return trainer.validate(module, datamodule=dm, verbose=False)[0]["val/mIoU"]
 
 
-def test_ddp_two_processes_report_the_single_process_metric(demo_root, tmp_path) -> None:
+def test_ddp_two_processes_report_the_single_process_metric(demo_root, tmp_path, monkeypatch) -> None:
     torch.manual_seed(0)
     module = SegmentationModule(model="fcn8s", model_kwargs=TINY, num_classes=11)
     for layer in (module.model.score_fr, module.model.score_pool4, module.model.score_pool3):
@@ -152,8 +151,16 @@ def test_ddp_two_processes_report_the_single_process_metric(demo_root, tmp_path)
     trainer.strategy.connect(module)
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    single = _validate(demo_root, ckpt, 1, tmp_path)
+    # One intra-op thread in every process: a random tiny model has pixels whose two best logits
+    # differ by ~1e-5, and another thread count may sum a convolution in another order and flip one of
+    # them (one pixel moves this mIoU by ~1e-3); equal threads give bit-identical logits.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _validate(demo_root, ckpt, 1, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
     double = _validate(demo_root, ckpt, 2, tmp_path)  # gloo, 2 CPU processes, 2 val images each
     assert single > 0
     assert double == pytest.approx(single, abs=1e-6)
