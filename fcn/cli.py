@@ -8,25 +8,31 @@ Known user errors end in one ``error: ...`` line and exit code 2, never a traceb
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fcn.checkpoint import CheckpointError
-from fcn.data.errors import DataError
-from fcn.models import ModelError
-
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
-USER_ERRORS = (ModelError, DataError, CheckpointError, FloatingPointError, FileNotFoundError, PermissionError)
+# libgomp's busy-wait after each parallel region, in spins (default 300000, ~8 ms on the 2-core CPU of
+# docs/RESULTS.md section 7): PyTorch's idle OpenMP threads spin that long after every forward pass and
+# take the cores that decode and write images next. 30000 (~1 ms) still bridges the gaps between the
+# operators of one forward pass (measured equally fast). Set before torch loads; users' settings win.
+PREDICT_SPINCOUNT = "30000"
 
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The first known user error in an exception's cause/context chain (jsonargparse and Lightning wrap
     the errors raised while they instantiate classes or run hooks)."""
+    from fcn.checkpoint import CheckpointError  # here: importing this module must not load torch
+    from fcn.data.errors import DataError
+    from fcn.models import ModelError
+
+    known = (ModelError, DataError, CheckpointError, FloatingPointError, FileNotFoundError, PermissionError)
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, USER_ERRORS):
+        if isinstance(err, known):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
@@ -60,9 +66,23 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return _guard(run)
 
 
-def _delegate(module: str) -> Callable[[Sequence[str] | None], int]:
+def short_openmp_spin() -> bool:
+    """Shorten libgomp's spin-wait (see ``PREDICT_SPINCOUNT``) when torch is not loaded yet and neither
+    ``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY`` is set; returns whether it did."""
+    if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = PREDICT_SPINCOUNT
+    return True
+
+
+def _delegate(
+    module: str, *, prepare: Callable[[], object] | None = None
+) -> Callable[[Sequence[str] | None], int]:
     def main(argv: Sequence[str] | None = None) -> int:
         import importlib
+
+        if prepare is not None:
+            prepare()
 
         mod = importlib.import_module(module)
         return _guard(lambda: mod.main(list(sys.argv[1:] if argv is None else argv)))
@@ -72,6 +92,6 @@ def _delegate(module: str) -> Callable[[Sequence[str] | None], int]:
 
 
 evaluate_main = _delegate("fcn.evaluate")
-predict_main = _delegate("fcn.predict")
+predict_main = _delegate("fcn.predict", prepare=short_openmp_spin)
 export_main = _delegate("fcn.export")
 benchmark_main = _delegate("fcn.benchmark")

@@ -648,18 +648,22 @@ def encode_png(
     return buf.tobytes()
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically.
 
     The bytes go to a hidden temporary file in the same folder (``.fcn-tmp-*``, never ``*.png``) that
     replaces ``path`` in one ``os.replace``: readers and interrupted runs see the old file or the whole
-    new one, never a truncated file.
+    new one, never a truncated file. ``fsync`` also flushes the bytes to disk before the rename (a power
+    loss then cannot leave an empty file under the final name); costly per file, so off for predictions.
     """
     path = Path(path)
     fd, tmp = open_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -429,12 +429,37 @@ def spare_cores(device: torch.device, threads: int) -> bool:
     return cores >= threads + 2
 
 
-def _threaded_batches(
-    dataset: ImageListDataset, sampler: Iterable[list[int]], pool: ThreadPoolExecutor
-) -> Iterator[dict[str, Any]]:
-    """The DataLoader's batches, decoded by ``pool``'s threads when the consumer asks for the next one."""
-    for indices in sampler:
-        yield collate_images(list(pool.map(dataset.__getitem__, indices)))
+class _ThreadedBatches:
+    """The DataLoader's batches decoded by ``pool``'s threads, for running without spare cores.
+
+    :meth:`prefetch` queues the next batch's decoding behind the work already in the pool (the previous
+    batch's writes), so both keep all the threads busy between two forward passes instead of one waiting
+    for the other's last task; iterating starts any batch not prefetched and collates it.
+    """
+
+    def __init__(
+        self, dataset: ImageListDataset, sampler: Iterable[list[int]], pool: ThreadPoolExecutor
+    ) -> None:
+        self.dataset = dataset
+        self.indices = iter(sampler)
+        self.pool = pool
+        self.ahead: list[Future] | None = None
+
+    def prefetch(self) -> None:
+        if self.ahead is None:
+            indices = next(self.indices, None)
+            decode = self.dataset.__getitem__
+            self.ahead = [] if indices is None else [self.pool.submit(decode, i) for i in indices]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        self.prefetch()
+        futures, self.ahead = self.ahead or [], None
+        if not futures:
+            raise StopIteration
+        return collate_images([f.result() for f in futures])
 
 
 def _make_progress(enabled: bool):  # -> rich Progress or a no-op stand-in
@@ -569,7 +594,8 @@ def run_predict(
             prepared = time.perf_counter() - t0
             start = time.perf_counter()
             # iter(loader) forks the workers now: they decode while the model loads
-            batches = iter(loader) if loader is not None else _threaded_batches(dataset, sampler, pool)
+            threaded = None if loader is not None else _ThreadedBatches(dataset, sampler, pool)
+            batches = iter(loader) if loader is not None else threaded
             if not isinstance(predictor, Predictor):
                 predictor = predictor()
                 start = time.perf_counter()  # loading is not prediction time (the workers' start overlaps)
@@ -593,6 +619,8 @@ def run_predict(
                             alpha=alpha,
                         )
                         pending.append((item, fut))
+                if threaded is not None:  # the next batch decodes beside this one's writes
+                    threaded.prefetch()
                 harvest(block=False)
                 while len(pending) > max_pending:  # back-pressure: never queue more than a few batches
                     pending[0][1].exception()  # waits without raising; harvest reports it
@@ -755,6 +783,9 @@ def _main(args: argparse.Namespace) -> int:
             f"{report['forward_ips']:.2f} images/s at batch {args.batch_size} (same process, medians of "
             f"{args.benchmark}) -> {100 * report['share']:.1f}%"
         )
+        spin = os.environ.get("GOMP_SPINCOUNT") or os.environ.get("OMP_WAIT_POLICY") or "libgomp default"
+        threads, overlap = torch.get_num_threads(), options["overlap"]
+        print(f"benchmark: OpenMP spin-wait {spin}, {threads} threads, overlap {overlap}")
         return 1 if report["failed"] else 0
     # The model loads inside run_predict once the decoding workers run, so both happen at once.
     summary = run_predict(load, items, **options)

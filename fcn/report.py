@@ -151,21 +151,13 @@ def _unwritable(directory: Path, err: OSError) -> ReportError:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    """:func:`fcn.inference.write_bytes_atomic` with fsync; an OSError becomes one "choose another
+    directory" message."""
+    from fcn.inference import write_bytes_atomic  # here: fcn.inference loads models and OpenCV
+
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, fsync=True)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise _unwritable(path.parent, err) from err
 
 

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, randomize_scores
 from torch import nn
 
 from fcn.checkpoint import CheckpointError, save_checkpoint
@@ -33,18 +34,6 @@ from fcn.inference import (
     write_png_atomic,
 )
 from fcn.models import build_model
-
-TINY = {"fc_dim": 32, "width_mult": 0.125}
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give the zero-initialised score layers random weights so the logits vary by class and pixel."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.any() and not name.endswith("bias"):  # random biases would swamp the tiny features
-                p.copy_(torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 class PixelModel(nn.Module):
@@ -124,7 +113,7 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_predict_whole_and_resize_keep_the_input_size() -> None:
-    model = _randomize(build_model("fcn8s", num_classes=3, **TINY))
+    model = randomize_scores(build_model("fcn8s", num_classes=3, **TINY))
     x = torch.randn(2, 3, 45, 61)
     assert predict_whole(model, x).shape == (2, 3, 45, 61)
     out = predict_whole(model, x, resize=(32, 48))
@@ -175,7 +164,7 @@ def test_flip_and_multiscale_tta() -> None:
         multi = predict_logits(model, x, scales=(0.5, 1.0, 1.5), flip=True)
     assert multi.shape == (1, 4, 40, 56)
     torch.testing.assert_close(multi.exp().sum(1), torch.ones(1, 40, 56))
-    fcn = _randomize(build_model("fcn8s", num_classes=4, **TINY))
+    fcn = randomize_scores(build_model("fcn8s", num_classes=4, **TINY))
     with torch.no_grad():
         out = predict_logits(fcn, x, scales=(0.75, 1.25), crop=(32, 32), stride=(16, 16))
         assert out.shape == (1, 4, 40, 56)
@@ -284,7 +273,7 @@ def test_write_png_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatch:
 
 
 def test_load_predictor_from_checkpoint(tmp_path: Path) -> None:
-    model = _randomize(build_model("fcn8s", num_classes=3, **TINY))
+    model = randomize_scores(build_model("fcn8s", num_classes=3, **TINY))
     ckpt = save_checkpoint(
         tmp_path / "m.ckpt", model=model, model_name="fcn8s", model_kwargs=TINY, class_names=["a", "b", "c"],
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
@@ -306,7 +295,7 @@ def test_load_predictor_from_checkpoint(tmp_path: Path) -> None:
 
 def test_predictor_folds_batchnorm_by_default(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _randomize(build_model("student", num_classes=4))
+    model = randomize_scores(build_model("student", num_classes=4))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(std=0.1)

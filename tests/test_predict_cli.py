@@ -13,35 +13,24 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, randomize_scores
 from PIL import Image
-from torch import nn
 
 from fcn.checkpoint import save_checkpoint
-from fcn.cli import predict_main
+from fcn.cli import PREDICT_SPINCOUNT, predict_main, short_openmp_spin
 from fcn.inference import Predictor
 from fcn.models import build_model
 from fcn.predict import SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"fc_dim": 32, "width_mult": 0.125}
 PALETTE = [[128, 64, 128], [70, 70, 70], [107, 142, 35], [70, 130, 180]]
 MEAN, STD = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give the zero-initialised score layers random weights so the labels vary."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.any() and not name.endswith("bias"):  # random biases would swamp the tiny features
-                p.copy_(torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def _ckpt(path: Path, name: str = "fcn8s", kwargs: dict | None = None) -> Path:
     kwargs = TINY if kwargs is None else kwargs
     torch.manual_seed(0)
-    model = _randomize(build_model(name, num_classes=len(PALETTE), **kwargs))
+    model = randomize_scores(build_model(name, num_classes=len(PALETTE), **kwargs))
     return save_checkpoint(
         path, model=model, model_name=name, model_kwargs=kwargs, palette=PALETTE, mean=MEAN, std=STD
     )
@@ -215,6 +204,24 @@ def test_spare_cores() -> None:
     assert spare_cores(torch.device("cuda"), 64)  # a GPU model leaves the cores free
     assert not spare_cores(torch.device("cpu"), cores) and not spare_cores(torch.device("cpu"), cores - 1)
     assert spare_cores(torch.device("cpu"), max(1, cores - 2)) == (cores >= 3)
+
+
+def test_predict_command_shortens_openmp_spin_before_torch_loads() -> None:
+    code = (
+        "import os, sys; from fcn.cli import short_openmp_spin; "
+        "print(short_openmp_spin(), os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(extra: dict[str, str]) -> list[str]:
+        cmd = [sys.executable, "-c", code]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra}, check=True)
+        return proc.stdout.split()
+
+    assert run({}) == ["True", PREDICT_SPINCOUNT, "False"]
+    assert run({"GOMP_SPINCOUNT": "5"}) == ["False", "5", "False"]  # the user's setting wins
+    assert run({"OMP_WAIT_POLICY": "PASSIVE"}) == ["False", "None", "False"]
+    assert not short_openmp_spin()  # torch is loaded in this process: too late, nothing changes
 
 
 def test_mixed_sizes_batched_like_single(data: dict[str, Path], tmp_path: Path) -> None:
