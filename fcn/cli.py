@@ -75,6 +75,56 @@ def short_openmp_spin() -> bool:
     return True
 
 
+# glibc malloc settings for the inference commands (mallopt parameter -> value). By default glibc gives
+# freed blocks above a moving threshold back to the OS, so every batch maps its activations anew and
+# page-faults them in (on the 2-core CPU of docs/RESULTS.md section 7 a quarter of predict's CPU time
+# was kernel time): these keep them in the process for the next batch instead.
+KEEP_FREED_MEMORY = {
+    -3: 32 << 20,  # M_MMAP_THRESHOLD: blocks below 32 MiB (glibc's maximum) come from the heap, not mmap
+    -1: 1 << 30,  # M_TRIM_THRESHOLD: give the heap's free top back to the OS only past 1 GiB
+    -2: 64 << 20,  # M_TOP_PAD: grow the heap 64 MiB at a time
+}
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Apply ``KEEP_FREED_MEMORY`` with glibc's ``mallopt``; returns whether it did.
+
+    Nothing changes off glibc, when the user tunes malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES``), or
+    when another allocator is preloaded (``LD_PRELOAD``, e.g. jemalloc or tcmalloc). The price: memory
+    freed after the peak stays with the process (up to the peak of one batch, plus 1 GiB at most).
+    """
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    if any(k in os.environ.get("LD_PRELOAD", "") for k in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6)
+        return False
+    global _kept  # a process-wide setting, read back by predict --benchmark
+    _kept = all(mallopt(param, value) == 1 for param, value in KEEP_FREED_MEMORY.items())
+    return _kept
+
+
+_kept = False
+
+
+def keeps_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` changed this process's malloc settings."""
+    return _kept
+
+
+def prepare_inference() -> None:
+    """Process settings for the inference commands, before torch loads: shorter OpenMP spin-wait and
+    glibc malloc keeping freed memory."""
+    short_openmp_spin()
+    keep_freed_memory()
+
+
 def _delegate(
     module: str, *, prepare: Callable[[], object] | None = None
 ) -> Callable[[Sequence[str] | None], int]:
@@ -91,7 +141,7 @@ def _delegate(
     return main
 
 
-evaluate_main = _delegate("fcn.evaluate")
-predict_main = _delegate("fcn.predict", prepare=short_openmp_spin)
+evaluate_main = _delegate("fcn.evaluate", prepare=keep_freed_memory)
+predict_main = _delegate("fcn.predict", prepare=prepare_inference)
 export_main = _delegate("fcn.export")
 benchmark_main = _delegate("fcn.benchmark")

@@ -183,6 +183,20 @@ class Predictor:
         std = torch.tensor(self.meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
         return x.sub_(mean).div_(std)
 
+    def normalize_table(self) -> np.ndarray:
+        """``(1, 256, 3)`` float32 look-up table for ``cv2.LUT``: value ``v`` of channel ``c`` -> the input
+        :meth:`normalize` makes of it (the same float32 operations, so bit-identical results)."""
+        values = torch.arange(256, dtype=torch.float32).view(256, 1)
+        mean = torch.tensor(self.meta.mean).view(1, 3) * 255.0
+        std = torch.tensor(self.meta.std).view(1, 3) * 255.0
+        return ((values - mean) / std).numpy().reshape(1, 256, 3)
+
+    def normalized_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Already normalised float32 ``(N, H, W, 3)`` (e.g. by :meth:`normalize_table`) -> the model input
+        ``(N, 3, H, W)`` on the device (a view when the model runs channels-last on the same device)."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+
 
 class TorchPredictor(Predictor):
     """A PyTorch model (from a checkpoint or TorchScript) with autocast precision and memory format.
@@ -493,6 +507,10 @@ class ImageReadError(ValueError):
     """An input file is missing, not an image or corrupt."""
 
 
+# OpenCV >= 4.10 decodes straight to RGB (libjpeg-turbo writes RGB itself: no BGR -> RGB pass after)
+_IMREAD_RGB: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def _jpeg_truncated(data: np.ndarray) -> bool:
     """A JPEG cut short may still decode (grey rows): its last scan (SOS) must be followed by EOI.
 
@@ -510,7 +528,7 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     """Read any image as uint8 RGB ``(H, W, 3)``.
 
     Grayscale is replicated to 3 channels, alpha is dropped, 16-bit is scaled to 8 bits and the EXIF
-    orientation is applied (OpenCV's ``IMREAD_COLOR`` does all four). Reading the bytes first keeps
+    orientation is applied (OpenCV's ``IMREAD_COLOR[_RGB]`` does all four). Reading the bytes first keeps
     non-ASCII paths working. Raises :class:`ImageReadError` naming the file otherwise.
     """
     try:
@@ -519,12 +537,12 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read ({err.strerror or err})") from err
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    image = cv2.imdecode(data, _IMREAD_RGB or cv2.IMREAD_COLOR)
     if image is None:
         raise ImageReadError(f"{path}: not an image or corrupt")
     if _jpeg_truncated(data):
         raise ImageReadError(f"{path}: truncated JPEG (no end marker after the last scan)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def probe_size(path: str | Path) -> tuple[int, int] | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -248,20 +249,31 @@ class ImageListDataset(Dataset):
 def collate_images(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack images of equal shape; a batch with several shapes (a wrong header) splits into groups."""
     errors = [(s["index"], s["error"]) for s in samples if "error" in s]
-    by_shape: OrderedDict[tuple[int, ...], list[dict[str, Any]]] = OrderedDict()
+    by_shape: OrderedDict[tuple[Any, ...], list[dict[str, Any]]] = OrderedDict()
     for s in samples:
         if "error" not in s:
-            by_shape.setdefault(tuple(s["image"].shape), []).append(s)
+            by_shape.setdefault((*s["image"].shape, s["image"].dtype), []).append(s)
     groups = [
         {
             "indices": [s["index"] for s in group],
-            "images": torch.stack([s["image"] for s in group]),
+            "images": _stack(group),
+            "normalized": group[0]["image"].dtype == torch.float32,
             "sizes": [tuple(s["size"]) for s in group],
             "originals": [s["original"] for s in group],
         }
         for group in by_shape.values()
     ]
     return {"groups": groups, "errors": errors}
+
+
+def _stack(group: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """The group's images as one batch: the shared batch buffer itself when the images fill it in order
+    (normalised in place by :class:`_ThreadedBatches`), else a stacked copy."""
+    buffer = group[0].get("buffer")
+    in_order = all(s.get("buffer") is buffer and s.get("slot") == k for k, s in enumerate(group))
+    if buffer is not None and len(buffer) == len(group) and in_order:
+        return torch.from_numpy(buffer)
+    return torch.stack([s["image"] for s in group])
 
 
 class SizeGroupedBatchSampler(Sampler[list[int]]):
@@ -389,7 +401,8 @@ def _predict_group(
     On CPU without a confidence output the arg-max is left to the writer threads (``logits`` as a
     ``(C, H, W)`` array); otherwise labels (and confidences) are computed here, on the model's device.
     """
-    x = predictor.normalize(group["images"])
+    images = group["images"]
+    x = predictor.normalized_input(images) if group.get("normalized") else predictor.normalize(images)
     logits = predict_logits(predictor, x, crop=crop, stride=stride, scales=scales, flip=flip)
     want_conf = confidence_bits is not None
     defer = logits.device.type == "cpu" and not want_conf
@@ -410,7 +423,8 @@ def _predict_group(
                 conf = (cf[0] * top).round_().to(torch.int32).cpu().numpy()
                 out["confidence"] = conf.astype(np.uint8 if top == 255.0 else np.uint16)
         if overlay:
-            out["image"] = group["originals"][k] if resize is not None else group["images"][k].numpy()
+            original = group["originals"][k]
+            out["image"] = original if original is not None else group["images"][k].numpy()
         results.append((index, out))
     return results
 
@@ -435,21 +449,55 @@ class _ThreadedBatches:
     :meth:`prefetch` queues the next batch's decoding behind the work already in the pool (the previous
     batch's writes), so both keep all the threads busy between two forward passes instead of one waiting
     for the other's last task; iterating starts any batch not prefetched and collates it.
+
+    With a ``table`` (:meth:`Predictor.normalize_table`) each thread also normalises its images, with
+    ``cv2.LUT``, straight into one float32 ``(N, H, W, 3)`` buffer per batch (``keys`` give the probed
+    sizes), which becomes the model input without a copy; otherwise the main thread would normalise the
+    whole batch between two forward passes. Images whose size differs from the probe stay uint8.
     """
 
     def __init__(
-        self, dataset: ImageListDataset, sampler: Iterable[list[int]], pool: ThreadPoolExecutor
+        self,
+        dataset: ImageListDataset,
+        sampler: Iterable[list[int]],
+        pool: ThreadPoolExecutor,
+        *,
+        keys: Sequence[Hashable | None] = (),
+        keep_originals: bool = False,
     ) -> None:
         self.dataset = dataset
         self.indices = iter(sampler)
         self.pool = pool
+        self.keys = keys
+        self.keep_originals = keep_originals
+        self.table: np.ndarray | None = None
         self.ahead: list[Future] | None = None
 
+    def _decode_into(self, index: int, buffer: np.ndarray, slot: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        if "error" in sample or tuple(sample["image"].shape) != buffer.shape[1:]:
+            return sample
+        image = sample["image"].numpy()
+        cv2.LUT(image, self.table, dst=buffer[slot])
+        if self.keep_originals and sample["original"] is None:
+            sample["original"] = image
+        sample.update(image=torch.from_numpy(buffer[slot]), buffer=buffer, slot=slot)
+        return sample
+
     def prefetch(self) -> None:
-        if self.ahead is None:
-            indices = next(self.indices, None)
-            decode = self.dataset.__getitem__
-            self.ahead = [] if indices is None else [self.pool.submit(decode, i) for i in indices]
+        if self.ahead is not None:
+            return
+        indices = next(self.indices, None)
+        if indices is None:
+            self.ahead = []
+            return
+        size = self.keys[indices[0]] if self.table is not None and self.keys else None
+        if size is not None and all(self.keys[i] == size for i in indices):
+            height, width = size  # type: ignore[misc]
+            buffer = np.empty((len(indices), height, width, 3), np.float32)
+            self.ahead = [self.pool.submit(self._decode_into, i, buffer, k) for k, i in enumerate(indices)]
+        else:
+            self.ahead = [self.pool.submit(self.dataset.__getitem__, i) for i in indices]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -594,13 +642,19 @@ def run_predict(
             prepared = time.perf_counter() - t0
             start = time.perf_counter()
             # iter(loader) forks the workers now: they decode while the model loads
-            threaded = None if loader is not None else _ThreadedBatches(dataset, sampler, pool)
+            threaded = None
+            if loader is None:
+                threaded = _ThreadedBatches(
+                    dataset, sampler, pool, keys=keys, keep_originals="overlay" in kinds
+                )
             batches = iter(loader) if loader is not None else threaded
             if not isinstance(predictor, Predictor):
                 predictor = predictor()
                 start = time.perf_counter()  # loading is not prediction time (the workers' start overlaps)
             summary.predictor = predictor
             palette = predictor.meta.palette
+            if threaded is not None and predictor.device.type == "cpu":
+                threaded.table = predictor.normalize_table()
             task = bar.add_task("predict", total=len(items), completed=summary.skipped)
             for batch in batches:
                 for _index, message in batch["errors"]:
@@ -706,7 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
         const=3,
         metavar="N",
         help="run N times (default 3) alternating with the bare forward pass at the same batch size; "
-        "print the median share of the forward's throughput that predict reaches",
+        "print the median share of the forward's throughput that predict reaches; runs after the first "
+        "write new files into a temporary folder inside --output",
+    )
+    parser.add_argument(
+        "--benchmark-rewrite",
+        action="store_true",
+        help="with --benchmark: every run replaces the files of the first run instead",
     )
     return parser
 
@@ -775,7 +835,9 @@ def _main(args: argparse.Namespace) -> int:
         "pin_memory": device.type == "cuda",
     }
     if args.benchmark:
-        report = benchmark_predict(load, items, repeats=args.benchmark, **options)
+        report = benchmark_predict(
+            load, items, repeats=args.benchmark, rewrite=args.benchmark_rewrite, **options
+        )
         for i, (pred_ips, fwd_ips) in enumerate(report["runs"], 1):
             print(f"benchmark run {i}: predict {pred_ips:.2f} images/s, bare forward {fwd_ips:.2f} images/s")
         print(
@@ -785,7 +847,14 @@ def _main(args: argparse.Namespace) -> int:
         )
         spin = os.environ.get("GOMP_SPINCOUNT") or os.environ.get("OMP_WAIT_POLICY") or "libgomp default"
         threads, overlap = torch.get_num_threads(), options["overlap"]
-        print(f"benchmark: OpenMP spin-wait {spin}, {threads} threads, overlap {overlap}")
+        from fcn.cli import keeps_freed_memory
+
+        files = "replacing existing files" if args.benchmark_rewrite else "new files"
+        malloc = "keeps freed memory" if keeps_freed_memory() else "default"
+        print(
+            f"benchmark: OpenMP spin-wait {spin}, {threads} threads, overlap {overlap}, malloc {malloc}, "
+            f"{files}"
+        )
         return 1 if report["failed"] else 0
     # The model loads inside run_predict once the decoding workers run, so both happen at once.
     summary = run_predict(load, items, **options)
@@ -799,22 +868,32 @@ def benchmark_predict(
     items: Sequence[InputItem],
     *,
     repeats: int = 3,
+    rewrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Predict throughput against the bare forward pass, in one process.
 
-    Alternates ``repeats`` full runs of :func:`run_predict` (outputs rewritten, no skipping) with
-    :func:`benchmark_forward` at the same batch size and strategy, and returns the medians (``predict_ips``,
-    ``forward_ips``, ``share`` = median of the per-repeat ratios), the per-repeat ``runs`` and the
-    ``failed`` count of the first run. Each run counts the model's first-batch warm-up; the bare forward
-    does not (it warms up first), so ``share`` is conservative.
+    Alternates ``repeats`` full runs of :func:`run_predict` (no skipping) with :func:`benchmark_forward` at
+    the same batch size and strategy, and returns the medians (``predict_ips``, ``forward_ips``, ``share``
+    = median of the per-repeat ratios), the per-repeat ``runs`` and the ``failed`` count of the first run.
+    Each run counts the model's first-batch warm-up; the bare forward does not (it warms up first), so
+    ``share`` is conservative. The first run writes into ``output``; the others write new files, as a first
+    run does, into a temporary folder inside it that is removed afterwards (untimed), or with ``rewrite``
+    replace the first run's files (slower on some file systems: on ext4 each replaced file is freed).
     """
     if repeats < 1:
         raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
     runs: list[tuple[float, float]] = []
     failed = 0
+    output = Path(options.pop("output"))
     for i in range(repeats):
-        summary = run_predict(predictor, items, **{**options, "skip_existing": False, "progress": False})
+        fresh = None if (i == 0 or rewrite) else Path(tempfile.mkdtemp(prefix=".benchmark-", dir=output))
+        run_options = {**options, "output": fresh or output, "skip_existing": False, "progress": False}
+        try:
+            summary = run_predict(predictor, items, **run_options)
+        finally:
+            if fresh is not None:
+                shutil.rmtree(fresh)
         failed = summary.failed if i == 0 else failed
         if summary.predictor is None or not summary.done:
             raise PredictError("--benchmark: no image could be predicted")

@@ -224,6 +224,43 @@ def test_predict_command_shortens_openmp_spin_before_torch_loads() -> None:
     assert not short_openmp_spin()  # torch is loaded in this process: too late, nothing changes
 
 
+MALLINFO = """
+import ctypes, sys
+from fcn.cli import keep_freed_memory, keeps_freed_memory
+done = keep_freed_memory() if sys.argv[1] == "tune" else False
+libc = ctypes.CDLL("libc.so.6")
+names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in names]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free(ctypes.c_void_p(libc.malloc(20 << 20)))
+print(done, keeps_freed_memory(), libc.mallinfo2().fordblks >= 20 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_keep_freed_memory_keeps_a_freed_batch_in_the_process() -> None:
+    """A freed 20 MiB block (a batch's activations) stays in the heap for the next batch instead of being
+    unmapped; the user's malloc settings or a preloaded allocator switch it off."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 (glibc >= 2.33)
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def run(mode: str, extra: dict[str, str] | None = None) -> list[str]:
+        cmd = [sys.executable, "-c", MALLINFO, mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **(extra or {})}, check=True)
+        return proc.stdout.split()
+
+    assert run("default") == ["False", "False", "False"]  # glibc unmaps the freed block
+    assert run("tune") == ["True", "True", "True"]
+    assert run("tune", {"MALLOC_TOP_PAD_": "0"}) == ["False", "False", "False"]  # the user's setting wins
+
+
 def test_mixed_sizes_batched_like_single(data: dict[str, Path], tmp_path: Path) -> None:
     args = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--num-workers", 0]
     assert _run(*args, "--output", tmp_path / "b1", "--batch-size", 1) == 0
@@ -297,6 +334,60 @@ def test_benchmark_flag(data: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert out.count("done 3, skipped 0, failed 0") == 2
     assert "benchmark run 2: predict" in out and "(same process, medians of 2) ->" in out
+    assert "overlap False, malloc " in out and out.rstrip().endswith(", new files")
+    # the first run's outputs stay; the second run wrote into a temporary folder that is gone
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    city = ("b", "day/c", "day/d")
+    assert written == sorted(f"{kind}/{name}.png" for kind in ("color", "label") for name in city)
+    assert _run(*args, "--benchmark", 2, "--benchmark-rewrite", "--num-workers", 0) == 0
+    assert capsys.readouterr().out.rstrip().endswith("replacing existing files")
+
+
+def test_decode_threads_normalise_into_the_batch(data: dict[str, Path]) -> None:
+    """Without spare cores the decoding threads normalise same-size images straight into one float32 batch
+    (the model input, no copy), equal to Predictor.normalize; an image whose probed size was wrong keeps
+    uint8 and gets a group of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fcn.inference import load_predictor
+    from fcn.predict import ImageListDataset, _ThreadedBatches, probe_sizes
+
+    predictor = load_predictor(data["ckpt"], device="cpu")
+    items, _ = collect_inputs(data["src"] / "city")  # b, day/c (40x56), day/d: 48x64 except c
+    dataset = ImageListDataset(items)
+    uint8 = [dataset[i]["image"] for i in range(len(items))]
+    keys = probe_sizes(items)
+    wrong = [(48, 64)] * len(items)  # c's header "said" 48x64
+    with ThreadPoolExecutor(2) as pool:
+        for sizes, sampler, normalized in (
+            (keys, SizeGroupedBatchSampler(keys, 4), [True, True]),  # batches [b, d], [c]
+            (wrong, [[0, 1, 2]], [True, False]),  # one batch: c does not fit the 48x64 buffer
+        ):
+            batches = _ThreadedBatches(dataset, sampler, pool, keys=sizes)
+            batches.table = predictor.normalize_table()
+            groups = [g for batch in batches for g in batch["groups"]]
+            assert [g["indices"] for g in groups] == [[0, 2], [1]]
+            assert [g["normalized"] for g in groups] == normalized
+            for g in groups:
+                ref = predictor.normalize(torch.stack([uint8[i] for i in g["indices"]]))
+                if g["normalized"]:
+                    assert g["images"].dtype == torch.float32
+                    assert torch.equal(predictor.normalized_input(g["images"]), ref)
+                else:
+                    assert g["images"].dtype == torch.uint8
+                    assert torch.equal(predictor.normalize(g["images"]), ref)
+
+
+def test_stack_uses_a_filled_buffer_without_copying() -> None:
+    from fcn.predict import _stack
+
+    buffer = np.random.default_rng(0).random((2, 4, 5, 3), dtype=np.float32)
+    samples = [{"image": torch.from_numpy(buffer[k]), "buffer": buffer, "slot": k} for k in range(2)]
+    assert np.shares_memory(_stack(samples).numpy(), buffer)  # the buffer itself
+    for group in (samples[::-1], samples[:1]):  # out of order, or not filling it: a stacked copy
+        stacked = _stack(group)
+        assert not np.shares_memory(stacked.numpy(), buffer)
+        assert torch.equal(stacked, torch.stack([s["image"] for s in group]))
 
 
 @pytest.mark.parametrize(
