@@ -55,6 +55,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         args = ["fit", "--config", str(DEMO_CONFIG)]
+    keep_freed_memory()
 
     def run() -> None:
         from fcn.train import run_cli, summarise_fit
@@ -75,24 +76,26 @@ def short_openmp_spin() -> bool:
     return True
 
 
-# glibc malloc settings for the inference commands (mallopt parameter -> value). By default glibc gives
-# freed blocks above a moving threshold back to the OS, so every batch maps its activations anew and
-# page-faults them in (on the 2-core CPU of docs/RESULTS.md section 7 a quarter of predict's CPU time
-# was kernel time): these keep them in the process for the next batch instead.
+# glibc malloc settings for the train, evaluate, predict and benchmark commands (mallopt parameter ->
+# value). By default glibc gives freed blocks above a moving threshold back to the OS, so every batch maps
+# its activations anew and page-faults them in (on the 2-core CPU of docs/RESULTS.md section 7 a fifth of
+# predict's CPU time was kernel time): these keep them in the process for the next batch instead.
+# FCN_DEFAULT_MALLOC=1 (or any MALLOC_*_ / GLIBC_TUNABLES setting of the user's) keeps glibc's defaults.
 KEEP_FREED_MEMORY = {
     -3: 32 << 20,  # M_MMAP_THRESHOLD: blocks below 32 MiB (glibc's maximum) come from the heap, not mmap
     -1: 1 << 30,  # M_TRIM_THRESHOLD: give the heap's free top back to the OS only past 1 GiB
     -2: 64 << 20,  # M_TOP_PAD: grow the heap 64 MiB at a time
 }
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+_MALLOC_ENV = ("FCN_DEFAULT_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_MALLOC_ENV += ("GLIBC_TUNABLES",)
 
 
 def keep_freed_memory() -> bool:
     """Apply ``KEEP_FREED_MEMORY`` with glibc's ``mallopt``; returns whether it did.
 
-    Nothing changes off glibc, when the user tunes malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES``), or
-    when another allocator is preloaded (``LD_PRELOAD``, e.g. jemalloc or tcmalloc). The price: memory
-    freed after the peak stays with the process (up to the peak of one batch, plus 1 GiB at most).
+    Nothing changes off glibc, with ``FCN_DEFAULT_MALLOC`` set, when the user tunes malloc (``MALLOC_*_``
+    or ``GLIBC_TUNABLES``), or when another allocator is preloaded (``LD_PRELOAD``: jemalloc, tcmalloc,
+    mimalloc). The price: memory freed after the peak stays with the process (up to 1 GiB of it).
     """
     if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
         return False
@@ -144,4 +147,4 @@ def _delegate(
 evaluate_main = _delegate("fcn.evaluate", prepare=keep_freed_memory)
 predict_main = _delegate("fcn.predict", prepare=prepare_inference)
 export_main = _delegate("fcn.export")
-benchmark_main = _delegate("fcn.benchmark")
+benchmark_main = _delegate("fcn.benchmark", prepare=keep_freed_memory)

@@ -439,8 +439,12 @@ def spare_cores(device: torch.device, threads: int) -> bool:
     """
     if device.type != "cpu":
         return True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores >= threads + 2
+    return _cores() >= threads + 2
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class _ThreadedBatches:
@@ -542,7 +546,7 @@ def run_predict(
     kinds: Sequence[str] = DEFAULT_OUTPUTS,
     batch_size: int = 4,
     num_workers: int = 2,
-    writers: int = 2,
+    writers: int | None = None,
     resize: tuple[int, int] | None = None,
     crop: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
@@ -595,6 +599,8 @@ def run_predict(
             overlap = spare_cores(predictor.device, predictor.cpu_threads())
         else:
             overlap = spare_cores(torch.device("cuda" if cuda else "cpu"), torch.get_num_threads())
+    if writers is None:  # without overlap the pool runs while the model waits: every core is free
+        writers = 2 if overlap else _cores()
     dataset = ImageListDataset(todo, resize=resize, keep_original=resize is not None and "overlay" in kinds)
     sampler = SizeGroupedBatchSampler(keys, batch_size)
     loader = None
@@ -721,7 +727,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-workers", type=int, default=2, help="decoding processes with --overlap (0: in-process)"
     )
     parser.add_argument(
-        "--writers", type=int, default=2, help="PNG writing threads (and decoding ones with --no-overlap)"
+        "--writers",
+        type=int,
+        default=None,
+        help="PNG writing threads (and decoding ones without overlap); default: 2 with overlap, else one "
+        "per core (they run between forward passes, when every core is free)",
     )
     parser.add_argument(
         "--fuse",
@@ -783,7 +793,7 @@ def main(argv: list[str]) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     for name in ("batch_size", "writers"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise PredictError(f"--{name.replace('_', '-')} must be at least 1")
     if args.num_workers < 0:
         raise PredictError("--num-workers must be 0 or more")

@@ -249,7 +249,8 @@ def test_keep_freed_memory_keeps_a_freed_batch_in_the_process() -> None:
         ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 (glibc >= 2.33)
     except (OSError, AttributeError):
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in env.items() if k not in ("GLIBC_TUNABLES", "FCN_DEFAULT_MALLOC", "LD_PRELOAD")}
 
     def run(mode: str, extra: dict[str, str] | None = None) -> list[str]:
         cmd = [sys.executable, "-c", MALLINFO, mode]
@@ -259,6 +260,7 @@ def test_keep_freed_memory_keeps_a_freed_batch_in_the_process() -> None:
     assert run("default") == ["False", "False", "False"]  # glibc unmaps the freed block
     assert run("tune") == ["True", "True", "True"]
     assert run("tune", {"MALLOC_TOP_PAD_": "0"}) == ["False", "False", "False"]  # the user's setting wins
+    assert run("tune", {"FCN_DEFAULT_MALLOC": "1"}) == ["False", "False", "False"]
 
 
 def test_mixed_sizes_batched_like_single(data: dict[str, Path], tmp_path: Path) -> None:
