@@ -5,14 +5,16 @@ and writes JSON. A model spec is a registry name with an optional ``:paper`` / `
 or a torchvision peer (``fcn_resnet50``, ``lraspp_mobilenet_v3_large``, random init). Figures:
 parameters, forward GFLOPs (``torch.utils.flop_counter``), batch-1 latency (median and p90 after warm-up),
 throughput at ``--batch``, one training step (forward + backward + SGD), peak memory (CUDA max allocated,
-or the process's peak RSS on CPU, reset per model through ``/proc/self/clear_refs``), and achieved GFLOP/s
-as a share of a matmul peak measured on the same machine, so results compare across machines.
+or the process's peak RSS on CPU, reset per model through ``/proc/self/clear_refs`` after giving freed
+memory back to the OS), and achieved GFLOP/s as a share of a matmul peak measured on the same machine, so
+results compare across machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import statistics
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcn.cli import keeps_freed_memory
+from fcn.cli import keeps_freed_memory, release_freed_memory
 from fcn.inference import write_bytes_atomic
 from fcn.models import ModelError, build_model, list_models
 
@@ -105,6 +107,8 @@ def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        gc.collect()
+        release_freed_memory()  # memory the previous model freed must not count as this one's
         with contextlib.suppress(OSError):  # not Linux: the peak then covers the whole process
             Path("/proc/self/clear_refs").write_text("5")
 
