@@ -173,13 +173,16 @@ class SegmentationModule(L.LightningModule):
             "mean_acc": "mean_accuracy",
             "fw_iou": "fw_iou",
         }
+        # The scores are already global (from the rank-synced confusion matrix), equal on every rank: a max
+        # over ranks keeps them bit-exact, and every rank has them for callbacks (checkpointing, stopping).
+        synced = {"sync_dist": True, "reduce_fx": "max"}
         for short, key in summary.items():
             if scores[key] is not None:  # None: no labelled pixel at all (n/a)
-                self.log(f"{stage}/{short}", scores[key], prog_bar=short == "mIoU")
+                self.log(f"{stage}/{short}", scores[key], prog_bar=short == "mIoU", **synced)
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         for name, iou in zip(names, scores["per_class_iou"]):
             if iou is not None:
-                self.log(f"{stage}_iou/{name}", iou)
+                self.log(f"{stage}_iou/{name}", iou, **synced)
         return scores
 
     def on_validation_epoch_end(self) -> None:
@@ -332,13 +335,21 @@ class DistillationModule(SegmentationModule):
             ema_update(self.ema, self.model, decay=self.hparams.ema_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None:  # so a resumed self-distillation keeps its EMA teacher
+        # So a resumed self-distillation keeps its teacher: the EMA, or the snapshot once it was taken
+        # (outside ``state_dict``, which stays the student's alone).
+        if self.ema is not None:
             checkpoint["ema_state_dict"] = self.ema.state_dict()
+        if self.hparams.distill_mode == "self" and self.teacher is not None:
+            checkpoint["snapshot_state_dict"] = self.teacher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.ema is not None and "ema_state_dict" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema_state_dict"])
+        if self.hparams.distill_mode == "self" and "snapshot_state_dict" in checkpoint:
+            snapshot = make_ema(self.model)  # same architecture, frozen; then the saved snapshot's weights
+            snapshot.load_state_dict(checkpoint["snapshot_state_dict"])
+            object.__setattr__(self, "teacher", snapshot)
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model] + ([self.adapter] if self.adapter is not None else [])

@@ -132,6 +132,33 @@ def test_permutation_stream_covers_the_pool_across_epochs() -> None:
         PermutationStream(10, num_samples=0, generator=torch.Generator())
 
 
+def test_ddp_ranks_share_one_unlabeled_stream(demo) -> None:
+    """Under DDP Lightning shards the unlabeled sampler per rank (DistributedSamplerWrapper): the ranks
+    together must walk one permutation stream of the pool, not each its own (overlapping) stream."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    per_rank = []
+    for rank in (0, 1):
+        # 6 labelled images in batches of 3 -> 2 steps; 5 unlabeled crops per step -> 10 = twice the pool
+        dm = _dm(demo, batch_size=3, unlabeled_root=str(demo / "test"), unlabeled_ratio=5 / 3)
+        dm.trainer = SimpleNamespace(global_rank=rank)
+        dm.setup("fit")
+        sampler = dm.train_dataloader()["unlabeled"].sampler
+        wrapped = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        epochs = []
+        for epoch in range(3):
+            wrapped.set_epoch(epoch)
+            epochs.append(list(wrapped))
+        per_rank.append(epochs)
+    for epoch in range(3):
+        r0, r1 = per_rank[0][epoch], per_rank[1][epoch]
+        assert len(r0) == len(r1) == 5
+        assert Counter(r0 + r1) == {i: 2 for i in range(5)}, (r0, r1)  # every pool image twice per epoch
+
+
 def test_predict_loader(demo) -> None:
     dm = _dm(demo, predict_root=str(demo / "test"))
     dm.setup("predict")

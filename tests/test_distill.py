@@ -193,6 +193,38 @@ def test_self_distillation_switches_at_the_configured_epoch(demo, tmp_path) -> N
     assert not torch.equal(s, e) and (s - e).abs().max() < (s.abs().max() + 1e-6)
 
 
+def test_self_distillation_resumes_with_its_snapshot_teacher(demo, tmp_path) -> None:
+    """A resumed run keeps the snapshot taken at ``self_start_epoch``, not one of the resumed student."""
+    import lightning as L
+
+    from fcn.data.datamodule import SegDataModule
+
+    root, _ = demo
+    kw = {"distill_mode": "self", "self_teacher": "snapshot", "self_start_epoch": 1}
+    module = _module(**kw)
+    trainer = _fit(module, root, tmp_path, epochs=2)
+    snapshot = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    assert not torch.equal(snapshot["score_fr.weight"], module.model.score_fr.weight)  # student moved on
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    assert "snapshot_state_dict" in torch.load(path, weights_only=True)
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            t = pl_module.active_teacher()
+            seen.append(all(torch.equal(snapshot[k], v) for k, v in t.state_dict().items()))
+
+    resumed = _module(**kw)
+    dm = SegDataModule(dataset="camvid", data_root=str(root), batch_size=2, num_workers=0, crop_size=(48, 64))
+    L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[Spy()], num_sanity_val_steps=0, enable_checkpointing=False,
+    ).fit(resumed, datamodule=dm, ckpt_path=path)  # fmt: skip
+    assert seen and all(seen)
+
+
 def test_logit_maps_distil_without_an_adapter(demo) -> None:
     """feature_key='out': channel-wise and pair-wise losses on the class logits, no 1x1 adapter needed."""
     _, ckpt = demo
@@ -242,3 +274,55 @@ def test_each_mode_runs_through_the_cli(config, demo, tmp_path, capsys) -> None:
         args += ["--model.init_args.self_start_epoch", "0"] if config == "distill_self" else []
     assert train_main(args) == 0
     assert "val mIoU: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", ["distill_offline", "distill_semi", "distill_self"])
+def test_each_mode_trains_under_ddp(config, demo, tmp_path) -> None:
+    """Two CPU processes (gloo) through the real script: Lightning's DDP launcher re-runs scripts/train.py."""
+    import csv
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fcn.checkpoint import load_model
+    from fcn.cli import CONFIG_DIR
+
+    root, ckpt = demo
+    out = tmp_path / "out"
+    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}}]
+    cmd = [
+        sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "train.py"),
+        "fit", "--config", str(CONFIG_DIR / "demo" / f"{config}.yaml"),
+        "--data.dataset", "camvid", "--data.data_root", str(root), "--data.num_workers", "0",
+        "--data.batch_size", "1", "--data.crop_size", "[48, 64]",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", json.dumps(logger),
+        "--trainer.default_root_dir", str(out), "--checkpoint.dirpath", str(out / "ckpt"),
+    ]  # fmt: skip
+    if config == "distill_self":
+        cmd += ["--model.init_args.self_start_epoch", "1"]
+    else:
+        cmd += ["--model.init_args.teacher_checkpoint", str(ckpt)]
+    if config == "distill_semi":
+        cmd += ["--data.unlabeled_root", str(root / "test")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val mIoU: " in proc.stdout
+    rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    steps = [r for r in rows if r["train/loss"]]
+    assert len(steps) == 4  # 4 labelled images, batch 1, 2 ranks: 2 steps per epoch, 2 epochs
+    if config == "distill_self":  # the EMA teacher from epoch 1 on
+        assert {int(r["epoch"]): float(r["train/teacher_active"]) for r in steps} == {0: 0.0, 1: 1.0}
+    else:
+        assert all(float(r["train/kd"]) > 0 and float(r["train/teacher_active"]) == 1.0 for r in steps)
+    if config == "distill_semi":
+        assert all(float(r["train/unlabeled_kd"]) > 0 for r in steps)
+    state = torch.load(out / "ckpt" / "best.ckpt", weights_only=True)["state_dict"]
+    assert state and not any(k.startswith(("teacher", "ema")) for k in state)
+    model, info = load_model(out / "ckpt" / "best.ckpt")
+    assert info.model_name == "student" and model(torch.randn(1, 3, 48, 64)).shape == (1, 11, 48, 64)

@@ -352,7 +352,10 @@ class SegDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(seed)
         sampler = None
         if num_samples is not None:
-            sampler = PermutationStream(len(ds), num_samples=num_samples, generator=generator)
+            # The same stream on every rank: under DDP Lightning wraps it in a DistributedSamplerWrapper that
+            # hands each rank a disjoint share of it, so the ranks together walk one permutation of the pool.
+            stream_generator = torch.Generator().manual_seed(self.seed + 104729 * salt)
+            sampler = PermutationStream(len(ds), num_samples=num_samples, generator=stream_generator)
         return DataLoader(
             ds,
             batch_size=batch_size,
