@@ -121,7 +121,7 @@ def _module(**kw):
     return DistillationModule(model="student", num_classes=11, optimizer="adamw", lr=1e-3, **kw)
 
 
-def _fit(module, root, tmp_path, *, epochs=1, unlabeled=False, callbacks=()):
+def _fit(module, root, tmp_path, *, epochs=1, unlabeled=False, callbacks=(), ckpt_path=None):
     import lightning as L
 
     from fcn.data.datamodule import SegDataModule
@@ -135,7 +135,7 @@ def _fit(module, root, tmp_path, *, epochs=1, unlabeled=False, callbacks=()):
         enable_model_summary=False, default_root_dir=tmp_path, callbacks=list(callbacks),
         num_sanity_val_steps=0,
     )  # fmt: skip
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -197,8 +197,6 @@ def test_self_distillation_resumes_with_its_snapshot_teacher(demo, tmp_path) -> 
     """A resumed run keeps the snapshot taken at ``self_start_epoch``, not one of the resumed student."""
     import lightning as L
 
-    from fcn.data.datamodule import SegDataModule
-
     root, _ = demo
     kw = {"distill_mode": "self", "self_teacher": "snapshot", "self_start_epoch": 1}
     module = _module(**kw)
@@ -216,12 +214,7 @@ def test_self_distillation_resumes_with_its_snapshot_teacher(demo, tmp_path) -> 
             t = pl_module.active_teacher()
             seen.append(all(torch.equal(snapshot[k], v) for k, v in t.state_dict().items()))
 
-    resumed = _module(**kw)
-    dm = SegDataModule(dataset="camvid", data_root=str(root), batch_size=2, num_workers=0, crop_size=(48, 64))
-    L.Trainer(
-        max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[Spy()], num_sanity_val_steps=0, enable_checkpointing=False,
-    ).fit(resumed, datamodule=dm, ckpt_path=path)  # fmt: skip
+    _fit(_module(**kw), root, tmp_path / "resumed", epochs=3, callbacks=[Spy()], ckpt_path=path)
     assert seen and all(seen)
 
 
@@ -254,25 +247,32 @@ def test_distill_bad_configuration(demo) -> None:
         DistillationModule(model="student", num_classes=19, teacher_checkpoint=str(ckpt))
 
 
-@pytest.mark.parametrize("config", ["distill_offline", "distill_semi", "distill_self"])
-def test_each_mode_runs_through_the_cli(config, demo, tmp_path, capsys) -> None:
-    from fcn.cli import CONFIG_DIR, train_main
+def _mode_args(config, demo, out, *, batch_size, epochs, self_start_epoch) -> list[str]:
+    """``scripts/train.py`` arguments for one demo distillation config on the tiny demo data."""
+    from fcn.cli import CONFIG_DIR
 
     root, ckpt = demo
     args = [
         "fit", "--config", str(CONFIG_DIR / "demo" / f"{config}.yaml"),
         "--data.dataset", "camvid", "--data.data_root", str(root), "--data.num_workers", "0",
-        "--data.batch_size", "2", "--data.crop_size", "[48, 64]",
-        "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        "--data.batch_size", str(batch_size), "--data.crop_size", "[48, 64]",
+        "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(out), "--checkpoint.dirpath", str(out / "ckpt"),
     ]  # fmt: skip
-    if config != "distill_self":
-        args += ["--model.init_args.teacher_checkpoint", str(ckpt)]
+    if config == "distill_self":
+        return [*args, "--model.init_args.self_start_epoch", str(self_start_epoch)]
+    args += ["--model.init_args.teacher_checkpoint", str(ckpt)]
     if config == "distill_semi":
         args += ["--data.unlabeled_root", str(root / "test")]
-    else:
-        args += ["--model.init_args.self_start_epoch", "0"] if config == "distill_self" else []
-    assert train_main(args) == 0
+    return args
+
+
+@pytest.mark.parametrize("config", ["distill_offline", "distill_semi", "distill_self"])
+def test_each_mode_runs_through_the_cli(config, demo, tmp_path, capsys) -> None:
+    from fcn.cli import train_main
+
+    args = _mode_args(config, demo, tmp_path, batch_size=2, epochs=1, self_start_epoch=0)
+    assert train_main([*args, "--trainer.logger", "false"]) == 0
     assert "val mIoU: " in capsys.readouterr().out
 
 
@@ -287,28 +287,15 @@ def test_each_mode_trains_under_ddp(config, demo, tmp_path) -> None:
     from pathlib import Path
 
     from fcn.checkpoint import load_model
-    from fcn.cli import CONFIG_DIR
 
-    root, ckpt = demo
     out = tmp_path / "out"
     logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}}]
     cmd = [
         sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "train.py"),
-        "fit", "--config", str(CONFIG_DIR / "demo" / f"{config}.yaml"),
-        "--data.dataset", "camvid", "--data.data_root", str(root), "--data.num_workers", "0",
-        "--data.batch_size", "1", "--data.crop_size", "[48, 64]",
+        *_mode_args(config, demo, out, batch_size=1, epochs=2, self_start_epoch=1),
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", json.dumps(logger),
-        "--trainer.default_root_dir", str(out), "--checkpoint.dirpath", str(out / "ckpt"),
+        "--trainer.log_every_n_steps", "1", "--trainer.logger", json.dumps(logger),
     ]  # fmt: skip
-    if config == "distill_self":
-        cmd += ["--model.init_args.self_start_epoch", "1"]
-    else:
-        cmd += ["--model.init_args.teacher_checkpoint", str(ckpt)]
-    if config == "distill_semi":
-        cmd += ["--data.unlabeled_root", str(root / "test")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -348,13 +348,13 @@ class SegDataModule(L.LightningDataModule):
     ) -> DataLoader:
         # one generator per loader and rank: shuffling and worker seeds are reproducible, and DDP ranks
         # do not draw the same augmentations
-        seed = self.seed + 7919 * self._rank() + 104729 * salt
-        generator = torch.Generator().manual_seed(seed)
+        loader_seed = self.seed + 104729 * salt
+        generator = torch.Generator().manual_seed(loader_seed + 7919 * self._rank())
         sampler = None
         if num_samples is not None:
             # The same stream on every rank: under DDP Lightning wraps it in a DistributedSamplerWrapper that
             # hands each rank a disjoint share of it, so the ranks together walk one permutation of the pool.
-            stream_generator = torch.Generator().manual_seed(self.seed + 104729 * salt)
+            stream_generator = torch.Generator().manual_seed(loader_seed)
             sampler = PermutationStream(len(ds), num_samples=num_samples, generator=stream_generator)
         return DataLoader(
             ds,
