@@ -80,14 +80,18 @@ def short_openmp_spin() -> bool:
 # value). By default glibc gives freed blocks above a moving threshold back to the OS, so every batch maps
 # its activations anew and page-faults them in (on the 2-core CPU of docs/RESULTS.md section 7 a fifth of
 # predict's CPU time was kernel time): these keep them in the process for the next batch instead.
+# Blocks of 32 MiB and more (glibc's ceiling for the mmap threshold) are mapped whatever the threshold
+# unless mmap is off: oneDNN's 42 MiB buffer for the student's final upsampling (batch 4 at 360x480) was
+# mapped and page-faulted in again on every forward pass, 10.8k faults and +25 % time per batch.
 # FCN_DEFAULT_MALLOC=1 (or any MALLOC_*_ / GLIBC_TUNABLES setting of the user's) keeps glibc's defaults.
 KEEP_FREED_MEMORY = {
     -3: 32 << 20,  # M_MMAP_THRESHOLD: blocks below 32 MiB (glibc's maximum) come from the heap, not mmap
+    -4: 0,  # M_MMAP_MAX: larger blocks too (no mmap'd blocks at all)
     -1: 1 << 30,  # M_TRIM_THRESHOLD: give the heap's free top back to the OS only past 1 GiB
     -2: 64 << 20,  # M_TOP_PAD: grow the heap 64 MiB at a time
 }
 _MALLOC_ENV = ("FCN_DEFAULT_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_MALLOC_ENV += ("GLIBC_TUNABLES",)
+_MALLOC_ENV += ("MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
 
 
 def keep_freed_memory() -> bool:

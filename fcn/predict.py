@@ -46,6 +46,7 @@ from fcn.inference import (
     ImageReadError,
     InferenceError,
     Predictor,
+    class_ids,
     colorize,
     deflate_label_rows,
     forward_throughput,
@@ -358,11 +359,8 @@ def _write_outputs(
 ) -> None:
     """Encode and write one image's outputs (in a writer thread); ``label`` comes from ``logits`` if None."""
     if label is None and logits is not None:
-        # (C, H, W) logits -> ids, in this writer thread rather than on the model's threads. NumPy's
-        # arg-max over a contiguous class axis (channels-last memory) takes a quarter of torch's CPU time.
-        hwc = logits.transpose(1, 2, 0)
-        ids = hwc.argmax(-1) if hwc.flags.c_contiguous else logits.argmax(0)
-        label = ids.astype(np.uint8 if logits.shape[0] <= 256 else np.uint16)
+        # (C, H, W) logits -> ids, in this writer thread rather than on the model's threads
+        label = class_ids(logits)
     if label is None:
         raise ValueError("_write_outputs needs label or logits")
     for p in paths.values():
@@ -457,7 +455,9 @@ class _ThreadedBatches:
     With a ``table`` (:meth:`Predictor.normalize_table`) each thread also normalises its images, with
     ``cv2.LUT``, straight into one float32 ``(N, H, W, 3)`` buffer per batch (``keys`` give the probed
     sizes), which becomes the model input without a copy; otherwise the main thread would normalise the
-    whole batch between two forward passes. Images whose size differs from the probe stay uint8.
+    whole batch between two forward passes. Images whose size differs from the probe stay uint8. The
+    buffers of each batch shape take turns (two of them): a batch's buffer is refilled two batches later,
+    long after its forward pass, instead of allocating 8 MB per batch.
     """
 
     def __init__(
@@ -476,6 +476,7 @@ class _ThreadedBatches:
         self.keep_originals = keep_originals
         self.table: np.ndarray | None = None
         self.ahead: list[Future] | None = None
+        self.ring: dict[tuple[int, ...], deque[np.ndarray]] = {}
 
     def _decode_into(self, index: int, buffer: np.ndarray, slot: int) -> dict[str, Any]:
         sample = self.dataset[index]
@@ -498,7 +499,12 @@ class _ThreadedBatches:
         size = self.keys[indices[0]] if self.table is not None and self.keys else None
         if size is not None and all(self.keys[i] == size for i in indices):
             height, width = size  # type: ignore[misc]
-            buffer = np.empty((len(indices), height, width, 3), np.float32)
+            shape = (len(indices), height, width, 3)
+            ring = self.ring.setdefault(shape, deque())
+            if len(ring) < 2:  # a new buffer, then the oldest in turn
+                ring.appendleft(np.empty(shape, np.float32))
+            buffer = ring[0]
+            ring.rotate(-1)
             self.ahead = [self.pool.submit(self._decode_into, i, buffer, k) for k, i in enumerate(indices)]
         else:
             self.ahead = [self.pool.submit(self.dataset.__getitem__, i) for i in indices]
@@ -848,8 +854,13 @@ def _main(args: argparse.Namespace) -> int:
         report = benchmark_predict(
             load, items, repeats=args.benchmark, rewrite=args.benchmark_rewrite, **options
         )
-        for i, (pred_ips, fwd_ips) in enumerate(report["runs"], 1):
-            print(f"benchmark run {i}: predict {pred_ips:.2f} images/s, bare forward {fwd_ips:.2f} images/s")
+        for i, ((pred_ips, fwd_ips), (pred_pf, fwd_pf)) in enumerate(
+            zip(report["runs"], report["faults"]), 1
+        ):
+            print(
+                f"benchmark run {i}: predict {pred_ips:.2f} images/s, bare forward {fwd_ips:.2f} images/s; "
+                f"page faults per image {pred_pf:.0f} / {fwd_pf:.0f}"
+            )
         print(
             f"benchmark: predict {report['predict_ips']:.2f} images/s, bare forward "
             f"{report['forward_ips']:.2f} images/s at batch {args.batch_size} (same process, medians of "
@@ -894,11 +905,13 @@ def benchmark_predict(
     if repeats < 1:
         raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
     runs: list[tuple[float, float]] = []
+    faults: list[tuple[float, float]] = []
     failed = 0
     output = Path(options.pop("output"))
     for i in range(repeats):
         fresh = None if (i == 0 or rewrite) else Path(tempfile.mkdtemp(prefix=".benchmark-", dir=output))
         run_options = {**options, "output": fresh or output, "skip_existing": False, "progress": False}
+        start = _page_faults()
         try:
             summary = run_predict(predictor, items, **run_options)
         finally:
@@ -909,14 +922,30 @@ def benchmark_predict(
             raise PredictError("--benchmark: no image could be predicted")
         predictor = summary.predictor
         print(summary.line())
-        runs.append((summary.images_per_second, benchmark_forward(predictor, items, **options)))
+        middle = _page_faults()
+        forward_ips = benchmark_forward(predictor, items, **options)
+        runs.append((summary.images_per_second, forward_ips))
+        # the bare forward runs max(2, batches) batches after one warm-up batch
+        forward_images = (max(2, -(-len(items) // options["batch_size"])) + 1) * options["batch_size"]
+        faults.append(((middle - start) / len(items), (_page_faults() - middle) / forward_images))
     return {
         "predict_ips": statistics.median(p for p, _ in runs),
         "forward_ips": statistics.median(f for _, f in runs),
         "share": statistics.median(p / f for p, f in runs),
         "runs": runs,
+        "faults": faults,
         "failed": failed,
     }
+
+
+def _page_faults() -> int:
+    """This process's page faults so far (minor + major; 0 where ``resource`` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], **options: Any) -> float:

@@ -19,6 +19,7 @@ from fcn.inference import (
     InferenceError,
     ModelMeta,
     _jpeg_truncated,
+    class_ids,
     colorize,
     confidence_to_uint,
     deflate_label_rows,
@@ -181,6 +182,27 @@ def test_labels_and_confidence() -> None:
     assert torch.equal(labels, logits.argmax(1))
     torch.testing.assert_close(conf, logits.softmax(1).amax(1))
     assert labels_and_confidence(logits)[1] is None
+
+
+@pytest.mark.parametrize("classes", [2, 11, 255, 300])
+def test_class_ids_equal_numpy_argmax(classes: int) -> None:
+    """Channels-last views (the CPU model's logits) and plain (C, H, W) arrays, first maximum winning on
+    ties (small integers tie often); uint8 ids up to 256 classes, uint16 beyond; float64 via NumPy."""
+    rng = np.random.default_rng(classes)
+    smooth = rng.standard_normal((classes, 37, 53)).astype(np.float32)
+    ties = rng.integers(0, 3, (classes, 37, 53)).astype(np.float32)
+    for chw in (smooth, ties):
+        ref = chw.argmax(0)
+        for logits in (
+            chw,
+            np.ascontiguousarray(chw.transpose(1, 2, 0)).transpose(2, 0, 1),
+            chw.astype(np.float64),
+        ):
+            ids = class_ids(logits)
+            assert ids.dtype == (np.uint8 if classes <= 256 else np.uint16)
+            np.testing.assert_array_equal(ids, ref)
+    with pytest.raises(ValueError, match="C, H, W"):
+        class_ids(smooth[0])
 
 
 # --- colours, PNGs

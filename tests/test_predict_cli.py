@@ -234,15 +234,19 @@ class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in names]
 libc.mallinfo2.restype = Info
 libc.malloc.restype = ctypes.c_void_p
-libc.free(ctypes.c_void_p(libc.malloc(20 << 20)))
-print(done, keeps_freed_memory(), libc.mallinfo2().fordblks >= 20 << 20)
+kept = []
+for size in (20 << 20, 48 << 20):  # below and above glibc's 32 MiB ceiling for the mmap threshold
+    libc.free(ctypes.c_void_p(libc.malloc(size)))
+    kept.append(libc.mallinfo2().fordblks >= size)
+print(done, keeps_freed_memory(), *kept)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_keep_freed_memory_keeps_a_freed_batch_in_the_process() -> None:
-    """A freed 20 MiB block (a batch's activations) stays in the heap for the next batch instead of being
-    unmapped; the user's malloc settings or a preloaded allocator switch it off."""
+    """Freed 20 and 48 MiB blocks (a batch's activations, oneDNN's buffer for the student's upsampling)
+    stay in the heap for the next batch instead of being unmapped; the user's malloc settings or a
+    preloaded allocator switch it off."""
     import ctypes
 
     try:
@@ -257,10 +261,11 @@ def test_keep_freed_memory_keeps_a_freed_batch_in_the_process() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, **(extra or {})}, check=True)
         return proc.stdout.split()
 
-    assert run("default") == ["False", "False", "False"]  # glibc unmaps the freed block
-    assert run("tune") == ["True", "True", "True"]
-    assert run("tune", {"MALLOC_TOP_PAD_": "0"}) == ["False", "False", "False"]  # the user's setting wins
-    assert run("tune", {"FCN_DEFAULT_MALLOC": "1"}) == ["False", "False", "False"]
+    assert run("default") == ["False"] * 4  # glibc unmaps the freed blocks
+    assert run("tune") == ["True"] * 4
+    assert run("tune", {"MALLOC_TOP_PAD_": "0"}) == ["False"] * 4  # the user's setting wins
+    assert run("tune", {"MALLOC_MMAP_MAX_": "1"}) == ["False"] * 4
+    assert run("tune", {"FCN_DEFAULT_MALLOC": "1"}) == ["False"] * 4
 
 
 def test_mixed_sizes_batched_like_single(data: dict[str, Path], tmp_path: Path) -> None:
@@ -378,6 +383,32 @@ def test_decode_threads_normalise_into_the_batch(data: dict[str, Path]) -> None:
                 else:
                     assert g["images"].dtype == torch.uint8
                     assert torch.equal(predictor.normalize(g["images"]), ref)
+
+
+def test_batch_buffers_take_turns(data: dict[str, Path]) -> None:
+    """Batches of one shape alternate between two buffers: each batch is whole and right while it is
+    current (the loop's forward pass), and a buffer is refilled only two batches later."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fcn.inference import load_predictor
+    from fcn.predict import ImageListDataset, _ThreadedBatches
+
+    predictor = load_predictor(data["ckpt"], device="cpu")
+    items, _ = collect_inputs(data["src"] / "city")  # b and day/d are 48x64
+    items = [it for it in items if it.path.stem in ("b", "d")] * 3  # b, d, b, d, b, d
+    dataset = ImageListDataset(items)
+    keys = [(48, 64)] * len(items)
+    seen = []
+    with ThreadPoolExecutor(2) as pool:
+        batches = _ThreadedBatches(dataset, SizeGroupedBatchSampler(keys, 1), pool, keys=keys)
+        batches.table = predictor.normalize_table()
+        for batch in batches:
+            (group,) = batch["groups"]
+            ref = predictor.normalize(dataset[group["indices"][0]]["image"][None])
+            assert torch.equal(predictor.normalized_input(group["images"]), ref)
+            seen.append(group["images"].data_ptr())
+    assert len(seen) == 6 and len(set(seen)) == 2
+    assert seen[0::2] == [seen[0]] * 3 and seen[1::2] == [seen[1]] * 3
 
 
 def test_stack_uses_a_filled_buffer_without_copying() -> None:
