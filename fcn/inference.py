@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcn.checkpoint import CheckpointError, CheckpointInfo, load_model
+from fcn.data.io import jpeg_truncated
 from fcn.models.fuse import fuse_conv_bn
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -496,32 +497,18 @@ def labels_and_confidence(
 
 def class_ids(logits: np.ndarray) -> np.ndarray:
     """Arg-max over the class axis of one image's ``(C, H, W)`` logits: ids ``(H, W)``, uint8 for up to 256
-    classes (uint16 beyond), the first of equal maxima winning, as ``np.argmax`` (NaN logits excepted).
+    classes (uint16 beyond), the first of equal maxima winning.
 
     ``logits`` may be a view of channels-last memory (``(H, W, C)`` contiguous, as the CPU model returns
-    it) or plain ``(C, H, W)``. For float32 and up to 255 classes the arg-max runs plane by plane with
-    OpenCV's vector code (compare, max): a third of NumPy's time on a 360x480x11 map (0.7 vs 1.2 ms
-    single-threaded, including the transposition of channels-last memory; docs/RESULTS.md section 7).
+    it): NumPy then reduces the contiguous class axis in one pass over memory. Measured in predict's writer
+    threads, where the logits are no longer in cache, that pass beat an OpenCV plane-by-plane arg-max that
+    is 1.7x faster on cached logits (docs/RESULTS.md section 7).
     """
     if logits.ndim != 3:
         raise ValueError(f"class_ids needs (C, H, W) logits, got shape {logits.shape}")
-    c, h, w = logits.shape
-    if logits.dtype != np.float32 or c > 255:
-        return logits.argmax(0).astype(np.uint8 if c <= 256 else np.uint16)
     hwc = logits.transpose(1, 2, 0)
-    if hwc.flags.c_contiguous:  # channels-last: (H*W, C) -> (C, H*W) in one blocked pass
-        planes = cv2.transpose(hwc.reshape(h * w, c)).reshape(c, h, w)
-    else:
-        planes = np.ascontiguousarray(logits)
-    best = planes[0].copy()
-    ids = np.zeros((h, w), np.uint8)
-    mask = np.empty((h, w), np.uint8)
-    for k in range(1, c):
-        cv2.compare(planes[k], best, cv2.CMP_GT, dst=mask)  # 255 where class k beats every earlier class
-        cv2.max(best, planes[k], dst=best)
-        cv2.min(mask, k, dst=mask)  # 255 -> k
-        cv2.max(ids, mask, dst=ids)  # ids so far are all < k: the max takes k exactly where k won
-    return ids
+    ids = hwc.argmax(-1) if hwc.flags.c_contiguous else logits.argmax(0)
+    return ids.astype(np.uint8 if logits.shape[0] <= 256 else np.uint16)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -541,19 +528,6 @@ class ImageReadError(ValueError):
 _IMREAD_RGB: int | None = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
-def _jpeg_truncated(data: np.ndarray) -> bool:
-    """A JPEG cut short may still decode (grey rows): its last scan (SOS) must be followed by EOI.
-
-    ``FF DA`` cannot occur inside entropy-coded data (``FF`` is stuffed there), so the last one found is the
-    last scan's header, after any EXIF thumbnail.
-    """
-    if data[:2].tobytes() != b"\xff\xd8":
-        return False
-    raw = data.tobytes()
-    sos = raw.rfind(b"\xff\xda")
-    return sos < 0 or raw.find(b"\xff\xd9", sos) < 0
-
-
 def read_image_rgb(path: str | Path) -> np.ndarray:
     """Read any image as uint8 RGB ``(H, W, 3)``.
 
@@ -570,7 +544,7 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(data, _IMREAD_RGB or cv2.IMREAD_COLOR)
     if image is None:
         raise ImageReadError(f"{path}: not an image or corrupt")
-    if _jpeg_truncated(data):
+    if jpeg_truncated(data):
         raise ImageReadError(f"{path}: truncated JPEG (no end marker after the last scan)")
     return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 

@@ -30,7 +30,7 @@ from fcn.data.datamodule import build_dataset
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
-from fcn.data.io import read_image, read_mask
+from fcn.data.io import exif_orientation, read_image, read_mask
 from fcn.data.transforms import eval_transform
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -387,6 +387,40 @@ def test_size_mismatch_and_unknown_labels(tmp_path) -> None:
     assert ignored[0, :4].tolist() == [255, 255, 255, 3] and (ignored[1:] == 3).all()
     with pytest.raises(DataError, match="unknown_labels must be one of"):
         CamVid(root, "val", unknown_labels="skip")
+
+
+def test_read_image_applies_exif_orientation(tmp_path) -> None:
+    """All eight EXIF orientations, against Pillow's exif_transpose (exact on PNG); JPEGs equal to
+    predict's OpenCV reader. Label maps are read as stored."""
+    from PIL import Image, ImageOps
+
+    from fcn.inference import read_image_rgb
+
+    rng = np.random.default_rng(0)
+    pixels = cv2.resize(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8), (40, 24))
+    for orientation in range(1, 9):
+        for ext in ("png", "jpg"):
+            path = tmp_path / f"o{orientation}.{ext}"
+            im = Image.fromarray(pixels)
+            exif = im.getexif()
+            exif[0x0112] = orientation
+            im.save(path, exif=exif, **({"quality": 95} if ext == "jpg" else {}))
+            assert exif_orientation(np.fromfile(path, np.uint8)) == orientation
+            with Image.open(path) as stored:
+                shown = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+            got = read_image(path)
+            assert got.shape == shown.shape == ((24, 40, 3) if orientation < 5 else (40, 24, 3))
+            if ext == "png":
+                np.testing.assert_array_equal(got, shown)
+            else:  # two JPEG decoders: close, and the same orientation
+                assert np.abs(got.astype(int) - shown).mean() < 3
+                np.testing.assert_array_equal(got, read_image_rgb(path))
+    plain = tmp_path / "plain.png"
+    cv2.imwrite(str(plain), pixels)
+    assert exif_orientation(np.fromfile(plain, np.uint8)) == 1
+    mask = tmp_path / "mask.png"
+    Image.fromarray(pixels[..., 0]).save(mask, exif=exif)  # orientation 8 in a label map: ignored
+    assert read_mask(mask).shape == (24, 40)
 
 
 def test_unreadable_truncated_and_colour_files(tmp_path) -> None:

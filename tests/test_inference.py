@@ -14,11 +14,11 @@ from helpers import TINY, randomize_scores
 from torch import nn
 
 from fcn.checkpoint import CheckpointError, save_checkpoint
+from fcn.data.io import jpeg_truncated
 from fcn.inference import (
     ImageReadError,
     InferenceError,
     ModelMeta,
-    _jpeg_truncated,
     class_ids,
     colorize,
     confidence_to_uint,
@@ -104,10 +104,8 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
     assert probe_size(tmp_path / "bad.png") is None
     # OpenCV builds differ on JPEGs cut short; the end-marker check catches them whatever the build does
     full = np.frombuffer(jpeg.tobytes(), np.uint8)
-    assert (
-        not _jpeg_truncated(full) and _jpeg_truncated(full[:-2]) and _jpeg_truncated(full[: len(full) // 2])
-    )
-    assert not _jpeg_truncated(np.frombuffer(b"\x89PNG....", np.uint8))
+    assert not jpeg_truncated(full) and jpeg_truncated(full[:-2]) and jpeg_truncated(full[: len(full) // 2])
+    assert not jpeg_truncated(np.frombuffer(b"\x89PNG....", np.uint8))
 
 
 # --- prediction

@@ -1,13 +1,15 @@
 """Reading images and label maps with OpenCV.
 
 Images of any common kind (grayscale, gray + alpha, RGBA, 16-bit, float TIFF) become RGB uint8
-``(H, W, 3)``; label maps are returned exactly as stored (uint8 or uint16 ids, palette PNGs as their
-indices). Unreadable, truncated and non-image files raise one :class:`DataError` naming the file.
+``(H, W, 3)`` as a viewer shows them (EXIF orientation applied, like ``predict.py``'s reader); label
+maps are returned exactly as stored (uint8 or uint16 ids, palette PNGs as their indices, no orientation).
+Unreadable, truncated and non-image files raise one :class:`DataError` naming the file.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import cv2
@@ -45,22 +47,68 @@ def _read_bytes(path: Path, what: str) -> np.ndarray:
         ) from err
 
 
-def _is_truncated(data: np.ndarray) -> bool:
-    """JPEG files cut short still decode (grey bottom rows) in OpenCV, so look for the end marker."""
+def jpeg_truncated(data: np.ndarray) -> bool:
+    """Whether JPEG bytes were cut short: OpenCV may still decode them (grey bottom rows), so the last scan
+    (SOS) must be followed by the end marker (EOI). False for other formats.
+
+    ``FF DA`` cannot occur inside entropy-coded data (``FF`` is stuffed there), so the last one found is the
+    last scan's header, after any EXIF thumbnail; data appended after EOI (phone cameras) is allowed.
+    """
     if data[:2].tobytes() != _JPEG_SOI:
         return False
-    tail = data[-4096:].tobytes()  # the EOI marker, possibly followed by a little padding
-    return _JPEG_EOI not in tail
+    raw = data.tobytes()
+    sos = raw.rfind(b"\xff\xda")
+    return sos < 0 or raw.find(_JPEG_EOI, sos) < 0
 
 
-def _decode(path: Path, what: str) -> np.ndarray:
+def exif_orientation(data: np.ndarray) -> int:
+    """The EXIF orientation (1-8) of encoded image bytes; 1 (as stored) without EXIF or with an orientation
+    Pillow cannot parse (OpenCV's own readers ignore such tags too). Only the header is parsed."""
+    head = data[:8].tobytes()
+    if head.startswith(_JPEG_SOI) and b"Exif\x00\x00" not in data[:65536].tobytes():
+        return 1  # the common cases, decided without Pillow: a JPEG with no EXIF segment,
+    if head == _PNG_SIGNATURE and b"eXIf" not in data.tobytes():  # a PNG without an eXIf chunk
+        return 1  # (Pillow would decode the whole PNG to look for one after the pixels)
+    if head.startswith(b"BM"):  # BMP: no EXIF
+        return 1
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            value = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, SyntaxError, ValueError, struct.error):
+        return 1  # a format Pillow does not know, or a broken EXIF block: the image as stored
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded image as stored into the view EXIF ``orientation`` (1-8) describes."""
+    if orientation == 2:
+        return cv2.flip(img, 1)  # mirrored left-right
+    if orientation == 3:
+        return cv2.rotate(img, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(img, 0)  # mirrored top-bottom
+    if orientation == 5:
+        return cv2.transpose(img)  # mirrored along the main diagonal
+    if orientation == 6:
+        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.transpose(img), -1)  # mirrored along the anti-diagonal
+    if orientation == 8:
+        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return img
+
+
+def _decode(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded image as stored, and the file's bytes."""
     data = _read_bytes(path, what)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None or img.size == 0 or _is_truncated(data):
+    if img is None or img.size == 0 or jpeg_truncated(data):
         raise DataError(
             f"cannot read {what} {path} (corrupt, truncated or not an image); replace or remove it"
         )
-    return img
+    return img, data
 
 
 def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
@@ -83,8 +131,10 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB uint8 ``(H, W, 3)``; unreadable files raise :class:`DataError`."""
-    return to_rgb_uint8(_decode(Path(path), "image"))
+    """Read an image as RGB uint8 ``(H, W, 3)``, EXIF orientation applied (a phone photo stored sideways
+    comes out upright, as its label map was drawn); unreadable files raise :class:`DataError`."""
+    img, data = _decode(Path(path), "image")
+    return apply_orientation(to_rgb_uint8(img), exif_orientation(data))
 
 
 def _palette_indices(data: np.ndarray, path: Path) -> np.ndarray | None:
