@@ -437,6 +437,8 @@ def test_unreadable_truncated_and_colour_files(tmp_path) -> None:
             read_image(path)
         path.write_bytes(buf.tobytes())
         assert read_image(path).shape == (64, 80, 3)  # the whole file is fine
+        path.write_bytes(buf.tobytes() + bytes(8192))  # data after the end (phone cameras append some)
+        assert read_image(path).shape == (64, 80, 3)
     (root / "trainannot" / "f1.png").write_bytes(b"")
     with pytest.raises(DataError, match="cannot read label file .*f1.png"):
         CamVid(root, "train")[1]
