@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -595,7 +596,7 @@ def open_temp_file(path: str | Path) -> tuple[int, Path]:
     """
     path = Path(path)
     for _ in range(100):
-        tmp = path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
+        tmp = _temp_name(path)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
@@ -671,27 +672,86 @@ def encode_png(
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically.
+    """Write ``data`` to ``path`` atomically: readers and interrupted runs see no file (or the old one) or
+    the whole new one, never a truncated file.
 
-    The bytes go to a hidden temporary file in the same folder (``.fcn-tmp-*``, never ``*.png``) that
-    replaces ``path`` in one ``os.replace``: readers and interrupted runs see the old file or the whole
-    new one, never a truncated file. ``fsync`` also flushes the bytes to disk before the rename (a power
-    loss then cannot leave an empty file under the final name); costly per file, so off for predictions.
+    On Linux the bytes go to an unnamed file in the target folder (``O_TMPFILE``) that is given its name
+    once complete (``linkat``): one directory entry per file instead of creating and renaming a temporary
+    one, which measured 0.4-0.5 ms less CPU per file on ext4 in predict's writer threads (docs/RESULTS.md
+    section 7), and a killed process leaves nothing behind. An existing ``path`` is replaced through a
+    temporary name (``os.replace``). Elsewhere, or where the file system has no ``O_TMPFILE``, a hidden
+    temporary file (``.fcn-tmp-*``, never ``*.png``) in the same folder replaces ``path``. ``fsync`` also
+    flushes the bytes to disk first (a power loss then cannot leave an empty file under the final name);
+    costly per file, so off for predictions.
     """
     path = Path(path)
-    fd, tmp = open_temp_file(path)
+    fd = _open_unnamed(path.parent)
+    if fd is not None:
+        try:
+            _write_all(fd, data, fsync=fsync)
+            try:
+                _link_fd(fd, path)
+                return path
+            except FileExistsError:  # replacing a file: link under a temporary name, then rename over it
+                tmp = _temp_name(path)
+                _link_fd(fd, tmp)
+        finally:
+            os.close(fd)
+    else:
+        fd, tmp = open_temp_file(path)
+        try:
+            _write_all(fd, data, fsync=fsync)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+def _write_all(fd: int, data: bytes, *, fsync: bool) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    if fsync:
+        os.fsync(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
+
+
+_O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
+_proc_fd: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/fd), reopened after a fork
+
+
+def _open_unnamed(folder: Path) -> int | None:
+    """An unnamed writable file in ``folder`` (``O_TMPFILE``), or None where that is not available."""
+    if _O_TMPFILE is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        # no O_TMPFILE on this file system (or kernel): the named temporary file instead
+        if err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+
+
+def _link_fd(fd: int, path: Path) -> None:
+    """Give the open unnamed file ``fd`` the name ``path`` (``linkat`` through ``/proc/self/fd``, which
+    needs no privilege, unlike ``AT_EMPTY_PATH``); FileExistsError if ``path`` exists."""
+    global _proc_fd
+    if _proc_fd is None or _proc_fd[0] != os.getpid():
+        _proc_fd = (os.getpid(), os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    os.link(str(fd), path, src_dir_fd=_proc_fd[1], follow_symlinks=True)
 
 
 def write_png_atomic(

@@ -17,14 +17,16 @@ the pool decodes and writes between forward passes, so nothing preempts the mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -210,6 +212,39 @@ def check_output_dir(output: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
+class StageTimes:
+    """CPU time per stage of predict's per-image work, summed over the threads that did it, and the forward
+    passes' wall time: where the time goes (printed by ``--benchmark``).
+
+    Stages: ``decode`` (read + decode a file), ``normalise`` (``cv2.LUT`` into the batch buffer),
+    ``arg-max``, ``encode`` (deflate + PNG chunks of the label/colour maps), ``write`` (folders, temporary
+    file, rename), ``other outputs`` (overlay, confidence: encode + write). Only this process's threads
+    are timed: with ``--overlap`` the DataLoader worker processes' decoding is not.
+    """
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.forward_wall = 0.0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            spent = time.thread_time() - start
+            with self._lock:
+                self.cpu[stage] += spent
+
+
+_stage_times: StageTimes | None = None  # set by benchmark_predict while it runs
+
+
+def _stage(name: str) -> contextlib.AbstractContextManager[None]:
+    return _stage_times(name) if _stage_times is not None else contextlib.nullcontext()
+
+
 class ImageListDataset(Dataset):
     """Decodes input images: ``{"index", "image" (uint8 HWC, resized when asked), "size", "original"}``.
 
@@ -234,7 +269,8 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.items[index].path
         try:
-            image = read_image_rgb(path)
+            with _stage("decode"):
+                image = read_image_rgb(path)
         except ImageReadError as err:
             return {"index": index, "error": str(err)}
         size = image.shape[:2]
@@ -360,26 +396,34 @@ def _write_outputs(
     """Encode and write one image's outputs (in a writer thread); ``label`` comes from ``logits`` if None."""
     if label is None and logits is not None:
         # (C, H, W) logits -> ids, in this writer thread rather than on the model's threads
-        label = class_ids(logits)
+        with _stage("arg-max"):
+            label = class_ids(logits)
     if label is None:
         raise ValueError("_write_outputs needs label or logits")
-    for p in paths.values():
-        p.parent.mkdir(parents=True, exist_ok=True)
+    with _stage("write"):
+        for p in paths.values():
+            p.parent.mkdir(parents=True, exist_ok=True)
     if "confidence" in paths and confidence is not None:
-        write_png_atomic(paths["confidence"], confidence)
+        with _stage("other outputs"):
+            write_png_atomic(paths["confidence"], confidence)
     if "overlay" in paths and image is not None:
-        write_png_atomic(paths["overlay"], overlay(image, colorize(label, palette), alpha=alpha))
+        with _stage("other outputs"):
+            write_png_atomic(paths["overlay"], overlay(image, colorize(label, palette), alpha=alpha))
     if label.dtype == np.uint8:  # label and colour PNGs share one deflate of the ids (indexed colour)
         idat = None
         for kind, pal in (("color", palette), ("label", None)):
             if kind in paths:
-                idat = idat or deflate_label_rows(label)
-                write_bytes_atomic(paths[kind], label_png(idat, label.shape, palette=pal))
+                with _stage("encode"):
+                    idat = idat or deflate_label_rows(label)
+                    data = label_png(idat, label.shape, palette=pal)
+                with _stage("write"):
+                    write_bytes_atomic(paths[kind], data)
     else:  # more than 256 classes: 16-bit ids, RGB colours
-        if "color" in paths:
-            write_png_atomic(paths["color"], label, palette=palette)
-        if "label" in paths:
-            write_png_atomic(paths["label"], label)
+        with _stage("other outputs"):
+            if "color" in paths:
+                write_png_atomic(paths["color"], label, palette=palette)
+            if "label" in paths:
+                write_png_atomic(paths["label"], label)
 
 
 def _predict_group(
@@ -401,7 +445,12 @@ def _predict_group(
     """
     images = group["images"]
     x = predictor.normalized_input(images) if group.get("normalized") else predictor.normalize(images)
+    start = time.perf_counter()
     logits = predict_logits(predictor, x, crop=crop, stride=stride, scales=scales, flip=flip)
+    if _stage_times is not None:
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        _stage_times.forward_wall += time.perf_counter() - start
     want_conf = confidence_bits is not None
     defer = logits.device.type == "cpu" and not want_conf
     top = 255.0 if confidence_bits == 8 else 65535.0
@@ -483,7 +532,8 @@ class _ThreadedBatches:
         if "error" in sample or tuple(sample["image"].shape) != buffer.shape[1:]:
             return sample
         image = sample["image"].numpy()
-        cv2.LUT(image, self.table, dst=buffer[slot])
+        with _stage("normalise"):
+            cv2.LUT(image, self.table, dst=buffer[slot])
         if self.keep_originals and sample["original"] is None:
             sample["original"] = image
         sample.update(image=torch.from_numpy(buffer[slot]), buffer=buffer, slot=slot)
@@ -866,6 +916,13 @@ def _main(args: argparse.Namespace) -> int:
             f"{report['forward_ips']:.2f} images/s at batch {args.batch_size} (same process, medians of "
             f"{args.benchmark}) -> {100 * report['share']:.1f}%"
         )
+        order = ("decode", "normalise", "arg-max", "encode", "write", "other outputs")
+        stages = report["stages"]
+        parts = [f"{name} {stages[name]:.2f}" for name in order if name in stages]
+        print(
+            f"benchmark: per image, CPU ms by stage (all threads) {', '.join(parts)}, total "
+            f"{sum(stages.values()):.2f}; forward {report['forward_wall']:.2f} ms wall"
+        )
         spin = os.environ.get("GOMP_SPINCOUNT") or os.environ.get("OMP_WAIT_POLICY") or "libgomp default"
         threads, overlap = torch.get_num_threads(), options["overlap"]
         from fcn.cli import keeps_freed_memory
@@ -904,19 +961,25 @@ def benchmark_predict(
     """
     if repeats < 1:
         raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
+    global _stage_times
     runs: list[tuple[float, float]] = []
     faults: list[tuple[float, float]] = []
+    stages = StageTimes()
+    done = 0
     failed = 0
     output = Path(options.pop("output"))
     for i in range(repeats):
         fresh = None if (i == 0 or rewrite) else Path(tempfile.mkdtemp(prefix=".benchmark-", dir=output))
         run_options = {**options, "output": fresh or output, "skip_existing": False, "progress": False}
         start = _page_faults()
+        _stage_times = stages
         try:
             summary = run_predict(predictor, items, **run_options)
         finally:
+            _stage_times = None
             if fresh is not None:
                 shutil.rmtree(fresh)
+        done += summary.done
         failed = summary.failed if i == 0 else failed
         if summary.predictor is None or not summary.done:
             raise PredictError("--benchmark: no image could be predicted")
@@ -934,6 +997,9 @@ def benchmark_predict(
         "share": statistics.median(p / f for p, f in runs),
         "runs": runs,
         "faults": faults,
+        # milliseconds per predicted image, over all runs: CPU time per stage, forward passes' wall time
+        "stages": {name: 1e3 * t / max(done, 1) for name, t in stages.cpu.items()},
+        "forward_wall": 1e3 * stages.forward_wall / max(done, 1),
         "failed": failed,
     }
 

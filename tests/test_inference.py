@@ -32,6 +32,7 @@ from fcn.inference import (
     predict_whole,
     probe_size,
     read_image_rgb,
+    write_bytes_atomic,
     write_png_atomic,
 )
 from fcn.models import build_model
@@ -287,6 +288,78 @@ def test_write_png_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatch:
         write_png_atomic(target, np.ones((4, 4), np.uint8))
     assert target.read_bytes() == before
     assert os.listdir(tmp_path) == ["x.png"]  # the temporary file is gone
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temp"])
+def test_write_bytes_atomic_new_replace_and_failure(
+    unnamed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways (Linux's unnamed O_TMPFILE file, or a named temporary file) create and replace files
+    whole, with the usual permissions, leave nothing behind, and leave no file when writing fails."""
+    import fcn.inference
+
+    if not unnamed:
+        monkeypatch.setattr(fcn.inference, "_O_TMPFILE", None)
+    elif fcn.inference._open_unnamed(tmp_path) is None:
+        pytest.skip("no O_TMPFILE here")
+    target = tmp_path / "a.png"
+    write_bytes_atomic(target, b"first")
+    write_bytes_atomic(target, b"second, longer")
+    assert target.read_bytes() == b"second, longer" and os.listdir(tmp_path) == ["a.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def boom(*_: object) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "write", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_atomic(tmp_path / "b.png", b"never")
+    with pytest.raises(OSError, match="disk full"):
+        write_bytes_atomic(target, b"never")
+    assert os.listdir(tmp_path) == ["a.png"] and target.read_bytes() == b"second, longer"
+
+
+def test_write_bytes_atomic_falls_back_without_o_tmpfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses O_TMPFILE (EOPNOTSUPP) gets the named temporary file; other errors
+    of the folder (missing) are raised."""
+    import errno
+
+    import fcn.inference
+
+    if fcn.inference._O_TMPFILE is None:
+        pytest.skip("no O_TMPFILE here")
+    real_open = os.open
+
+    def no_tmpfile(path: object, flags: int, *args: object) -> int:
+        if flags & fcn.inference._O_TMPFILE == fcn.inference._O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    write_bytes_atomic(tmp_path / "a.png", b"data")
+    assert (tmp_path / "a.png").read_bytes() == b"data" and os.listdir(tmp_path) == ["a.png"]
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        write_bytes_atomic(tmp_path / "missing" / "a.png", b"data")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_write_bytes_atomic_in_a_forked_child(tmp_path: Path) -> None:
+    """The cached /proc/self/fd descriptor is the parent's after a fork: the child opens its own."""
+    import multiprocessing
+
+    write_bytes_atomic(tmp_path / "parent.png", b"p")  # caches the descriptor in this process
+    child = multiprocessing.get_context("fork").Process(
+        target=write_bytes_atomic, args=(tmp_path / "child.png", b"c")
+    )
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert (tmp_path / "child.png").read_bytes() == b"c" and (tmp_path / "parent.png").read_bytes() == b"p"
 
 
 # --- predictors

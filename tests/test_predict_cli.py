@@ -350,6 +350,28 @@ def test_benchmark_flag(data: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().out.rstrip().endswith("replacing existing files")
 
 
+def test_benchmark_times_each_stage(data: dict[str, Path], tmp_path: Path) -> None:
+    """--benchmark's account of the per-image work: CPU time of every stage that ran, in this process's
+    threads, and the forward passes' wall time; the timing is off again afterwards."""
+    import fcn.predict
+    from fcn.inference import load_predictor
+    from fcn.predict import benchmark_predict
+
+    predictor = load_predictor(data["ckpt"], device="cpu")
+    items, _ = collect_inputs(data["src"] / "city")
+    options = {
+        "resize": None, "crop": None, "stride": None, "scales": (1.0,), "flip": False, "batch_size": 2,
+        "overlap": False, "output": tmp_path / "a",
+    }  # fmt: skip
+    report = benchmark_predict(predictor, items, repeats=2, **options)
+    assert set(report["stages"]) == {"decode", "normalise", "arg-max", "encode", "write"}
+    assert all(ms > 0 for ms in report["stages"].values()) and report["forward_wall"] > 0
+    assert fcn.predict._stage_times is None
+    options["output"] = tmp_path / "b"
+    report = benchmark_predict(predictor, items, repeats=1, kinds=["overlay"], **options)
+    assert set(report["stages"]) == {"decode", "normalise", "arg-max", "write", "other outputs"}
+
+
 def test_decode_threads_normalise_into_the_batch(data: dict[str, Path]) -> None:
     """Without spare cores the decoding threads normalise same-size images straight into one float32 batch
     (the model input, no copy), equal to Predictor.normalize; an image whose probed size was wrong keeps
