@@ -684,8 +684,10 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) ->
     flushes the bytes to disk first (a power loss then cannot leave an empty file under the final name);
     costly per file, so off for predictions.
     """
+    global _link_works
     path = Path(path)
-    fd = _open_unnamed(path.parent)
+    fd = _open_unnamed(path.parent) if _link_works else None
+    linked = False
     if fd is not None:
         try:
             _write_all(fd, data, fsync=fsync)
@@ -695,9 +697,12 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) ->
             except FileExistsError:  # replacing a file: link under a temporary name, then rename over it
                 tmp = _temp_name(path)
                 _link_fd(fd, tmp)
+                linked = True
+            except OSError:  # /proc unusable here (a sandbox): named temporary files from now on
+                _link_works = False
         finally:
             os.close(fd)
-    else:
+    if not linked:
         fd, tmp = open_temp_file(path)
         try:
             _write_all(fd, data, fsync=fsync)
@@ -729,6 +734,7 @@ def _temp_name(path: Path) -> Path:
 
 
 _O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
+_link_works = True  # False once linking through /proc/self/fd failed in this process
 _proc_fd: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/fd), reopened after a fork
 
 

@@ -324,8 +324,8 @@ def test_write_bytes_atomic_new_replace_and_failure(
 def test_write_bytes_atomic_falls_back_without_o_tmpfile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file system that refuses O_TMPFILE (EOPNOTSUPP) gets the named temporary file; other errors
-    of the folder (missing) are raised."""
+    """A file system that refuses O_TMPFILE (EOPNOTSUPP), or a process that cannot link through
+    /proc/self/fd, gets the named temporary file; other errors of the folder (missing) are raised."""
     import errno
 
     import fcn.inference
@@ -345,6 +345,15 @@ def test_write_bytes_atomic_falls_back_without_o_tmpfile(
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError):
         write_bytes_atomic(tmp_path / "missing" / "a.png", b"data")
+
+    def no_proc(*_: object) -> None:
+        raise PermissionError("/proc/self/fd is not there")
+
+    monkeypatch.setattr(fcn.inference, "_link_fd", no_proc)  # linking refused (a sandbox)
+    monkeypatch.setattr(fcn.inference, "_link_works", True)
+    write_bytes_atomic(tmp_path / "b.png", b"more")
+    assert (tmp_path / "b.png").read_bytes() == b"more" and sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
+    assert fcn.inference._link_works is False  # named temporary files from then on
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
