@@ -66,17 +66,17 @@ def exif_orientation(data: np.ndarray) -> int:
     Pillow cannot parse (OpenCV's own readers ignore such tags too). Only the header is parsed."""
     head = data[:8].tobytes()
     if head.startswith(_JPEG_SOI) and b"Exif\x00\x00" not in data[:65536].tobytes():
-        return 1  # the common cases, decided without Pillow: a JPEG with no EXIF segment,
-    if head == _PNG_SIGNATURE and b"eXIf" not in data.tobytes():  # a PNG without an eXIf chunk
-        return 1  # (Pillow would decode the whole PNG to look for one after the pixels)
+        return 1  # the common cases without Pillow: a JPEG without an EXIF segment, a PNG without
+    if head == _PNG_SIGNATURE and b"eXIf" not in data.tobytes():  # an eXIf chunk (Pillow would decode
+        return 1  # the whole PNG to look for one after the pixels)
     if head.startswith(b"BM"):  # BMP: no EXIF
         return 1
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
+    try:  # the bytes are in memory: an OSError here is Pillow's (UnidentifiedImageError, bad data)
         with Image.open(io.BytesIO(data.tobytes())) as im:
             value = im.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, SyntaxError, ValueError, struct.error):
+    except (OSError, SyntaxError, ValueError, struct.error):
         return 1  # a format Pillow does not know, or a broken EXIF block: the image as stored
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
