@@ -411,6 +411,51 @@ def test_predictor_folds_batchnorm_by_default(tmp_path: Path) -> None:
     torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+def test_onednn_convolutions_equal_conv2d() -> None:
+    """One thread, where PyTorch would take its reference kernel for 1x1 convolutions: the oneDNN path
+    gives Conv2d's results for 1x1, strided, depthwise, dilated and bias-free layers in both memory
+    formats; float64 and autocast keep the usual path (bf16 output under autocast)."""
+    from fcn.models.fuse import OneDNNConv2d, use_onednn_convolutions
+
+    torch.manual_seed(0)
+    layers = [
+        nn.Conv2d(16, 24, 1),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.Conv2d(16, 16, 5, padding=2, groups=16),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False),
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for layer in layers:
+            x = torch.randn(2, layer.in_channels, 23, 31)
+            refs = [layer(x), layer(x.contiguous(memory_format=torch.channels_last))]
+            assert use_onednn_convolutions(nn.Sequential(layer)) == 1 and type(layer) is OneDNNConv2d
+            for ref, inp in zip(refs, (x, x.contiguous(memory_format=torch.channels_last)), strict=True):
+                torch.testing.assert_close(layer(inp), ref, rtol=1e-5, atol=1e-5)
+            assert layer.double()(x.double()).dtype == torch.float64
+            layer.float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert layer(x).dtype == torch.bfloat16
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_predictor_uses_onednn_convolutions_on_cpu(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomize_scores(build_model("student", num_classes=4))
+    ckpt = save_checkpoint(tmp_path / "s.ckpt", model=model, model_name="student")
+    predictor = load_predictor(ckpt, device="cpu")
+    convs = sum(type(m) is nn.Conv2d for m in model.modules())
+    assert predictor.onednn == convs > 50  # the ones BatchNorm was folded into included
+    model.eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(predictor(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
 def test_load_predictor_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_predictor(tmp_path / "nope.ckpt")

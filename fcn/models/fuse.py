@@ -1,4 +1,5 @@
-"""Inference-time folding of BatchNorm into the convolution before it.
+"""Inference-time model transforms: BatchNorm folded into the convolution before it, and convolutions
+that always use oneDNN on the CPU.
 
 In eval mode ``bn(conv(x))`` is an affine map per output channel, so it folds exactly (up to float
 rounding) into the convolution's weight and bias. torchvision's VGG16-BN and MobileNetV3 blocks are
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -42,3 +44,41 @@ def fuse_conv_bn(model: nn.Module) -> int:
                 seq._modules[second] = nn.Identity()
                 fused += 1
     return fused
+
+
+class OneDNNConv2d(nn.Conv2d):
+    """A ``Conv2d`` that always runs oneDNN's convolution for float32 CPU input (same results).
+
+    PyTorch sends single-threaded 1x1 convolutions with a batch under 16 to its reference im2col kernel
+    (``aten::_slow_conv2d_forward``; its heuristic expects that to be faster with one thread): with one
+    thread the student ran 147 of its 204 convolutions there and managed 43.7 images/s against 65.7 with
+    oneDNN throughout (docs/RESULTS.md section 7). With more threads the heuristic already picks oneDNN.
+    CUDA, other dtypes, autocast and string paddings take the usual path.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (
+            input.device.type == "cpu"
+            and input.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return torch.ops.aten.mkldnn_convolution(
+                input, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+            )
+        return super().forward(input)
+
+
+def use_onednn_convolutions(model: nn.Module) -> int:
+    """Make every plain ``nn.Conv2d`` of ``model`` a :class:`OneDNNConv2d`, in place (weights untouched);
+    returns how many (0 where PyTorch was built without oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = OneDNNConv2d
+            changed += 1
+    return changed
