@@ -737,14 +737,15 @@ def _temp_name(path: Path) -> Path:
     return path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
 
 
-_O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)
+# O_TMPFILE files are named through /proc/self/fd: without either, named temporary files (checked once)
+_O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None) if os.path.isdir("/proc/self/fd") else None
 _link_works = True  # False once linking through /proc/self/fd failed in this process
 _proc_fd: tuple[int, int] | None = None  # (pid, descriptor of /proc/self/fd), reopened after a fork
 
 
 def _open_unnamed(folder: Path) -> int | None:
     """An unnamed writable file in ``folder`` (``O_TMPFILE``), or None where that is not available."""
-    if _O_TMPFILE is None or not os.path.isdir("/proc/self/fd"):
+    if _O_TMPFILE is None:
         return None
     try:
         return os.open(folder, os.O_WRONLY | _O_TMPFILE | os.O_CLOEXEC, 0o666)

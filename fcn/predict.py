@@ -988,8 +988,8 @@ def benchmark_predict(
         middle = _page_faults()
         forward_ips = benchmark_forward(predictor, items, **options)
         runs.append((summary.images_per_second, forward_ips))
-        # the bare forward runs max(2, batches) batches after one warm-up batch
-        forward_images = (max(2, -(-len(items) // options["batch_size"])) + 1) * options["batch_size"]
+        # the bare forward's batches and its one warm-up batch
+        forward_images = (_forward_batches(items, options["batch_size"]) + 1) * options["batch_size"]
         faults.append(((middle - start) / len(items), (_page_faults() - middle) / forward_images))
     return {
         "predict_ips": statistics.median(p for p, _ in runs),
@@ -1014,6 +1014,11 @@ def _page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+def _forward_batches(items: Sequence[InputItem], batch_size: int) -> int:
+    """Batches the bare forward times: as many images as the predict run (at least two batches)."""
+    return max(2, -(-len(items) // batch_size))
+
+
 def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], **options: Any) -> float:
     """Bare forward images/s with the run's batch size, inference strategy and first image's size.
 
@@ -1023,7 +1028,7 @@ def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], **option
     if size is None:
         raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
     batch = options["batch_size"]
-    batches = max(2, -(-len(items) // batch))
+    batches = _forward_batches(items, batch)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return predict_logits(
