@@ -30,6 +30,8 @@ def _user_error(err: BaseException) -> BaseException | None:
     from fcn.models import ModelError
 
     known = (ModelError, DataError, CheckpointError, FloatingPointError, FileNotFoundError, PermissionError)
+    if "fcn.lit" in sys.modules:  # training settings (only loaded by the train command)
+        known += (sys.modules["fcn.lit"].SettingError,)
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, known):
@@ -53,18 +55,38 @@ def _guard(fn: Callable[[], int | None]) -> int:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``python scripts/train.py [fit|validate|test] --config FILE ...``; no arguments: the demo."""
     args = list(sys.argv[1:] if argv is None else argv)
+    given = args if argv is not None else None  # None: LightningCLI reads sys.argv itself (no warning)
     if not args:
-        args = ["fit", "--config", str(DEMO_CONFIG)]
+        given = ["fit", "--config", str(DEMO_CONFIG)]
     keep_freed_memory()
 
-    def run() -> None:
-        from fcn.train import run_cli, summarise_fit
+    def run() -> int:
+        from fcn.train import TrainingStopped, run_cli, summarise_fit
 
-        cli = run_cli(args)
+        try:
+            cli = run_cli(given)
+        except TrainingStopped as stop:
+            print(stop, file=sys.stderr)
+            _end_loader_workers()
+            return stop.exit_code
         if cli.subcommand == "fit" and cli.trainer.is_global_zero:
             summarise_fit(cli)
+        return 0
 
     return _guard(run)
+
+
+def _end_loader_workers() -> None:
+    """After a stop: end the DataLoader workers that the stopped run left (they ignore the process group's
+    first SIGTERM, see ``fcn.data.datamodule.seed_worker``), without PyTorch's SIGCHLD handler turning each
+    exit into a traceback."""
+    import multiprocessing
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)
 
 
 def short_openmp_spin() -> bool:

@@ -35,6 +35,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 OPTIMIZERS = ("sgd", "adamw")
 
 
+class SettingError(ValueError):
+    """A training setting is out of range; the message names the option and the fix."""
+
+
+def _check_settings(values: dict[str, Any]) -> None:
+    """Optimiser and loss settings, checked before anything is built (one line per bad value)."""
+    checks = (
+        ("lr", lambda v: v > 0, "a positive number, e.g. 0.001"),
+        ("momentum", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+        ("weight_decay", lambda v: v >= 0, "0 or more, e.g. 0.0005"),
+        ("bias_lr_mult", lambda v: v >= 0, "0 or more, e.g. 2"),
+        ("poly_power", lambda v: v >= 0, "0 or more, e.g. 0.9"),
+        ("warmup_steps", lambda v: v >= 0, "0 or more"),
+        ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+    for name, ok, hint in checks:
+        value = values[name]
+        if not isinstance(value, (int, float)) or value != value or not ok(value):  # value != value: NaN
+            raise SettingError(f"--model.init_args.{name} {value!r} is not valid; it must be {hint}")
+
+
 class SegmentationModule(L.LightningModule):
     """Train a registered segmentation model with cross-entropy, SGD/AdamW and a poly schedule.
 
@@ -79,9 +100,10 @@ class SegmentationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+            raise SettingError(f"--model.init_args.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if class_weights is not None and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(class_weights)} values for {num_classes} classes")
+            raise SettingError(f"class_weights has {len(class_weights)} values for {num_classes} classes")
+        _check_settings(locals())
         self.save_hyperparameters()
         self.model = build_model(model, num_classes=num_classes, **(model_kwargs or {}))
         if init_from:
@@ -275,11 +297,11 @@ class DistillationModule(SegmentationModule):
     ) -> None:
         super().__init__(**kwargs)
         if distill_mode not in DISTILL_MODES:
-            raise ValueError(f"distill_mode must be one of {DISTILL_MODES}, got {distill_mode!r}")
+            raise SettingError(f"distill_mode must be one of {DISTILL_MODES}, got {distill_mode!r}")
         if self_teacher not in SELF_TEACHERS:
-            raise ValueError(f"self_teacher must be one of {SELF_TEACHERS}, got {self_teacher!r}")
+            raise SettingError(f"self_teacher must be one of {SELF_TEACHERS}, got {self_teacher!r}")
         if feature_key not in FEATURE_KEYS:
-            raise ValueError(
+            raise SettingError(
                 f"feature_key must be one of {FEATURE_KEYS} (backbone features at 1/8, 1/16, 1/32, or the "
                 f"logits 'out'), got {feature_key!r}"
             )
@@ -291,7 +313,7 @@ class DistillationModule(SegmentationModule):
                 )
             teacher = load_teacher(teacher_checkpoint, num_classes=self.hparams.num_classes)
         elif teacher_checkpoint:
-            raise ValueError(
+            raise SettingError(
                 "distill_mode='self' uses the student as its own teacher; drop teacher_checkpoint"
             )
         # Plain attributes, not submodules: never optimised, saved or wrapped by DDP.

@@ -1,27 +1,58 @@
 """The training command: a LightningCLI with the data description linked into the model.
 
 ``python scripts/train.py fit --config configs/camvid/fcn8s.yaml`` (also ``validate`` / ``test`` with
-``--ckpt_path``); checkpoints are kept on val mIoU (``best.ckpt``) and ``last.ckpt``.
+``--ckpt_path``). Checkpoints (README "Long runs"):
+
+- ``best.ckpt``: the best epoch on val mIoU (the ``--checkpoint.*`` options);
+- ``last.ckpt``: the newest step, written at every training-epoch end (after validation, whatever it
+  scored), every ``--checkpoint_every`` minutes inside an epoch, and when SIGTERM or Ctrl-C stops the run.
+  Lightning writes both atomically (a temporary file, then a rename). ``--ckpt_path last.ckpt`` resumes at
+  the saved global step with the same learning-rate schedule.
 """
 
 from __future__ import annotations
 
+import inspect
+import shlex
+import sys
 import tempfile
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from fcn.checkpoint import CheckpointError
+from fcn.checkpoint import CheckpointError, read_checkpoint
 from fcn.data.datamodule import SegDataModule
-from fcn.lit import SegmentationModule
+from fcn.data.errors import DataError
+from fcn.lit import SegmentationModule, SettingError
 
-LINKED = ("num_classes", "class_names", "palette", "ignore_index", "mean", "std", "class_weights")
+# Model arguments that the data module sets (linked at instantiation), with the flag that sets them.
+LINKED = {
+    "num_classes": "--data.dataset (and --data.classes_file for folder data)",
+    "class_names": "--data.dataset (and --data.classes_file for folder data)",
+    "palette": "--data.dataset (and --data.classes_file for folder data)",
+    "ignore_index": "--data.ignore_index",
+    "mean": "the data module (ImageNet statistics, what the backbones expect)",
+    "std": "the data module (ImageNet statistics, what the backbones expect)",
+    "class_weights": "--data.class_weighting median_frequency",
+}
 
 
-def check_writable(directory: str | Path) -> None:
-    """Create ``directory`` if needed and prove a file can be written there, or raise PermissionError."""
+class TrainingStopped(Exception):
+    """SIGTERM or Ctrl-C stopped training; the message says where ``last.ckpt`` is and how to resume."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def check_writable(directory: str | Path, option: str = "--trainer.default_root_dir") -> None:
+    """Create ``directory`` if needed and prove a file can be written there, or raise PermissionError
+    naming ``option``, the flag that sets it."""
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -29,13 +60,91 @@ def check_writable(directory: str | Path) -> None:
             pass
     except OSError as err:
         raise PermissionError(
-            f"output directory {path} is not writable ({err.strerror}); "
-            "choose another with --trainer.default_root_dir / the logger's save_dir"
+            f"output directory {path} ({option}) is not writable ({err.strerror}); "
+            f"choose another with {option}"
         ) from err
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` holding the newest step, whatever val scored (Lightning's ``save_last`` writes it only
+    when a top-k checkpoint is written since 2.6, so with ``save_top_k=1`` it was a copy of the best).
+
+    Two stock triggers cannot share one ``ModelCheckpoint``, so :func:`last_checkpoints` makes one at every
+    training-epoch end (``stop_saver=True``: also the one that saves on SIGTERM / Ctrl-C) and one every
+    ``train_time_interval``, both writing ``<dirpath>/last.ckpt``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path | None,
+        *,
+        train_time_interval: timedelta | None = None,
+        stop_saver: bool = False,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+            every_n_epochs=None if train_time_interval is not None else 1,
+            train_time_interval=train_time_interval,
+        )
+        self.stop_saver = stop_saver
+        self.stopped_by: str | None = None  # "SIGTERM" / "SIGINT" once a signal stopped the run
+        self.saved_on_stop: Path | None = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # SIGTERM: Lightning's handler raises SIGTERMException (a SystemExit) after the current batch;
+        # Ctrl-C: KeyboardInterrupt. Any other error is a bug or bad input, not a stop to resume from.
+        if not self.stop_saver or not isinstance(exception, (KeyboardInterrupt, SystemExit)):
+            return
+        self.stopped_by = "SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        if trainer.state.fn != "fit" or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path, weights_only=False)  # atomic; every rank takes part, rank 0 writes
+        self.saved_on_stop = path
+
+
+def last_checkpoints(dirpath: str | Path | None, *, every_minutes: float) -> list[LastCheckpoint]:
+    """The ``last.ckpt`` writers: at every training-epoch end and on stop, and every ``every_minutes``
+    minutes of training (none when ``every_minutes`` is 0)."""
+    writers = [LastCheckpoint(dirpath, stop_saver=True)]
+    if every_minutes > 0:
+        writers.append(LastCheckpoint(dirpath, train_time_interval=timedelta(minutes=every_minutes)))
+    return writers
+
+
+def _module_defaults() -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(SegmentationModule.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 class FCNCLI(LightningCLI):
-    """LightningCLI with the data description linked into the model and checkpointing on val mIoU."""
+    """LightningCLI with the data description linked into the model, checkpointing on val mIoU and a
+    ``last.ckpt`` that always holds the newest step."""
+
+    def __init__(self, *args: Any, command: Sequence[str] = (), **kwargs: Any) -> None:
+        self.command = list(command)  # the arguments as given, for the resume command
+        self.last_writers: list[LastCheckpoint] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            stopper = next((w for w in self.last_writers if w.stopped_by), None)
+            if stopper is None:
+                raise
+            raise self._stopped(stopper) from stop
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -43,45 +152,140 @@ class FCNCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/mIoU",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last.ckpt comes from LastCheckpoint (the newest step)
                 "checkpoint.filename": "best",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.enable_version_counter": False,  # best.ckpt / last.ckpt are overwritten
             }
         )
+        parser.add_argument(
+            "--checkpoint_every",
+            type=float,
+            default=10.0,
+            help="minutes of training between two writes of last.ckpt inside an epoch (0: epoch ends only); "
+            "last.ckpt is also written at every epoch end and on SIGTERM / Ctrl-C",
+        )
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    # -- before anything is built ----------------------------------------------------------------------
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[override]
+        """Parse, then check what needs no instantiation (before Lightning reads ``--ckpt_path``'s
+        hyper-parameters into the config). ``--print_config`` also shows the values the data module gives
+        the model (it knows them once instantiated), as comments after the config."""
+        argv = list(sys.argv[1:] if args is None else args)
+        show = any(a == "--print_config" or a.startswith("--print_config=") for a in argv)
+        if show:
+            args = [a for a in argv if not a.startswith("--print_config")]
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        self._check_linked(sub)
+        self._check_ckpt_path(sub)
+        if show:
+            config = self.config[sub]
+            print(self._parser(sub).dump(config), end="")
+            print("# linked from the data module into model.init_args (set them with the --data.* flags):")
+            try:
+                data = SegDataModule(**dict(config["data"]))
+                for key in LINKED:
+                    print(f"#   {key}: {getattr(data, key)}")
+            except DataError as err:  # e.g. the data is not there yet
+                print(f"#   (the data module cannot tell yet: {err})")
+            sys.exit(0)
+
+    def _check_linked(self, sub: str) -> None:
+        """A model argument that the data sets is refused unless it equals the module's default."""
+        init = self.config[sub]["model"].get("init_args") or {}
+        defaults = _module_defaults()
+        for key, flag in LINKED.items():
+            value = init.get(key, defaults.get(key))
+            if value is not None and not _same(value, defaults.get(key)):
+                raise SettingError(
+                    f"--model.init_args.{key} is set by the data module and would be ignored; "
+                    f"it comes from {flag}"
+                )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        best = trainer.checkpoint_callback
+        if self.subcommand == "fit" and best is not None:
+            every = float(self.config[self.subcommand].get("checkpoint_every") or 0)
+            if every < 0:
+                raise SettingError(f"--checkpoint_every must be 0 or more minutes, got {every}")
+            self.last_writers = last_checkpoints(best.dirpath, every_minutes=every)
+            trainer.callbacks.extend(self.last_writers)
+        return trainer
+
+    # -- checks before fit/validate/test -----------------------------------------------------------------
     def _check_outputs(self) -> None:
         check_writable(self.trainer.default_root_dir)
         for logger in self.trainer.loggers:
-            check_writable(logger.save_dir)
+            check_writable(logger.save_dir, "the logger's save_dir (--trainer.logger)")
+        best = self.trainer.checkpoint_callback
+        if best is not None and best.dirpath is not None:
+            check_writable(best.dirpath, "--checkpoint.dirpath")
 
-    def _check_ckpt_path(self) -> None:
-        ckpt = self.config[self.subcommand].get("ckpt_path")
-        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).is_file():
+    def _check_ckpt_path(self, sub: str) -> None:
+        ckpt = self.config[sub].get("ckpt_path")
+        if not ckpt or ckpt in ("best", "hpc", "registry"):
+            return
+        if ckpt == "last":
+            dirpath = self.config[sub].get("checkpoint", {}).get("dirpath")
+            if dirpath is None:
+                return  # Lightning looks for it in its default folder and says so
+            ckpt = str(Path(dirpath) / "last.ckpt")
+        path = Path(ckpt)
+        if path.is_dir():
+            raise CheckpointError(f"--ckpt_path {ckpt} is a folder; pass the .ckpt file (e.g. its last.ckpt)")
+        if not path.is_file():
             raise CheckpointError(f"--ckpt_path {ckpt} does not exist; pass a .ckpt written by training")
+        try:
+            read_checkpoint(path)  # weights_only load + validation: one line instead of Lightning's traceback
+        except CheckpointError as err:
+            raise CheckpointError(f"--ckpt_path: {err} (or start without --ckpt_path)") from err
 
     def before_fit(self) -> None:
         self._check_outputs()
-        self._check_ckpt_path()
 
-    def before_validate(self) -> None:
-        self._check_ckpt_path()
+    # -- stops -------------------------------------------------------------------------------------------
+    def _stopped(self, writer: LastCheckpoint) -> TrainingStopped:
+        code = 130 if writer.stopped_by == "SIGINT" else 143  # 128 + the signal's number
+        if writer.saved_on_stop is None:
+            message = f"stopped by {writer.stopped_by} before the first step (nothing saved)"
+            return TrainingStopped(message, code)
+        step = self.trainer.global_step
+        cleaned, skip = [], False
+        for a in self.command:
+            if skip:
+                skip = False
+                continue
+            if a == "--ckpt_path":
+                skip = True
+                continue
+            if not a.startswith("--ckpt_path="):
+                cleaned.append(a)
+        program = sys.argv[0] if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+        python = ["python"] if program.endswith(".py") else []
+        command = shlex.join([*python, program, *cleaned, "--ckpt_path", str(writer.saved_on_stop)])
+        return TrainingStopped(
+            f"stopped by {writer.stopped_by} at global step {step}; saved {writer.saved_on_stop}; "
+            f"resume with: {command}",
+            code,
+        )
 
-    def before_test(self) -> None:
-        self._check_ckpt_path()
 
-
-def run_cli(args: Sequence[str]) -> FCNCLI:
-    """Run the training CLI on ``args`` (without the program name) and return it."""
+def run_cli(args: Sequence[str] | None) -> FCNCLI:
+    """Run the training CLI on ``args`` (without the program name; None: ``sys.argv``) and return it."""
     return FCNCLI(
         SegmentationModule,
         SegDataModule,
         subclass_mode_model=True,
-        args=list(args),
+        args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
+        command=sys.argv[1:] if args is None else args,
     )
 
 

@@ -195,3 +195,162 @@ def test_every_shipped_config_parses(config, capsys) -> None:
         train_main(["fit", "--config", str(DEMO_CONFIG.parent / config), "--print_config"])
     assert exc.value.code == 0
     assert "class_path: fcn.lit." in capsys.readouterr().out
+
+
+# -- long runs: last.ckpt, signals, resume, linked arguments (README "Long runs") --------------------------
+def _step(path: Path) -> tuple[int, int]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["epoch"], ckpt["global_step"]
+
+
+def test_last_ckpt_is_the_last_step_and_resume_continues(demo_root, tmp_path) -> None:
+    # mode=min on mIoU keeps an early epoch as "best": last.ckpt must still be the newest step.
+    args = _args(demo_root, tmp_path, "--trainer.max_epochs", "4", "--checkpoint.mode", "min")
+    assert train_main(args) == 0
+    steps_per_epoch = 2  # 8 images, batch 4
+    assert _step(tmp_path / "ckpt" / "last.ckpt") == (3, 4 * steps_per_epoch)
+    resumed = _args(demo_root, tmp_path, "--trainer.max_epochs", "6", "--checkpoint.mode", "min")
+    assert train_main([*resumed, "--ckpt_path", "last"]) == 0  # "last": the --checkpoint.dirpath one
+    assert _step(tmp_path / "ckpt" / "last.ckpt") == (5, 6 * steps_per_epoch)
+
+
+def test_last_ckpt_is_written_inside_an_epoch_every_interval(demo_root, tmp_path) -> None:
+    from fcn.train import last_checkpoints
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            last = tmp_path / "last.ckpt"
+            seen.append(_step(last)[1] if last.exists() else None)
+
+    dm = SegDataModule(
+        dataset="camvid", data_root=str(demo_root), batch_size=2, num_workers=0, crop_size=(64, 80)
+    )
+    module = SegmentationModule(model="fcn8s", model_kwargs=TINY, num_classes=11)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        enable_checkpointing=True,
+        callbacks=[Probe(), *last_checkpoints(tmp_path, every_minutes=1e-9)],
+    )
+    trainer.fit(module, datamodule=dm)
+    assert seen == [None, 1, 2, 3]  # the newest step before each batch of the (4-batch) epoch
+
+
+def _signal_run(demo_root: Path, out: Path, signum: int, *, group: bool) -> tuple[int, str, int]:
+    """Train in a subprocess with 2 loader workers, send ``signum`` once the first epoch's last.ckpt is
+    there; return (exit code, stderr, the step last.ckpt held before the signal)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = _args(demo_root, out, "--trainer.max_epochs", "1000", "--data.num_workers", "2")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest may run in background
+    )
+    last = out / "ckpt" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    before = _step(last)[1]
+    os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes left behind: {leftovers}"
+    return proc.returncode, err, before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signame", "group", "code"), [("SIGTERM", True, 143), ("SIGTERM", False, 143), ("SIGINT", True, 130)]
+)
+def test_a_signal_saves_last_ckpt_and_prints_how_to_resume(demo_root, tmp_path, signame, group, code) -> None:
+    import signal
+
+    rc, err, before = _signal_run(demo_root, tmp_path, getattr(signal, signame), group=group)
+    assert rc == code, err
+    assert "Traceback" not in err, err
+    line = next(x for x in err.splitlines() if x.startswith(f"stopped by {signame}"))
+    step = int(line.split("global step ")[1].split(";")[0])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert _step(last)[1] == step >= before
+    assert f"--ckpt_path {last}" in line and "resume with: python " in line
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name not in ("best.ckpt", "last.ckpt")]
+
+
+def test_linked_model_arguments_are_refused_with_the_data_flag(demo_root, tmp_path, capsys) -> None:
+    weights = "[" + ", ".join(["2.0"] * 11) + "]"
+    assert train_main(_args(demo_root, tmp_path, "--model.init_args.class_weights", weights)) == 2
+    assert "--data.class_weighting" in capsys.readouterr().err
+    assert train_main(_args(demo_root, tmp_path, "--model.init_args.ignore_index", "11")) == 2
+    assert "--data.ignore_index" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_print_config_shows_the_linked_values(demo_root, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        weighted = _args(demo_root, tmp_path, "--data.class_weighting", "median_frequency")
+        train_main([*weighted, "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    linked = out.split("# linked from the data module")[1]
+    assert "#   num_classes: 11" in linked and "#   class_names: ['Sky'," in linked
+    weights = eval(linked.split("#   class_weights: ")[1].splitlines()[0])
+    assert len(weights) == 11 and all(w > 0 for w in weights)
+
+
+def test_bad_settings_and_resume_files_are_one_line(demo_root, tmp_path, capsys) -> None:
+    assert train_main(_args(demo_root, tmp_path, "--model.init_args.lr", "-1")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model.init_args.lr" in err
+    assert train_main(_args(demo_root, tmp_path, "--model.init_args.momentum", "1.5")) == 2
+    assert "momentum" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.ckpt"
+    good = save_checkpoint(
+        tmp_path / "good.ckpt",
+        model=build_model("fcn8s", num_classes=11, **TINY),
+        model_name="fcn8s",
+        model_kwargs=TINY,
+    )
+    truncated.write_bytes(good.read_bytes()[:1000])
+    assert train_main([*_args(demo_root, tmp_path), "--ckpt_path", str(truncated)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ckpt_path") and "Traceback" not in err and err.count("\n") == 1
+    assert train_main([*_args(demo_root, tmp_path), "--ckpt_path", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    # an unwritable checkpoint folder is found before training, naming its option
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert train_main(_args(demo_root, tmp_path, "--checkpoint.dirpath", str(blocker / "ckpt"))) == 2
+    assert "--checkpoint.dirpath" in capsys.readouterr().err
+
+
+def test_train_script_prints_no_args_and_command_line_warning(demo_root, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    args = _args(demo_root, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "val mIoU: " in run.stdout
+    assert "not recommended to provide both args and command line" not in run.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -66,10 +67,21 @@ def build_dataset(
     raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 
+def _end_on_next_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn``: give every loader worker its own deterministic numpy / random / albumentations
     seed (derived from the loader's generator, so the same seed gives the same batches); OpenCV runs
-    single-threaded inside workers (the workers are the parallelism)."""
+    single-threaded inside workers (the workers are the parallelism).
+
+    A Ctrl-C or a scheduler's SIGTERM sent to the whole process group is for the main process, which saves
+    and shuts the workers down (a worker killed first ends the run in a DataLoader traceback): workers
+    ignore SIGINT and their first SIGTERM; a second SIGTERM (the main process terminating them) ends them.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_on_next_sigterm)
     info = get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
     np.random.seed(seed)
