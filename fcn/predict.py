@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fcn.checkpoint import CheckpointError
+from fcn.checkpoint import require_file
 from fcn.inference import (
     DEVICES,
     IMAGE_EXTENSIONS,
@@ -864,10 +864,8 @@ def _main(args: argparse.Namespace) -> int:
     output = args.output.expanduser()
     items, ignored = collect_inputs(args.input, exclude=output)
     checkpoint = Path(args.checkpoint).expanduser()
-    if not checkpoint.is_file():  # fail before starting workers; load_predictor would say the same
-        raise CheckpointError(
-            f"model file {checkpoint} does not exist; pass a training .ckpt or a file from scripts/export.py"
-        )
+    # fail before starting workers; load_predictor would say the same
+    require_file(checkpoint, what="model file", fix="pass a training .ckpt or a file from scripts/export.py")
     device = resolve_device(args.device)
     check_output_dir(output)
 
