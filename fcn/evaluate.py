@@ -32,9 +32,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.cityscapes import train_ids_to_label_ids
 from fcn.data.datamodule import build_dataset
-from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.errors import DataError
 from fcn.data.transforms import eval_transform
 from fcn.inference import (

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn.checkpoint import CheckpointError, CheckpointInfo, check_description, first_line, load_model, require_file
+from fcn.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    check_description,
+    first_line,
+    load_model,
+    require_file,
+)
 from fcn.data.io import first_cv2_line, jpeg_truncated, oversized
 from fcn.models.fuse import fuse_conv_bn, use_onednn_convolutions
 
