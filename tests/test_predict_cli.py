@@ -20,7 +20,7 @@ from fcn.checkpoint import save_checkpoint
 from fcn.cli import PREDICT_SPINCOUNT, predict_main, short_openmp_spin
 from fcn.inference import Predictor
 from fcn.models import build_model
-from fcn.predict import SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
+from fcn.predict import OUTPUT_MARKER, SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = [[128, 64, 128], [70, 70, 70], [107, 142, 35], [70, 130, 180]]
@@ -115,7 +115,8 @@ def test_folder_all_outputs(
     expected = sorted(
         f"{kind}/{rel}.png" for kind in ("label", "color", "overlay", "confidence") for rel in GOOD
     )
-    assert written == expected  # mirrored paths, nothing for corrupt / hidden / non-image files
+    # mirrored paths, nothing for corrupt / hidden / non-image files; the marker of predict's outputs
+    assert written == sorted([OUTPUT_MARKER, *expected])
     for rel in GOOD:
         label = _read(out / "label" / f"{rel}.png")
         color = _read(out / "color" / f"{rel}.png")[..., ::-1]
@@ -147,7 +148,7 @@ def test_labels_match_the_model(data: dict[str, Path], tmp_path: Path) -> None:
         ref = model(x).argmax(1)[0].numpy()
     label = _read(out / "label" / "a.png")
     assert (label == ref).mean() > 0.99
-    assert sorted(p.name for p in out.iterdir()) == ["color", "label"]  # the default outputs
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "color", "label"]  # the defaults
 
 
 def test_list_file_and_glob(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -345,7 +346,8 @@ def test_benchmark_flag(data: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
     # the first run's outputs stay; the second run wrote into a temporary folder that is gone
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     city = ("b", "day/c", "day/d")
-    assert written == sorted(f"{kind}/{name}.png" for kind in ("color", "label") for name in city)
+    expected = [f"{kind}/{name}.png" for kind in ("color", "label") for name in city]
+    assert written == sorted([OUTPUT_MARKER, *expected])
     assert _run(*args, "--benchmark", 2, "--benchmark-rewrite", "--num-workers", 0) == 0
     assert capsys.readouterr().out.rstrip().endswith("replacing existing files")
 
