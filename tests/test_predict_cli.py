@@ -674,7 +674,7 @@ def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
             time.sleep(0.005)
         still_running = proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
