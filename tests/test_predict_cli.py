@@ -689,3 +689,13 @@ def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
     for p in out.rglob("*.png"):
         with Image.open(p) as im:
             im.load()  # raises on a truncated file
+
+
+def test_ctrl_c_outside_the_run_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    from fcn.cli import _guard
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert _guard(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"
