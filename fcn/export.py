@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fcn.checkpoint import load_model
-from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, open_temp_file
+from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, temp_name
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -62,10 +62,10 @@ class ParityResult:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a hidden temporary path next to ``path``; on success it replaces ``path``, else it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = open_temp_file(path)
-    os.close(fd)
+    tmp = temp_name(path)  # named before it exists: a signal at any point after finds it to remove
     try:
-        yield Path(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -628,7 +628,7 @@ def open_temp_file(path: str | Path) -> tuple[int, Path]:
     """
     path = Path(path)
     for _ in range(100):
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
@@ -727,7 +727,7 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) ->
                 _link_fd(fd, path)
                 return path
             except FileExistsError:  # replacing a file: link under a temporary name, then rename over it
-                tmp = _temp_name(path)
+                tmp = temp_name(path)
                 _link_fd(fd, tmp)
                 linked = True
             except OSError:  # /proc unusable here (a sandbox): named temporary files from now on
@@ -761,7 +761,8 @@ def _write_all(fd: int, data: bytes, *, fsync: bool) -> None:
         os.fsync(fd)
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
+    """A hidden temporary name next to ``path`` (``.fcn-tmp-<stem>-<random>.tmp``, 48 random bits)."""
     return path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
 
 
