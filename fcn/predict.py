@@ -207,7 +207,7 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
         files = [m for m in files if not any(d in outputs for d in m.parents)]
         images = [m for m in files if _is_image_name(m)]
         ignored = len(files) - len(images)
-        items = _make_items(images, _glob_base(os.path.expanduser(text)))
+        items = _make_items(images, base)
     else:
         raise FileNotFoundError(
             f"input {text} does not exist; pass an image, a folder, a glob in quotes or a .txt list of paths"
