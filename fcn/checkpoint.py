@@ -7,6 +7,8 @@ normalisation. :func:`load_model` rebuilds the model from the file alone.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +40,32 @@ class CheckpointInfo:
     hparams: dict[str, Any] = field(repr=False)
 
 
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (library errors can run to many lines of advice)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+
+
+def require_file(path: Path, *, what: str, fix: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a file (saying whether it is missing or a folder)."""
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"{what} {path} {state}; {fix}")
+
+
 def _read(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; pass the .ckpt written by "
-            "`python scripts/train.py` (see the 'best checkpoint:' line it prints)"
-        )
+    require_file(
+        path,
+        what="checkpoint",
+        fix="pass the .ckpt written by `python scripts/train.py` (see the 'best checkpoint:' line it prints)",
+    )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip/pickle/unpickler errors vary by torch version
+        # only the type: torch's message suggests turning weights_only off, unsafe for an untrusted file
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); "
+            f"{path} is not a readable checkpoint ({type(err).__name__}); "
             "it must be a Lightning .ckpt written by scripts/train.py"
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -71,31 +87,83 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     name = hp["model"]
     if not isinstance(name, str) or name not in list_models():
         raise CheckpointError(f"{path} names model {name!r}, which is not one of {list_models()}")
-    num_classes = hp["num_classes"]
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise CheckpointError(f"{path} has an invalid num_classes {num_classes!r}")
-    class_names = list(hp.get("class_names") or [f"class_{i}" for i in range(num_classes)])
-    if len(class_names) != num_classes:
-        raise CheckpointError(f"{path} has {len(class_names)} class names for {num_classes} classes")
-    palette = [list(map(int, c)) for c in (hp.get("palette") or default_palette(num_classes))]
-    kwargs = dict(hp.get("model_kwargs") or {})
+    fields = check_description(hp, source=path, fix="it was not written by fcn's training, or is damaged")
+    kwargs = fields.pop("model_kwargs")
     kwargs.pop("weights", None)  # the checkpoint carries the trained weights; never re-load ImageNet
-    info = CheckpointInfo(
-        path=Path(path),
-        model_name=name,
-        model_kwargs=kwargs,
-        num_classes=num_classes,
-        class_names=class_names,
-        palette=palette,
-        ignore_index=int(hp.get("ignore_index", 255)),
-        mean=[float(v) for v in hp.get("mean", (0.485, 0.456, 0.406))],
-        std=[float(v) for v in hp.get("std", (0.229, 0.224, 0.225))],
-        hparams=hp,
-    )
+    info = CheckpointInfo(path=Path(path), model_name=name, model_kwargs=kwargs, hparams=hp, **fields)
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise CheckpointError(f"{path} holds no 'model.*' weights")
     return state, info
+
+
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) -> dict[str, Any]:
+    """Validate the data description of a checkpoint or an export's metadata: ``num_classes`` (int >= 1),
+    ``class_names`` (that many strings), ``palette`` (that many RGB triples in 0..255), ``ignore_index``
+    (int), ``mean`` / ``std`` (3 finite numbers; std non-zero), ``model_kwargs`` (a mapping).
+
+    Missing optional fields get defaults. Returns those fields, normalised (lists of int / float / str);
+    raises one :class:`CheckpointError` naming the field and ``source``, ending with ``fix``.
+    """
+
+    def bad(name: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {name} {problem}; {fix}")
+
+    num_classes = data.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise bad("num_classes", f"must be an integer >= 1, got {num_classes!r}")
+    names = data.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    if not isinstance(names, (list, tuple)) or len(names) != num_classes:
+        raise bad("class_names", f"must list {num_classes} names (num_classes), got {_short(names)}")
+    palette = data.get("palette") or default_palette(num_classes)
+    if not isinstance(palette, (list, tuple)) or len(palette) != num_classes:
+        raise bad("palette", f"must hold {num_classes} colours (num_classes), got {_short(palette)}")
+    for colour in palette:
+        if not (isinstance(colour, (list, tuple)) and len(colour) == 3 and all(_is_int(v) for v in colour)):
+            raise bad("palette", f"colours must be 3 integers (R, G, B), got {_short(colour)}")
+        if not all(0 <= v <= 255 for v in colour):
+            raise bad("palette", f"values must be in 0..255, got {list(colour)}")
+    ignore_index = data.get("ignore_index", 255)
+    if not _is_int(ignore_index):
+        raise bad("ignore_index", f"must be an integer, got {ignore_index!r}")
+    stats = {}
+    for name, default in (("mean", DEFAULT_MEAN), ("std", DEFAULT_STD)):
+        values = data.get(name, default)
+        if not isinstance(values, (list, tuple)) or len(values) != 3:
+            raise bad(name, f"must be 3 numbers (R, G, B), got {_short(values)}")
+        if not all(_is_number(v) and math.isfinite(v) for v in values):
+            raise bad(name, f"must be finite numbers, got {list(values)}")
+        if name == "std" and not all(v > 0 for v in values):
+            raise bad(name, f"must be positive (images are divided by it), got {list(values)}")
+        stats[name] = [float(v) for v in values]
+    kwargs = data.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise bad("model_kwargs", f"must be a mapping, got {_short(kwargs)}")
+    return {
+        "num_classes": num_classes,
+        "class_names": [str(n) for n in names],
+        "palette": [[int(v) for v in c] for c in palette],
+        "ignore_index": int(ignore_index),
+        "model_kwargs": dict(kwargs),
+        **stats,
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
@@ -107,8 +175,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(f"{path}: cannot rebuild {info.model_name} ({err})") from err
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit {info.model_name} ({err})") from err
+    except RuntimeError as err:  # e.g. num_classes differs from the score layers' outputs
+        detail = " ".join(str(err).split())  # PyTorch lists every mismatch on its own line
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise CheckpointError(
+            f"{path}: weights do not fit {info.model_name} with num_classes {info.num_classes} ({detail})"
+        ) from err
     return model.to(device).eval(), info
 
 

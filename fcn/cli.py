@@ -44,6 +44,9 @@ def _user_error(err: BaseException) -> BaseException | None:
 def _guard(fn: Callable[[], int | None]) -> int:
     try:
         return int(fn() or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, not a traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         user = _user_error(err)
         if user is None:

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.cityscapes import train_ids_to_label_ids
 from fcn.data.datamodule import build_dataset
 from fcn.data.errors import DataError
@@ -42,7 +43,9 @@ from fcn.inference import (
     ModelMeta,
     Predictor,
     load_predictor,
+    missing_dirs,
     predict_logits,
+    remove_empty_dirs,
     resolve_device,
     write_png_atomic,
 )
@@ -162,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cityscapes: which gtFine label files to read (default labelIds)",
     )
     p.add_argument("--classes-file", type=Path, help="folder: class file (default ROOT/classes.yaml)")
+    p.add_argument(
+        "--unknown-labels",
+        choices=UNKNOWN_LABELS,
+        default="error",
+        help="label values outside the class table: stop with an error, or ignore those pixels",
+    )
     g = p.add_argument_group("prediction")
     g.add_argument(
         "--sliding-window",
@@ -285,13 +294,24 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor]:
-        image, mask = self.dataset[index]
+    def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor] | DataError:
+        try:
+            image, mask = self.dataset[index]
+        except DataError as err:  # returned, raised in the main process: a loader worker would bury the
+            return err  # message in its traceback
         return index, torch.as_tensor(image), torch.as_tensor(mask)
 
 
 def _collate(batch: list[tuple[int, Tensor, Tensor]]) -> list[tuple[int, Tensor, Tensor]]:
     return batch  # images may differ in size; grouped by shape in the loop
+
+
+def _checked(batch: list[Any]) -> list[tuple[int, Tensor, Tensor]]:
+    """The batch, or the first :class:`DataError` a sample returned, raised."""
+    for item in batch:
+        if isinstance(item, DataError):
+            raise item
+    return batch
 
 
 def _same_shape_groups(items: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
@@ -306,7 +326,7 @@ def _same_shape_groups(items: list[tuple[int, Tensor, Tensor]]) -> Iterator[list
 
 
 def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"unknown_labels": args.unknown_labels}
     if args.dataset == "cityscapes":
         kwargs["label_type"] = args.label_type
     if args.dataset == "folder" and args.classes_file is not None:
@@ -445,7 +465,7 @@ def evaluate_model(
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
-            for group in _same_shape_groups(batch):
+            for group in _same_shape_groups(_checked(batch)):
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
                 pred = predict_logits(
@@ -523,7 +543,21 @@ def main(argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate as parsed by :func:`build_parser`: check everything, run the pass(es), write the report."""
+    """Evaluate as parsed by :func:`build_parser`: check everything, run the pass(es), write the report.
+
+    A failed run removes the (empty) output folders it created.
+    """
+    created = missing_dirs(args.output)
+    if args.write_labelids is not None:
+        created = missing_dirs(args.write_labelids) + created
+    try:
+        return _run(args)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     options = _predict_options(args)
     device = resolve_device(args.device)
     if args.write_labelids is not None and args.dataset != "cityscapes":

@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from fcn.checkpoint import load_model
-from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, open_temp_file
+from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, temp_name
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+# file name endings --output may have per format (predict tells ONNX files by their .onnx ending)
+ALLOWED_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript", ".jit")}
 MIN_OPSET = 17
 
 
@@ -60,10 +62,10 @@ class ParityResult:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a hidden temporary path next to ``path``; on success it replaces ``path``, else it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = open_temp_file(path)
-    os.close(fd)
+    tmp = temp_name(path)  # named before it exists: a signal at any point after finds it to remove
     try:
-        yield Path(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -206,24 +208,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the export runs, SIGTERM raises ``SystemExit(143)`` in the main thread instead of killing the
+    process on the spot, so the temporary file is removed (:func:`atomic_path`) as on Ctrl-C. The
+    command's one process-wide setting, restored on exit; a no-op outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str]) -> int:
     """The export command: 0 on success, 1 when the parity check fails, 2 for a user error."""
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        with sigterm_unwinds():
+            return _main(args)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
+def check_output(output: Path, checkpoint: Path, fmt: str) -> None:
+    """Refuse an ``output`` that is a folder, is the checkpoint itself (also through a link) or whose
+    ending does not match ``fmt`` (an ONNX graph named ``.pt`` or a TorchScript file named ``.onnx``)."""
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a folder; give a file name")
+    allowed = ALLOWED_SUFFIXES[fmt]
+    if output.suffix.lower() not in allowed:
+        raise ExportError(
+            f"--output {output} does not end in {' / '.join(allowed)}, the ending of --format {fmt}; "
+            f"e.g. --output {output.with_suffix(SUFFIXES[fmt])}"
+        )
+    same = output.resolve() == checkpoint.resolve()
+    if not same and output.exists() and checkpoint.exists():
+        same = os.path.samefile(output, checkpoint)  # hard links
+    if same:
+        raise ExportError(f"--output {output} is the checkpoint itself; give another file name")
+
+
 def _main(args: argparse.Namespace) -> int:
     if min(args.size) < 1:
         raise ExportError(f"--size needs positive H W, got {args.size}")
-    model, info = load_model(args.checkpoint, device="cpu")
+    checkpoint = Path(args.checkpoint).expanduser()
+    output = (args.output or checkpoint.with_suffix(SUFFIXES[args.format])).expanduser()
+    check_output(output, checkpoint, args.format)
+    model, info = load_model(checkpoint, device="cpu")
     meta = ModelMeta.from_checkpoint_info(info)
-    output = (args.output or Path(args.checkpoint).with_suffix(SUFFIXES[args.format])).expanduser()
-    if output.is_dir():
-        raise ExportError(f"--output {output} is a folder; give a file name")
     size = (int(args.size[0]), int(args.size[1]))
     try:
         if args.format == "onnx":

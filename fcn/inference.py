@@ -34,8 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn.checkpoint import CheckpointError, CheckpointInfo, load_model
-from fcn.data.io import jpeg_truncated
+from fcn.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    check_description,
+    first_line,
+    load_model,
+    require_file,
+)
+from fcn.data.io import first_cv2_line, jpeg_truncated, oversized
 from fcn.models.fuse import fuse_conv_bn, use_onednn_convolutions
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,27 +112,11 @@ class ModelMeta:
             raise CheckpointError(
                 f"{source} lacks the fcn metadata {missing}; export it with `python scripts/export.py`"
             )
-        try:
-            meta = cls(
-                model_name=str(data["model_name"]),
-                num_classes=int(data["num_classes"]),
-                class_names=[str(c) for c in data["class_names"]],
-                palette=[[int(v) for v in c] for c in data["palette"]],
-                ignore_index=int(data.get("ignore_index", 255)),
-                mean=[float(v) for v in data["mean"]],
-                std=[float(v) for v in data["std"]],
-                model_kwargs=dict(data.get("model_kwargs") or {}),
-            )
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{source} has malformed fcn metadata ({err}); export it again") from err
-        if len(meta.class_names) != meta.num_classes or len(meta.palette) < meta.num_classes:
-            raise CheckpointError(
-                f"{source} metadata has {len(meta.class_names)} class names and {len(meta.palette)} colours "
-                f"for {meta.num_classes} classes; export it again"
-            )
-        if len(meta.mean) != 3 or len(meta.std) != 3:
-            raise CheckpointError(f"{source} metadata needs 3 mean and 3 std values; export it again")
-        return meta
+        name = data["model_name"]
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{source}: model_name must be a name, got {name!r}; export it again")
+        fields = check_description(data, source=source, fix="export it again with `python scripts/export.py`")
+        return cls(model_name=name, **fields)
 
     @classmethod
     def from_onnx_props(cls, props: Mapping[str, str], *, source: str | Path) -> ModelMeta:
@@ -280,10 +271,12 @@ class OnnxPredictor(Predictor):
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
-            raise CheckpointError(
-                f"{path} is not a loadable ONNX model ({type(err).__name__}: {err})"
-            ) from err
+            raise CheckpointError(f"{path} is not a loadable ONNX model ({first_line(err)})") from err
         self.meta = ModelMeta.from_onnx_props(self.session.get_modelmeta().custom_metadata_map, source=path)
+        shape = self.session.get_outputs()[0].shape
+        outputs = shape[1] if len(shape) == 4 else None
+        if isinstance(outputs, int) and outputs != self.meta.num_classes:
+            raise CheckpointError(_class_count_mismatch(path, outputs, self.meta.num_classes))
         self.input_name = self.session.get_inputs()[0].name
         self.device = device
         self.precision = "fp32"
@@ -295,6 +288,13 @@ class OnnxPredictor(Predictor):
         arr = x.detach().float().cpu().contiguous().numpy()
         (out,) = self.session.run(None, {self.input_name: arr})
         return torch.from_numpy(out).to(self.device)
+
+
+def _class_count_mismatch(path: str | Path, outputs: int, num_classes: int) -> str:
+    return (
+        f"{path}: the model outputs {outputs} classes but its metadata says num_classes {num_classes}; "
+        "export it again with `python scripts/export.py`"
+    )
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -329,10 +329,7 @@ def load_predictor(
     the file or machine cannot honour (fp16 with ONNX, CUDA without a GPU).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            f"model file {path} does not exist; pass a training .ckpt or a file from scripts/export.py"
-        )
+    require_file(path, what="model file", fix="pass a training .ckpt or a file from scripts/export.py")
     if precision not in PRECISIONS:
         raise InferenceError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
@@ -347,12 +344,19 @@ def load_predictor(
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
                 module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
         except Exception as err:  # TorchScript raises RuntimeError subclasses that vary by version
-            raise CheckpointError(f"{path} is not a loadable TorchScript file ({err})") from err
+            raise CheckpointError(f"{path} is not a loadable TorchScript file ({first_line(err)})") from err
         try:
             data = json.loads(extra[TORCHSCRIPT_META_FILE] or "{}")
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path}: {TORCHSCRIPT_META_FILE} is not JSON ({err})") from err
         meta = ModelMeta.from_mapping(data, source=path)
+        try:
+            with torch.inference_mode():  # the traced graph's class count, on a small input
+                outputs = int(module(torch.zeros(1, 3, 64, 64, device=dev)).shape[1])
+        except Exception as err:  # a graph that does not run on images is not an fcn export
+            raise CheckpointError(f"{path}: the TorchScript model does not run ({first_line(err)})") from err
+        if outputs != meta.num_classes:
+            raise CheckpointError(_class_count_mismatch(path, outputs, meta.num_classes))
         return TorchPredictor(module, meta, device=dev, precision=precision, channels_last=channels_last)
     model, info = load_model(path, device="cpu")
     return TorchPredictor(
@@ -546,7 +550,13 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read ({err.strerror or err})") from err
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file")
-    image = cv2.imdecode(data, _IMREAD_RGB or cv2.IMREAD_COLOR)
+    too_large = oversized(data)
+    if too_large:
+        raise ImageReadError(f"{path}: {too_large}")
+    try:
+        image = cv2.imdecode(data, _IMREAD_RGB or cv2.IMREAD_COLOR)
+    except cv2.error as err:  # OpenCV refuses some headers it cannot decode (e.g. over its size limits)
+        raise ImageReadError(f"{path}: cannot decode ({first_cv2_line(err)})") from err
     if image is None:
         raise ImageReadError(f"{path}: not an image or corrupt")
     if jpeg_truncated(data):
@@ -592,6 +602,24 @@ def confidence_to_uint(conf: np.ndarray, *, bits: int = 8) -> np.ndarray:
 TMP_PREFIX = ".fcn-tmp-"
 
 
+def missing_dirs(path: str | Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what ``mkdir(parents=True)``
+    would create): a failed command removes them again with :func:`remove_empty_dirs`."""
+    missing = []
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: Sequence[Path]) -> None:
+    """Remove the folders ``dirs`` that are empty (deepest first); others stay."""
+    for d in sorted(set(dirs), key=lambda d: len(d.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def open_temp_file(path: str | Path) -> tuple[int, Path]:
     """Create a hidden temporary file next to ``path`` (``.fcn-tmp-<stem>-<random>.tmp``).
 
@@ -600,7 +628,7 @@ def open_temp_file(path: str | Path) -> tuple[int, Path]:
     """
     path = Path(path)
     for _ in range(100):
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
@@ -699,7 +727,7 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) ->
                 _link_fd(fd, path)
                 return path
             except FileExistsError:  # replacing a file: link under a temporary name, then rename over it
-                tmp = _temp_name(path)
+                tmp = temp_name(path)
                 _link_fd(fd, tmp)
                 linked = True
             except OSError:  # /proc unusable here (a sandbox): named temporary files from now on
@@ -733,7 +761,8 @@ def _write_all(fd: int, data: bytes, *, fsync: bool) -> None:
         os.fsync(fd)
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
+    """A hidden temporary name next to ``path`` (``.fcn-tmp-<stem>-<random>.tmp``, 48 random bits)."""
     return path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
 
 

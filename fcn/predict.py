@@ -39,12 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fcn.checkpoint import CheckpointError
+from fcn.checkpoint import require_file
 from fcn.inference import (
     DEVICES,
     IMAGE_EXTENSIONS,
     PRECISIONS,
-    TMP_PREFIX,
     ImageReadError,
     InferenceError,
     Predictor,
@@ -55,10 +54,12 @@ from fcn.inference import (
     label_png,
     labels_and_confidence,
     load_predictor,
+    missing_dirs,
     overlay,
     predict_logits,
     probe_size,
     read_image_rgb,
+    remove_empty_dirs,
     resolve_device,
     write_bytes_atomic,
     write_png_atomic,
@@ -69,8 +70,20 @@ DEFAULT_OUTPUTS = ("label", "color")
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 
 
+# An empty hidden file marking a folder as predict's output: later runs never take its PNGs as input
+OUTPUT_MARKER = ".fcn-predict-output"
+
+
 class PredictError(ValueError):
     """A user error of the predict command (bad option combination); printed as one ``error:`` line."""
+
+
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_predict`; ``summary`` counts the images whose outputs were written."""
+
+    def __init__(self, summary: PredictSummary) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -98,6 +111,11 @@ def _inside(path: Path, folder: Path | None) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_output_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds the outputs of a predict run (:data:`OUTPUT_MARKER`)."""
+    return (folder / OUTPUT_MARKER).is_file()
 
 
 def _glob_base(pattern: str) -> Path:
@@ -133,10 +151,11 @@ def _make_items(paths: Sequence[Path], base: Path) -> list[InputItem]:
 def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[list[InputItem], int]:
     """Expand ``spec`` into images and count the non-image files that were ignored.
 
-    ``spec`` is an image, a folder (searched recursively for image extensions, hidden entries and
-    ``exclude`` skipped), a glob (``**`` recursive) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a
-    line (relative paths from the list's folder; ``#`` comments). Listed files are tried whatever their
-    extension. Raises :class:`FileNotFoundError` for a missing input or one without images.
+    ``spec`` is an image, a folder (searched recursively for image extensions; hidden entries, ``exclude``
+    and the output folders of earlier runs skipped), a glob (``**`` recursive; earlier runs' outputs
+    skipped) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a line (relative paths from the list's
+    folder; ``#`` comments). Listed files are tried whatever their extension. Raises
+    :class:`FileNotFoundError` for a missing input or one without images.
     """
     text = str(spec)
     path = Path(text).expanduser()
@@ -146,7 +165,13 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
         found = []
         for root, dirs, files in os.walk(path):
             root_path = Path(root)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _inside(root_path / d, exclude))
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".")
+                and not _inside(root_path / d, exclude)
+                and not _is_output_dir(root_path / d)
+            )
             for name in sorted(files):
                 p = root_path / name
                 if name.startswith("."):
@@ -175,10 +200,14 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
         items = [InputItem(path=path, rel=Path(path.stem))]
     elif glob.has_magic(text):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
+        base = _glob_base(os.path.expanduser(text))
+        parents = {d for m in matches for d in m.parents if d.is_relative_to(base)}
+        outputs = {d for d in parents if _is_output_dir(d)}
         files = [m for m in matches if m.is_file() and not _inside(m, exclude)]
+        files = [m for m in files if not any(d in outputs for d in m.parents)]
         images = [m for m in files if _is_image_name(m)]
         ignored = len(files) - len(images)
-        items = _make_items(images, _glob_base(os.path.expanduser(text)))
+        items = _make_items(images, base)
     else:
         raise FileNotFoundError(
             f"input {text} does not exist; pass an image, a folder, a glob in quotes or a .txt list of paths"
@@ -195,12 +224,11 @@ def output_paths(item: InputItem, output: Path, kinds: Sequence[str]) -> dict[st
 
 
 def check_output_dir(output: Path) -> None:
-    """Create ``output`` and prove it is writable; :class:`PermissionError` with the fix otherwise."""
+    """Create ``output`` and prove it is writable by writing :data:`OUTPUT_MARKER` into it;
+    :class:`PermissionError` with the fix otherwise."""
     try:
         output.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=output)
-        os.close(fd)
-        os.unlink(probe)
+        (output / OUTPUT_MARKER).touch()
     except OSError as err:
         raise PermissionError(
             f"cannot write to the output folder {output} ({err.strerror or err}); choose another --output"
@@ -682,6 +710,8 @@ def run_predict(
     def harvest(block: bool) -> None:
         while pending and (block or pending[0][1].done()):
             item, fut = pending.popleft()
+            if fut.cancelled():  # after Ctrl-C
+                continue
             try:
                 fut.result()
             except (OSError, cv2.error) as err:
@@ -718,30 +748,36 @@ def run_predict(
             if threaded is not None and predictor.device.type == "cpu":
                 threaded.table = predictor.normalize_table()
             task = bar.add_task("predict", total=len(items), completed=summary.skipped)
-            for batch in batches:
-                for _index, message in batch["errors"]:
-                    summary.failed += 1
-                    summary.failures.append(message)
-                    log(f"failed: {message}")
-                    bar.advance(task)
-                for group in batch["groups"]:
-                    for index, outputs in _predict_group(predictor, group, **infer):
-                        item = todo[index]
-                        fut = pool.submit(
-                            _write_outputs,
-                            output_paths(item, output, kinds),
-                            **outputs,
-                            palette=palette,
-                            alpha=alpha,
-                        )
-                        pending.append((item, fut))
-                if threaded is not None:  # the next batch decodes beside this one's writes
-                    threaded.prefetch()
-                harvest(block=False)
-                while len(pending) > max_pending:  # back-pressure: never queue more than a few batches
-                    pending[0][1].exception()  # waits without raising; harvest reports it
+            try:
+                for batch in batches:
+                    for _index, message in batch["errors"]:
+                        summary.failed += 1
+                        summary.failures.append(message)
+                        log(f"failed: {message}")
+                        bar.advance(task)
+                    for group in batch["groups"]:
+                        for index, outputs in _predict_group(predictor, group, **infer):
+                            item = todo[index]
+                            fut = pool.submit(
+                                _write_outputs,
+                                output_paths(item, output, kinds),
+                                **outputs,
+                                palette=palette,
+                                alpha=alpha,
+                            )
+                            pending.append((item, fut))
+                    if threaded is not None:  # the next batch decodes beside this one's writes
+                        threaded.prefetch()
                     harvest(block=False)
-            harvest(block=True)
+                    while len(pending) > max_pending:  # back-pressure: never queue more than a few batches
+                        pending[0][1].exception()  # waits without raising; harvest reports it
+                        harvest(block=False)
+                harvest(block=True)
+            except KeyboardInterrupt:  # Ctrl-C: writes under way finish (each is atomic), queued ones do not
+                pool.shutdown(wait=True, cancel_futures=True)
+                harvest(block=True)
+                summary.seconds = prepared + time.perf_counter() - start
+                raise PredictInterrupted(summary) from None
     finally:
         cv2.setNumThreads(cv2_threads)
     summary.seconds = prepared + time.perf_counter() - start
@@ -840,11 +876,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """The predict command; returns 0, 1 when some images failed, 2 for a user error."""
     args = build_parser().parse_args(argv)
+    created = missing_dirs(args.output)  # a failed run removes them again when nothing was written
     try:
         return _main(args)
+    except PredictInterrupted as stop:
+        _discard(created)
+        summary = stop.summary
+        print(
+            f"interrupted: {summary.done + summary.skipped} of {summary.total} images have their outputs in "
+            f"{args.output}; run the same command with --skip-existing to finish",
+            file=sys.stderr,
+        )
+        return 130
     except (PredictError, InferenceError) as err:
+        _discard(created)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        _discard(created)
+        raise
+
+
+def _discard(created: Sequence[Path]) -> None:
+    """Remove the output folders this run created while they hold nothing but :data:`OUTPUT_MARKER`."""
+    if not created:
+        return
+    with contextlib.suppress(OSError):  # no folder (not created yet), or already gone
+        if [p.name for p in created[0].iterdir()] == [OUTPUT_MARKER]:
+            (created[0] / OUTPUT_MARKER).unlink()
+    remove_empty_dirs(created)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -864,10 +924,8 @@ def _main(args: argparse.Namespace) -> int:
     output = args.output.expanduser()
     items, ignored = collect_inputs(args.input, exclude=output)
     checkpoint = Path(args.checkpoint).expanduser()
-    if not checkpoint.is_file():  # fail before starting workers; load_predictor would say the same
-        raise CheckpointError(
-            f"model file {checkpoint} does not exist; pass a training .ckpt or a file from scripts/export.py"
-        )
+    # fail before starting workers; load_predictor would say the same
+    require_file(checkpoint, what="model file", fix="pass a training .ckpt or a file from scripts/export.py")
     device = resolve_device(args.device)
     check_output_dir(output)
 

@@ -20,3 +20,26 @@ def randomize_scores(model: nn.Module, seed: int = 0) -> nn.Module:
             if not p.any() and not name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+def huge_header_image(kind: str, width: int = 60000, height: int = 60000) -> bytes:
+    """A tiny file whose header claims ``width x height`` pixels (``kind`` "png" or "jpg"); decoding it
+    would allocate the whole image, so readers must refuse it from the header."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+
+    if kind == "png":
+
+        def chunk(tag: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        idat = zlib.compress(b"\0" * 16)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    sof = data.find(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height, width
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import huge_header_image
 
 from fcn.data.base import UNKNOWN, SegmentationDataset
 from fcn.data.benchmark import run as run_benchmark
@@ -30,7 +31,7 @@ from fcn.data.datamodule import build_dataset
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
-from fcn.data.io import exif_orientation, read_image, read_mask
+from fcn.data.io import MAX_IMAGE_PIXELS, exif_orientation, oversized, read_image, read_mask
 from fcn.data.transforms import eval_transform
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -379,10 +380,11 @@ def test_size_mismatch_and_unknown_labels(tmp_path) -> None:
     lab = np.full((24, 32), 3, np.uint8)
     lab[0, :3] = (42, 12, 200)
     _png(root / "valannot" / "f2.png", lab)
-    with pytest.raises(
-        DataError, match=r"valannot/f2.png has values \[12, 42, 200\].*unknown_labels='ignore'"
-    ):
+    with pytest.raises(DataError) as info:
         CamVid(root, "val")[2]
+    assert "valannot/f2.png has values [12, 42, 200]" in str(info.value)
+    # the hint names the flag of each command that reads data sets
+    assert "--data.unknown_labels ignore" in str(info.value) and "--unknown-labels ignore" in str(info.value)
     ignored = CamVid(root, "val", unknown_labels="ignore")[2][1]
     assert ignored[0, :4].tolist() == [255, 255, 255, 3] and (ignored[1:] == 3).all()
     with pytest.raises(DataError, match="unknown_labels must be one of"):
@@ -453,6 +455,21 @@ def test_unreadable_truncated_and_colour_files(tmp_path) -> None:
         CamVid(root, "val")[0]
     _png(root / "valannot" / "f0.png", np.dstack([np.full((64, 80), 4, np.uint8)] * 3))  # gray stored as RGB
     assert (CamVid(root, "val")[0][1] == 4).all()
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg"])
+def test_image_whose_header_claims_a_huge_size_is_a_data_error(tmp_path, kind) -> None:
+    """Refused from the header (OpenCV would raise cv2.error, or allocate the pixels), image and label."""
+    root = _camvid_tree(tmp_path)
+    (root / "train" / "f0.png").write_bytes(huge_header_image(kind))
+    with pytest.raises(DataError, match=r"cannot read image .*f0.png: .*MAX_IMAGE_PIXELS.*replace or remove"):
+        CamVid(root, "train")[0]
+    (root / "trainannot" / "f1.png").write_bytes(huge_header_image(kind))
+    with pytest.raises(DataError, match=r"cannot read label file .*f1.png: .*MAX_IMAGE_PIXELS"):
+        CamVid(root, "train")[1]
+    width = int(np.sqrt(MAX_IMAGE_PIXELS))
+    assert oversized(np.frombuffer(huge_header_image(kind, width, width), np.uint8)) is None  # at the limit
+    assert oversized(np.frombuffer(huge_header_image(kind, width + 1, width), np.uint8)) is not None
 
 
 def test_empty_data_sets(tmp_path) -> None:

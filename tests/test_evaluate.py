@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import huge_header_image
 
 from fcn.checkpoint import load_model, save_checkpoint
 from fcn.cli import evaluate_main
@@ -247,6 +248,7 @@ def test_compare_checkpoint_with_other_classes_is_refused(ckpt, root, tmp_path, 
 def test_missing_data_root_is_a_data_error(ckpt, tmp_path, capsys):
     assert evaluate_main(_args(ckpt, tmp_path / "nowhere", tmp_path / "out")) == 2
     assert "nowhere" in _error(capsys)
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty report folder
 
 
 def test_missing_labels_and_empty_split_are_data_errors(ckpt, root, tmp_path, capsys):
@@ -297,6 +299,42 @@ def test_inconsistent_options_are_refused(ckpt, root, tmp_path, capsys, extra, n
 def test_missing_checkpoint_is_refused(root, tmp_path, capsys):
     assert evaluate_main(_args(tmp_path / "none.ckpt", root, tmp_path / "out")) == 2
     assert "none.ckpt" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "run.ckpt").mkdir()
+    assert evaluate_main(_args(tmp_path / "run.ckpt", root, tmp_path / "a" / "out")) == 2
+    assert "run.ckpt is a folder" in _error(capsys)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_unknown_label_values_hint_at_evaluates_own_flag(ckpt, root, tmp_path, capsys, workers):
+    """The hint names --unknown-labels (evaluate's flag), also when a loader worker found the values."""
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    label = sorted((bad / "valannot").iterdir())[1]
+    mask = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+    mask[:2, :2] = 200
+    cv2.imwrite(str(label), mask)
+    out = tmp_path / "out"
+    assert evaluate_main(_args(ckpt, bad, out, "--num-workers", workers)) == 2
+    err = _error(capsys)
+    assert "\n" not in err and label.name in err and "[200]" in err
+    assert "evaluate.py: --unknown-labels ignore" in err
+    assert not out.exists()
+    assert evaluate_main(_args(ckpt, bad, out, "--num-workers", workers, "--unknown-labels", "ignore")) == 0
+    assert _metrics(out)["meta"]["images"] == N_VAL
+
+
+def test_image_with_a_huge_header_is_one_error_line(ckpt, root, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    image = sorted((bad / "val").iterdir())[2]
+    image.write_bytes(huge_header_image("png"))
+    out = tmp_path / "out"
+    assert evaluate_main(_args(ckpt, bad, out, "--num-workers", "1")) == 2
+    err = _error(capsys)
+    assert "\n" not in err and image.name in err and "MAX_IMAGE_PIXELS" in err
+    assert not out.exists()
 
 
 def test_class_mismatch_wording():

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -167,3 +173,118 @@ def test_cli_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert rc == 2
     err = capsys.readouterr().err
     assert "lacks the fcn metadata" in err and "Traceback" not in err
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("same_file", "is the checkpoint itself"),
+        ("symlink", "is the checkpoint itself"),
+        ("hard_link", "is the checkpoint itself"),
+        ("default_output", "is the checkpoint itself"),
+        ("ckpt_as_onnx", "does not end in .onnx"),
+        ("torchscript_as_onnx", "does not end in .pt"),
+        ("onnx_as_pt", "does not end in .onnx"),
+    ],
+)
+def test_export_refuses_to_overwrite_its_input_or_misname_its_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture, case: str, needle: str
+) -> None:
+    """The checkpoint is never replaced (also through links), and the ending matches the format (predict
+    tells an ONNX file by its .onnx ending)."""
+    name = (
+        "m.onnx" if case == "same_file" else "m.pt" if case in ("default_output", "hard_link") else "m.ckpt"
+    )
+    ckpt = save_checkpoint(
+        tmp_path / name, model=_model("fcn8s", TINY), model_name="fcn8s", model_kwargs=TINY
+    )
+    fmt = "torchscript" if case in ("default_output", "hard_link", "torchscript_as_onnx") else "onnx"
+    output = {"same_file": ckpt, "ckpt_as_onnx": ckpt, "torchscript_as_onnx": tmp_path / "x.onnx",
+              "onnx_as_pt": tmp_path / "x.pt", "symlink": tmp_path / "link.onnx",
+              "hard_link": tmp_path / "hard.pt", "default_output": None}[case]  # fmt: skip
+    if case == "symlink":
+        output.symlink_to(ckpt)
+    elif case == "hard_link":
+        os.link(ckpt, output)
+    before, listing = ckpt.read_bytes(), _files(tmp_path)
+    args = ["--checkpoint", str(ckpt), "--format", fmt, "--no-check"]
+    assert export_main(args + (["--output", str(output)] if output else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --output") and needle in err and "\n" not in err, err
+    assert ckpt.read_bytes() == before and _files(tmp_path) == listing
+
+
+def test_sigterm_during_export_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """SIGTERM while the ONNX file is being written: exit 143, nothing left in the output folder."""
+    ckpt = save_checkpoint(
+        tmp_path / "m.ckpt",
+        model=_model("fcn8s", {"fc_dim": 256, "width_mult": 0.5}),
+        model_name="fcn8s",
+        model_kwargs={"fc_dim": 256, "width_mult": 0.5},
+    )
+    out = tmp_path / "exp"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "scripts" / "export.py"), "--checkpoint", str(ckpt),
+           "--output", str(out / "m.onnx"), "--no-check"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not os.listdir(out):
+            time.sleep(0.002)  # the hidden temporary file appears when writing starts
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert still_running, "the export ended before it could be interrupted; make the model larger"
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert os.listdir(out) == []
+
+
+def _tamper_onnx(path: Path, **fields: object) -> None:
+    proto = onnx.load(str(path))
+    for entry in proto.metadata_props:
+        key = entry.key.removeprefix("fcn.")
+        if key in fields:
+            entry.value = json.dumps(fields[key])
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"palette": [[0, 0, 0], [999, 0, 0], [1, 2, 3]]}, "palette values must be in 0..255"),
+        ({"mean": [0.5, 0.5]}, "mean must be 3 numbers"),
+        ({"std": [0.2, 0.0, 0.2]}, "std must be positive"),
+        ({"class_names": ["a", "b"]}, "class_names must list 3 names"),
+        ({"ignore_index": 2.5}, "ignore_index must be an integer"),
+        ({"num_classes": 2, "class_names": ["a", "b"], "palette": [[0, 0, 0], [1, 1, 1]]},
+         "outputs 3 classes but its metadata says num_classes 2"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_bad_export_metadata_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, fmt: str, fields: dict, needle: str
+) -> None:
+    """Metadata of exported files is checked like a checkpoint's: one line naming the field and the file."""
+    model, meta = _model("fcn8s", TINY), _meta("fcn8s", TINY)
+    if fmt == "onnx":
+        path = export_onnx(model, meta, tmp_path / "m.onnx", size=(32, 32))
+        _tamper_onnx(path, **fields)
+    else:
+        bad = ModelMeta(**{**dataclasses.asdict(meta), **fields})  # the dataclass itself does not check
+        path = export_torchscript(model, bad, tmp_path / "m.pt", size=(32, 32))
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    out = tmp_path / "out"
+    rc = predict_main(["--checkpoint", str(path), "--input", str(tmp_path / "x.png"), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert needle in err and str(path) in err, err
+    assert not out.exists()

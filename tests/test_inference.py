@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, randomize_scores
+from helpers import TINY, huge_header_image, randomize_scores
 from torch import nn
 
 from fcn.checkpoint import CheckpointError, save_checkpoint
@@ -103,6 +103,10 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
         with pytest.raises(ImageReadError, match=name):
             read_image_rgb(tmp_path / name)
     assert probe_size(tmp_path / "bad.png") is None
+    for kind in ("png", "jpg"):  # a header claiming 60000 x 60000 pixels: refused before decoding
+        (tmp_path / f"huge.{kind}").write_bytes(huge_header_image(kind))
+        with pytest.raises(ImageReadError, match=f"huge.{kind}: its header claims .*MAX_IMAGE_PIXELS"):
+            read_image_rgb(tmp_path / f"huge.{kind}")
     # OpenCV builds differ on JPEGs cut short; the end-marker check catches them whatever the build does
     full = np.frombuffer(jpeg.tobytes(), np.uint8)
     assert not jpeg_truncated(full) and jpeg_truncated(full[:-2]) and jpeg_truncated(full[: len(full) // 2])

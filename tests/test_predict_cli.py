@@ -13,14 +13,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, randomize_scores
+from helpers import TINY, huge_header_image, randomize_scores
 from PIL import Image
 
 from fcn.checkpoint import save_checkpoint
 from fcn.cli import PREDICT_SPINCOUNT, predict_main, short_openmp_spin
 from fcn.inference import Predictor
 from fcn.models import build_model
-from fcn.predict import SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
+from fcn.predict import OUTPUT_MARKER, SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = [[128, 64, 128], [70, 70, 70], [107, 142, 35], [70, 130, 180]]
@@ -115,7 +115,8 @@ def test_folder_all_outputs(
     expected = sorted(
         f"{kind}/{rel}.png" for kind in ("label", "color", "overlay", "confidence") for rel in GOOD
     )
-    assert written == expected  # mirrored paths, nothing for corrupt / hidden / non-image files
+    # mirrored paths, nothing for corrupt / hidden / non-image files; the marker of predict's outputs
+    assert written == sorted([OUTPUT_MARKER, *expected])
     for rel in GOOD:
         label = _read(out / "label" / f"{rel}.png")
         color = _read(out / "color" / f"{rel}.png")[..., ::-1]
@@ -147,7 +148,7 @@ def test_labels_match_the_model(data: dict[str, Path], tmp_path: Path) -> None:
         ref = model(x).argmax(1)[0].numpy()
     label = _read(out / "label" / "a.png")
     assert (label == ref).mean() > 0.99
-    assert sorted(p.name for p in out.iterdir()) == ["color", "label"]  # the default outputs
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "color", "label"]  # the defaults
 
 
 def test_list_file_and_glob(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -345,7 +346,8 @@ def test_benchmark_flag(data: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
     # the first run's outputs stay; the second run wrote into a temporary folder that is gone
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     city = ("b", "day/c", "day/d")
-    assert written == sorted(f"{kind}/{name}.png" for kind in ("color", "label") for name in city)
+    expected = [f"{kind}/{name}.png" for kind in ("color", "label") for name in city]
+    assert written == sorted([OUTPUT_MARKER, *expected])
     assert _run(*args, "--benchmark", 2, "--benchmark-rewrite", "--num-workers", 0) == 0
     assert capsys.readouterr().out.rstrip().endswith("replacing existing files")
 
@@ -537,3 +539,163 @@ def test_interrupted_run_leaves_only_whole_pngs(tmp_path: Path) -> None:
     skipped = int(resumed.stdout.split("skipped ")[1].split(",")[0])
     assert done + skipped == n and 0 < skipped < n
     assert all((out / k / f"{i:03d}.png").is_file() for k in ("label", "color", "overlay") for i in range(n))
+
+
+@pytest.mark.parametrize("pipeline", ["--overlap", "--no-overlap"])
+def test_image_with_a_huge_header_is_one_failed_line(
+    tmp_path: Path, data: dict[str, Path], capsys: pytest.CaptureFixture, pipeline: str
+) -> None:
+    """A header claiming 60000 x 60000 pixels fails that image only; the rest of the folder is done."""
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), _img(np.random.default_rng(0), 48, 64))
+    (src / "b.png").write_bytes(huge_header_image("png"))
+    (src / "c.jpg").write_bytes(huge_header_image("jpg"))
+    out = tmp_path / "out"
+    rc = _run("--checkpoint", data["ckpt"], "--input", src, "--output", out, "--quiet", pipeline,
+              "--num-workers", 1)  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in captured.err
+    failed = [line for line in captured.err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 2 and all("MAX_IMAGE_PIXELS" in line for line in failed)
+    assert "done 1, skipped 0, failed 2" in captured.out
+    assert (out / "label" / "a.png").is_file() and not (out / "label" / "b.png").exists()
+
+
+def test_earlier_runs_outputs_inside_the_input_are_not_inputs(
+    tmp_path: Path, data: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(src / name), _img(rng, 48, 64))
+    common = ("--checkpoint", data["ckpt"], "--quiet", "--num-workers", 0)
+    for spec, output in (
+        (src, src / "o1"),
+        (src, src / "o1"),
+        (src, src / "o2"),
+        (f"{src}/**/*.png", src / "o3"),
+    ):
+        assert _run(*common, "--input", spec, "--output", output) == 0
+        assert "done 2, skipped 0, failed 0" in capsys.readouterr().out, (spec, output)
+    assert not (src / "o2" / "label" / "o1").exists()
+
+
+def _bad_checkpoint(path: Path, source: Path, case: str) -> Path:
+    ckpt = torch.load(source, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    if case == "palette_999":
+        hp["palette"][1] = [0, 999, 0]
+    elif case == "palette_short":
+        hp["palette"] = hp["palette"][:2]
+    elif case == "mean_2":
+        hp["mean"] = [0.4, 0.5]
+    elif case == "std_0":
+        hp["std"] = [0.2, 0.0, 0.3]
+    elif case == "std_nan":
+        hp["std"] = [0.2, float("nan"), 0.3]
+    elif case == "names":
+        hp["class_names"] = ["one"]
+    elif case == "ignore_index":
+        hp["ignore_index"] = "void"
+    elif case == "num_classes":  # the weights' score layers have 4 outputs
+        hp["num_classes"], hp["class_names"], hp["palette"] = (
+            5,
+            [*hp["class_names"], "x"],
+            [*hp["palette"], [1, 2, 3]],
+        )
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("text", "is not a readable checkpoint (UnpicklingError); it must be a Lightning .ckpt"),
+        ("folder", "is a folder"),
+        ("palette_999", "palette values must be in 0..255"),
+        ("palette_short", "palette must hold 4 colours"),
+        ("mean_2", "mean must be 3 numbers"),
+        ("std_0", "std must be positive"),
+        ("std_nan", "std must be finite"),
+        ("names", "class_names must list 4 names"),
+        ("ignore_index", "ignore_index must be an integer"),
+        ("num_classes", "weights do not fit fcn8s with num_classes 5"),
+    ],
+)
+def test_bad_checkpoints_are_one_error_line(
+    tmp_path: Path, data: dict[str, Path], capsys: pytest.CaptureFixture, case: str, needle: str
+) -> None:
+    """Every field read from a checkpoint is checked; the message names it and the file, on one line, and
+    never suggests turning weights_only off. Nothing is written, the checkpoint stays as it was."""
+    if case == "text":
+        ckpt = tmp_path / "notes.ckpt"
+        ckpt.write_text("not a checkpoint\n")
+    elif case == "folder":
+        ckpt = tmp_path / "run.ckpt"
+        ckpt.mkdir()
+    else:
+        ckpt = _bad_checkpoint(tmp_path / "bad.ckpt", data["ckpt"], case)
+    before = ckpt.read_bytes() if ckpt.is_file() else None
+    out = tmp_path / "new" / "out"
+    rc = _run("--checkpoint", ckpt, "--input", data["src"] / "a.png", "--output", out, "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert needle in err and str(ckpt) in err and "weights_only" not in err, err
+    assert not (tmp_path / "new").exists()  # the output folders this run made are gone again
+    assert before is None or ckpt.read_bytes() == before
+
+
+def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
+    """SIGINT mid-run: exit 130, one 'interrupted:' line with the count and the resume flag, no traceback,
+    only whole PNGs."""
+    src = tmp_path / "many"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    n = 40
+    for i in range(n):
+        cv2.imwrite(str(src / f"{i:03d}.png"), _img(rng, 96, 128))
+    ckpt = _ckpt(tmp_path / "m.ckpt", kwargs={"fc_dim": 64, "width_mult": 0.25})
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(ckpt), "--input", str(src),
+        "--output", str(out), "--batch-size", "1", "--num-workers", "1", "--tta", "flip",
+        "--scales", "1.0", "1.5", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "color").is_dir() and len(list((out / "color").glob("*.png"))) >= 2:
+                break
+            time.sleep(0.005)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert still_running, "the run ended before it could be interrupted; make it slower"
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    done = int(stderr.split("interrupted: ")[1].split(" of ")[0])
+    assert f"of {n} images have their outputs in {out}" in stderr and "--skip-existing" in stderr
+    labels = sorted(p.name for p in (out / "label").glob("*.png"))
+    assert 2 <= done < n and len(labels) == done
+    for p in out.rglob("*.png"):
+        with Image.open(p) as im:
+            im.load()  # raises on a truncated file
+
+
+def test_ctrl_c_outside_the_run_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    from fcn.cli import _guard
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert _guard(interrupted) == 130
+    assert capsys.readouterr().err == "interrupted\n"

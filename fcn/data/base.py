@@ -135,8 +135,8 @@ class SegmentationDataset(Dataset):
         shown = values[:10].tolist() + (["..."] if len(values) > 10 else [])
         return DataError(
             f"label file {path} has values {shown} that are not in the {self.name} class table "
-            f"(known values: {known}); fix the labels, or set unknown_labels='ignore' "
-            "(--data.unknown_labels ignore) to map them to the ignore index"
+            f"(known values: {known}); fix the labels, or map them to the ignore index with "
+            "unknown_labels='ignore' (train.py: --data.unknown_labels ignore; evaluate.py: --unknown-labels ignore)"
         )
 
     def map_labels(self, raw: np.ndarray, path: Path | str = "?") -> np.ndarray:

@@ -18,6 +18,10 @@ import numpy as np
 from fcn.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The largest image the readers decode, in pixels (64 Mpx, e.g. 8192 x 8192): a header claiming more (a
+# corrupt or hostile file) is refused before decoding, which would allocate its pixels (OpenCV raises
+# cv2.error past its own 1 Gpx limit). Below Pillow's decompression-bomb limit, whose error means "larger".
+MAX_IMAGE_PIXELS = 1 << 26
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
@@ -100,15 +104,57 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     return img
 
 
+def header_size(data: np.ndarray) -> tuple[int, int] | None:
+    """``(H, W)`` as stored, read from the header of encoded image bytes (nothing is decoded); None when
+    the format is unknown or broken, ``(-1, -1)`` past Pillow's decompression-bomb limit (which it
+    refuses to report)."""
+    head = data[:24].tobytes()
+    if len(head) == 24 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])  # the common case, without Pillow
+        return h, w
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
+            w, h = im.size
+    except Image.DecompressionBombError:
+        return -1, -1
+    except Exception:  # unknown to Pillow, or broken: the decoder will tell
+        return None
+    return h, w
+
+
+def oversized(data: np.ndarray) -> str | None:
+    """Why encoded image bytes are too large to decode (a header size over :data:`MAX_IMAGE_PIXELS`),
+    or None; the check of both image readers (this module's and predict's)."""
+    size = header_size(data)
+    if size is None or (size[0] >= 0 and size[0] * size[1] <= MAX_IMAGE_PIXELS):
+        return None
+    claimed = f"{size[1]}x{size[0]} pixels" if size[0] > 0 else "more pixels than Pillow allows"
+    return f"its header claims {claimed}, over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
+
+
 def _decode(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """The decoded image as stored, and the file's bytes."""
     data = _read_bytes(path, what)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    too_large = oversized(data)
+    if too_large:
+        raise DataError(f"cannot read {what} {path}: {too_large}; replace or remove it")
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as err:  # OpenCV refuses some headers it cannot decode (e.g. over its size limits)
+        raise DataError(f"cannot read {what} {path} ({first_cv2_line(err)}); replace or remove it") from err
     if img is None or img.size == 0 or jpeg_truncated(data):
         raise DataError(
             f"cannot read {what} {path} (corrupt, truncated or not an image); replace or remove it"
         )
     return img, data
+
+
+def first_cv2_line(err: Exception) -> str:
+    """The reason in an OpenCV error (its message spans lines: file, function, then the reason)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"OpenCV: {lines[-1]}" if lines else "OpenCV error"
 
 
 def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
@@ -159,10 +205,16 @@ def read_mask(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     data = _read_bytes(path, "label file")
+    too_large = oversized(data)
+    if too_large:
+        raise DataError(f"cannot read label file {path}: {too_large}; replace or remove it")
     indices = _palette_indices(data, path)
     if indices is not None:
         return indices
-    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as err:
+        raise DataError(f"cannot read label file {path} ({first_cv2_line(err)}); replace or remove it") from err
     if mask is None or mask.size == 0:
         raise DataError(
             f"cannot read label file {path} (corrupt, truncated or not an image); replace or remove it"
