@@ -69,7 +69,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         try:
             cli = run_cli(given)
         except TrainingStopped as stop:
-            print(stop, file=sys.stderr)
+            if stop.report:
+                print(stop, file=sys.stderr)
             _end_loader_workers()
             return stop.exit_code
         if cli.subcommand == "fit" and cli.trainer.is_global_zero:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import inspect
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -45,9 +47,10 @@ LINKED = {
 class TrainingStopped(Exception):
     """SIGTERM or Ctrl-C stopped training; the message says where ``last.ckpt`` is and how to resume."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, *, report: bool = True) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.report = report  # False on every rank but the first: one line per run
 
 
 def check_writable(directory: str | Path, option: str = "--trainer.default_root_dir") -> None:
@@ -95,12 +98,57 @@ class LastCheckpoint(ModelCheckpoint):
         self.stopped_by: str | None = None  # "SIGTERM" / "SIGINT" once a signal stopped the run
         self.saved_on_stop: Path | None = None
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's own SIGTERM handler runs a collective broadcast inside the handler and forwards the
+        # signal to the other ranks: with DDP, a SIGTERM to the process group (every rank broadcasting from
+        # its handler) or to one rank (which stops a batch before the others) deadlocks. Ctrl-C raises
+        # KeyboardInterrupt wherever each rank is. Here both only note the signal; the ranks agree on it at
+        # the next batch end (one all-reduce of a flag, DDP only), and Lightning then stops every rank at the
+        # same step (its SIGTERM path). A second Ctrl-C stops at once. Lightning puts SIGTERM's previous
+        # handler back when the run ends; SIGINT's is put back by ``_restore_sigint``.
+        super().on_train_start(trainer, pl_module)
+        if not self.stop_saver or threading.current_thread() is not threading.main_thread():
+            return
+
+        def note(signum: int, frame: object) -> None:
+            if self.stopped_by is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C
+            self.stopped_by = signal.Signals(signum).name
+            if trainer.world_size == 1:
+                trainer._signal_connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, note)
+        self._previous_sigint = signal.signal(signal.SIGINT, note)
+
+    def _agree_on_stop(self, trainer: Trainer) -> None:
+        if not self.stop_saver or trainer.world_size == 1:
+            return
+        if trainer.strategy.reduce_boolean_decision(self.stopped_by is not None, all=False):
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._agree_on_stop(trainer)
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._agree_on_stop(trainer)
+
+    def _restore_sigint(self) -> None:
+        previous, self._previous_sigint = getattr(self, "_previous_sigint", None), None
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # SIGTERM: Lightning's handler raises SIGTERMException (a SystemExit) after the current batch;
-        # Ctrl-C: KeyboardInterrupt. Any other error is a bug or bad input, not a stop to resume from.
+        self._restore_sigint()
+        # A signal ends in Lightning's SIGTERMException (a SystemExit) after the current batch; a second
+        # Ctrl-C in KeyboardInterrupt. Any other error is a bug or bad input, not a stop to resume from.
         if not self.stop_saver or not isinstance(exception, (KeyboardInterrupt, SystemExit)):
             return
-        self.stopped_by = "SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
+        if self.stopped_by is None:
+            self.stopped_by = "SIGINT" if isinstance(exception, KeyboardInterrupt) else "SIGTERM"
         if trainer.state.fn != "fit" or trainer.sanity_checking or trainer.global_step == 0:
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
@@ -254,7 +302,7 @@ class FCNCLI(LightningCLI):
         code = 130 if writer.stopped_by == "SIGINT" else 143  # 128 + the signal's number
         if writer.saved_on_stop is None:
             message = f"stopped by {writer.stopped_by} before the first step (nothing saved)"
-            return TrainingStopped(message, code)
+            return TrainingStopped(message, code, report=self.trainer.is_global_zero)
         step = self.trainer.global_step
         cleaned, skip = [], False
         for a in self.command:
@@ -273,6 +321,7 @@ class FCNCLI(LightningCLI):
             f"stopped by {writer.stopped_by} at global step {step}; saved {writer.saved_on_stop}; "
             f"resume with: {command}",
             code,
+            report=self.trainer.is_global_zero,
         )
 
 

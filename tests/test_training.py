@@ -242,7 +242,9 @@ def test_last_ckpt_is_written_inside_an_epoch_every_interval(demo_root, tmp_path
     assert seen == [None, 1, 2, 3]  # the newest step before each batch of the (4-batch) epoch
 
 
-def _signal_run(demo_root: Path, out: Path, signum: int, *, group: bool) -> tuple[int, str, int]:
+def _signal_run(
+    demo_root: Path, out: Path, signum: int, *, group: bool, extra: tuple[str, ...] = ()
+) -> tuple[int, str, int]:
     """Train in a subprocess with 2 loader workers, send ``signum`` once the first epoch's last.ckpt is
     there; return (exit code, stderr, the step last.ckpt held before the signal)."""
     import os
@@ -251,7 +253,7 @@ def _signal_run(demo_root: Path, out: Path, signum: int, *, group: bool) -> tupl
     import sys
     import time
 
-    args = _args(demo_root, out, "--trainer.max_epochs", "1000", "--data.num_workers", "2")
+    args = _args(demo_root, out, "--trainer.max_epochs", "1000", "--data.num_workers", "2", *extra)
     script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
     proc = subprocess.Popen(
         [sys.executable, str(script), *args],
@@ -279,17 +281,31 @@ def _signal_run(demo_root: Path, out: Path, signum: int, *, group: bool) -> tupl
     return proc.returncode, err, before
 
 
+DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp")  # gloo, 2 CPU processes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("signame", "group", "code"), [("SIGTERM", True, 143), ("SIGTERM", False, 143), ("SIGINT", True, 130)]
+    ("signame", "group", "code", "extra"),
+    [
+        ("SIGTERM", True, 143, ()),
+        ("SIGTERM", False, 143, ()),
+        ("SIGINT", True, 130, ()),
+        ("SIGTERM", True, 143, DDP),  # every rank gets it
+        ("SIGTERM", False, 143, DDP),  # rank 0 alone
+    ],
 )
-def test_a_signal_saves_last_ckpt_and_prints_how_to_resume(demo_root, tmp_path, signame, group, code) -> None:
+def test_a_signal_saves_last_ckpt_and_prints_how_to_resume(
+    demo_root, tmp_path, signame, group, code, extra
+) -> None:
     import signal
 
-    rc, err, before = _signal_run(demo_root, tmp_path, getattr(signal, signame), group=group)
+    rc, err, before = _signal_run(demo_root, tmp_path, getattr(signal, signame), group=group, extra=extra)
     assert rc == code, err
     assert "Traceback" not in err, err
-    line = next(x for x in err.splitlines() if x.startswith(f"stopped by {signame}"))
+    lines = [x for x in err.splitlines() if x.startswith(f"stopped by {signame}")]
+    assert len(lines) == 1, err  # one line, also with several ranks
+    line = lines[0]
     step = int(line.split("global step ")[1].split(";")[0])
     last = tmp_path / "ckpt" / "last.ckpt"
     assert _step(last)[1] == step >= before
