@@ -232,3 +232,57 @@ def test_build_dataset_names(demo) -> None:
         assert len(ds) == 3 and ds.classes == CAMVID_CLASSES
     image, mask = ds[0]
     assert image.dtype == np.uint8 and mask.dtype == np.int64
+
+
+def test_train_list_restricts_the_labelled_set_and_the_rest_is_the_pool(demo, tmp_path) -> None:
+    listed = tmp_path / "labelled.txt"
+    listed.write_text("# two of the six\ndemo_00001.png\n\ndemo_00004.png\n")
+    dm = _dm(demo, train_list=str(listed))
+    dm.setup("fit")
+    assert [img.name for img, _ in dm.train_dataloader().dataset.samples] == [
+        "demo_00001.png",
+        "demo_00004.png",
+    ]
+    assert len(dm.val_dataloader().dataset) == 3  # validation untouched
+    weights = _dm(demo, train_list=str(listed), class_weighting="median_frequency").class_weights
+    assert (
+        weights != _dm(demo, class_weighting="median_frequency").class_weights
+    )  # from the listed labels only
+    semi = _dm(demo, train_list=str(listed), unlabeled_from_train=True, unlabeled_ratio=1.5)
+    semi.setup("fit")
+    loaders = semi.train_dataloader()
+    pool = loaders["unlabeled"].dataset
+    assert isinstance(pool, UnlabeledImageFolder)
+    assert [p.name for p in pool.paths] == [
+        "demo_00000.png",
+        "demo_00002.png",
+        "demo_00003.png",
+        "demo_00005.png",
+    ]
+    assert pool.relative_paths[0] == Path("demo_00000.png")
+    xu, yu = next(iter(loaders["unlabeled"]))
+    assert xu.shape == (3, 3, 40, 48) and (yu == 255).all()  # round(2 * 1.5) random crops, no labels
+    assert len(loaders["labeled"]) == len(loaders["unlabeled"]) == 1
+
+
+def test_train_list_errors(demo, tmp_path) -> None:
+    listed = tmp_path / "l.txt"
+    listed.write_text("demo_00001.png\nnot_a_frame.png\n")
+    with pytest.raises(DataError, match=r"l.txt names 1 frame\(s\) that are not in .*'not_a_frame.png'"):
+        _dm(demo, train_list=str(listed)).setup("fit")
+    listed.write_text("demo_00001.png\ndemo_00001.png\n")
+    with pytest.raises(DataError, match="more than once"):
+        _dm(demo, train_list=str(listed))
+    listed.write_text("# nothing\n")
+    with pytest.raises(DataError, match="lists no frames"):
+        _dm(demo, train_list=str(listed))
+    with pytest.raises(DataError, match="frame list .*missing.txt cannot be read"):
+        _dm(demo, train_list=str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="unlabeled_from_train needs train_list"):
+        _dm(demo, unlabeled_from_train=True)
+    listed.write_text("demo_00001.png\n")
+    with pytest.raises(DataError, match="either unlabeled_root or unlabeled_from_train"):
+        _dm(demo, train_list=str(listed), unlabeled_from_train=True, unlabeled_root=str(demo / "test"))
+    listed.write_text("".join(f"demo_{i:05d}.png\n" for i in range(6)))
+    with pytest.raises(DataError, match="holds every training frame"):
+        _dm(demo, train_list=str(listed), unlabeled_from_train=True).setup("fit")

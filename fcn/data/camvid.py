@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
+from fcn.data.errors import DataError
 from fcn.data.io import MASK_EXTENSIONS, list_images, read_mask
 
 CLASSES = (
@@ -88,8 +90,11 @@ class CamVid(SegmentationDataset):
         )
 
 
-def median_frequency_weights(root: str | Path, split: str = "train") -> list[float]:
-    """Median-frequency class weights (Eigen & Fergus): ``median(freq) / freq[c]`` over the split's labels.
+def median_frequency_weights(
+    root: str | Path, split: str = "train", *, frames: Collection[str] | None = None
+) -> list[float]:
+    """Median-frequency class weights (Eigen & Fergus): ``median(freq) / freq[c]`` over the split's labels
+    (only those of the image file names in ``frames`` when given, e.g. a labelled subset).
 
     ``freq[c]`` is the pixel count of class ``c`` over the total pixels of the images where ``c`` appears.
     Classes that never appear get weight 0.
@@ -97,7 +102,9 @@ def median_frequency_weights(root: str | Path, split: str = "train") -> list[flo
     n = len(CLASSES)
     counts = np.zeros(n, dtype=np.float64)
     image_pixels = np.zeros(n, dtype=np.float64)
-    for _, mask_path in camvid_pairs(root, split):
+    for image_path, mask_path in camvid_pairs(root, split):
+        if frames is not None and image_path.name not in frames:
+            continue
         raw = read_mask(mask_path)
         hist = np.bincount(raw.ravel(), minlength=256)[:n].astype(np.float64)
         counts += hist
@@ -107,3 +114,54 @@ def median_frequency_weights(root: str | Path, split: str = "train") -> list[flo
     freq[present] = counts[present] / image_pixels[present]
     median = float(np.median(freq[present])) if present.any() else 0.0
     return [float(median / f) if f > 0 else 0.0 for f in freq]
+
+
+# -- labelled subsets (the label-scarce protocol of configs/camvid_cpu/) -----------------------------------
+def sequence_of(name: str) -> str:
+    """The video sequence of a CamVid frame name: the part before the first ``_`` (``0016E5_07959.png`` ->
+    ``0016E5``); a name without ``_`` is its own sequence's stem."""
+    return Path(name).stem.split("_", 1)[0]
+
+
+def spread_subset(names: Sequence[str], fraction: float = 0.25) -> list[str]:
+    """``round(fraction * len(names))`` frames spread evenly over the sequences and over time in each.
+
+    Every sequence gets the same share (``fraction`` of its frames, the remainders handed out by largest
+    remainder, ties to the sequence first by name); within a sequence sorted by name, ``k`` of ``n`` frames
+    are taken at the centres of ``k`` equal spans (index ``floor((i + 0.5) * n / k)``), i.e. every 4th
+    frame for a quarter. Deterministic; returns the chosen names sorted.
+    """
+    if not 0 < fraction <= 1:
+        raise DataError(f"fraction must be in (0, 1], got {fraction}")
+    groups: dict[str, list[str]] = {}
+    for name in sorted(set(names)):
+        groups.setdefault(sequence_of(name), []).append(name)
+    if not groups:
+        raise DataError("no frames to choose a subset from")
+    total = round(fraction * sum(len(g) for g in groups.values()))
+    quota = {seq: math.floor(fraction * len(g)) for seq, g in groups.items()}
+    by_remainder = sorted(groups, key=lambda s: (-(fraction * len(groups[s]) - quota[s]), s))
+    for seq in by_remainder[: max(0, total - sum(quota.values()))]:
+        quota[seq] += 1
+    chosen = []
+    for seq, frames in groups.items():
+        n, k = len(frames), quota[seq]
+        chosen += [frames[math.floor((i + 0.5) * n / k)] for i in range(k)]
+    return sorted(chosen)
+
+
+def write_subset_list(
+    root: str | Path, output: str | Path, *, split: str = "train", fraction: float = 0.25
+) -> list[str]:
+    """Choose :func:`spread_subset` of a CamVid split's image file names and write them to ``output``, one a
+    line (the file ``--data.train_list`` reads); returns the names. The shipped quarter list is::
+
+        python -c "from fcn.data.camvid import write_subset_list as w; \\
+            w('data/camvid', 'configs/camvid_cpu/train_quarter.txt')"
+    """
+    names = spread_subset([image.name for image, _ in camvid_pairs(root, split)], fraction)
+    output = Path(output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text("".join(f"{name}\n" for name in names))
+    tmp.replace(output)
+    return names

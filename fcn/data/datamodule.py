@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
 import signal
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,60 @@ def build_dataset(
 
 def _end_on_next_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def read_frame_list(path: str | Path) -> list[str]:
+    """Image file names from a list file, one a line (blank lines and ``#`` comments skipped)."""
+    path = Path(path)
+    fix = "write one image file name (e.g. 0001TP_006690.png) a line"
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"frame list {path} cannot be read ({getattr(err, 'strerror', None) or err}); {fix}"
+        ) from err
+    names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise DataError(f"frame list {path} lists no frames; {fix}")
+    twice = sorted(name for name, n in Counter(names).items() if n > 1)
+    if twice:
+        raise DataError(f"frame list {path} lists {twice[:5]} more than once; list each frame once")
+    return names
+
+
+def select_frames(ds: Dataset, names: Sequence[str], source: str | Path) -> tuple[Dataset, list[Path]]:
+    """Split a labelled data set by image file name: ``(a copy holding only the listed frames, the image
+    paths of the other frames)``. A listed name that is not in ``ds`` (or matches two images) is a
+    :class:`DataError`."""
+    by_name: dict[str, int] = Counter(image.name for image, _ in ds.samples)
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise DataError(
+            f"frame list {source} names {len(missing)} frame(s) that are not in {ds.name}, "
+            f"e.g. {missing[:5]}; "
+            "point --data.data_root at the data the list was made for, or regenerate the list "
+            "(fcn.data.camvid.write_subset_list)"
+        )
+    ambiguous = [name for name in names if by_name[name] > 1]
+    if ambiguous:
+        raise DataError(f"frame list {source}: {ambiguous[:5]} match several images of {ds.name}")
+    listed = set(names)
+    subset = copy.copy(ds)
+    subset.samples = [pair for pair in ds.samples if pair[0].name in listed]
+    subset.name = f"{ds.name}, the {len(subset.samples)} frames of {source}"
+    return subset, [image for image, _ in ds.samples if image.name not in listed]
+
+
+def unlabeled_images(paths: Sequence[Path], *, transform: Any, ignore_index: int) -> UnlabeledImageFolder:
+    """The image files ``paths`` as an :class:`UnlabeledImageFolder` (all-ignore masks, same loader path as
+    ``unlabeled_root``)."""
+    if not paths:
+        raise DataError("the unlabeled pool is empty")
+    parent = Path(os.path.commonpath([p.parent for p in paths]))
+    pool = UnlabeledImageFolder(parent, transform=transform, ignore_index=ignore_index)
+    pool.paths = sorted(paths)
+    pool.relative_paths = [p.relative_to(parent) for p in pool.paths]
+    return pool
 
 
 def seed_worker(worker_id: int) -> None:
@@ -139,6 +196,12 @@ class SegDataModule(L.LightningDataModule):
             ``round(batch_size * unlabeled_ratio)`` random crops). The labelled set sets the epoch's length:
             each epoch draws as many unlabeled batches as there are labelled ones, walking through random
             permutations of the whole pool (a pool larger than an epoch's share is covered over epochs).
+        train_list: a file of image file names, one a line: the labelled training set is only these frames
+            of the train split (e.g. ``configs/camvid_cpu/train_quarter.txt``); median-frequency class
+            weights then come from them alone. A listed frame missing from the split is a ``DataError``.
+        unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (their
+            labels unused), loaded like ``unlabeled_root``'s images; needs ``train_list``, excludes
+            ``unlabeled_root``.
         predict_root: an image folder (recursive) for ``predict``; default: the test split.
         seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
             (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
@@ -166,6 +229,8 @@ class SegDataModule(L.LightningDataModule):
         class_weighting: str | None = None,
         unlabeled_root: str | None = None,
         unlabeled_ratio: float = 1.0,
+        train_list: str | None = None,
+        unlabeled_from_train: bool = False,
         predict_root: str | None = None,
         seed: int = 0,
         demo_train: int = 160,
@@ -189,6 +254,13 @@ class SegDataModule(L.LightningDataModule):
             raise DataError(f"num_workers must be 0 or more, got {num_workers}")
         if not float(unlabeled_ratio) > 0:
             raise DataError(f"unlabeled_ratio must be positive, got {unlabeled_ratio}")
+        if unlabeled_from_train and not train_list:
+            raise DataError(
+                "unlabeled_from_train needs train_list (the labelled frames; the other training frames are "
+                "the unlabeled pool)"
+            )
+        if unlabeled_from_train and unlabeled_root:
+            raise DataError("give either unlabeled_root or unlabeled_from_train, not both")
         self.dataset = dataset
         self.data_root = Path(data_root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
@@ -208,6 +280,9 @@ class SegDataModule(L.LightningDataModule):
         self.class_weighting = class_weighting
         self.unlabeled_root = unlabeled_root
         self.unlabeled_ratio = float(unlabeled_ratio)
+        self.train_list = train_list
+        self.unlabeled_from_train = bool(unlabeled_from_train)
+        self._train_frames = read_frame_list(train_list) if train_list else None
         self.predict_root = predict_root
         self.seed = int(seed)
         self.demo = {
@@ -265,7 +340,10 @@ class SegDataModule(L.LightningDataModule):
             raise DataError("class_weighting='median_frequency' is implemented for CamVid-layout data")
         if self._class_weights is None:
             self.prepare_data()
-            self._class_weights = camvid.median_frequency_weights(self.data_root, self.splits["train"])
+            frames = set(self._train_frames) if self._train_frames else None
+            self._class_weights = camvid.median_frequency_weights(
+                self.data_root, self.splits["train"], frames=frames
+            )
         return self._class_weights
 
     # -- data sets -----------------------------------------------------------------------------------------
@@ -319,7 +397,29 @@ class SegDataModule(L.LightningDataModule):
             tf = self._train_transform()
         else:
             tf = eval_transform(mean=self.mean, std=self.std, size=self.eval_size)
-        return build_dataset(self.dataset, self.data_root, self.splits[split], transform=tf, **self._kwargs())
+        ds = build_dataset(self.dataset, self.data_root, self.splits[split], transform=tf, **self._kwargs())
+        if split == "train" and self._train_frames:
+            ds, _ = select_frames(ds, self._train_frames, self.train_list)
+        return ds
+
+    @property
+    def semi_supervised(self) -> bool:
+        """Whether the train loader also yields unlabeled batches."""
+        return bool(self.unlabeled_root or self.unlabeled_from_train)
+
+    def _unlabeled_pool(self) -> Dataset:
+        if self.unlabeled_root:
+            return UnlabeledImageFolder(
+                self.unlabeled_root, transform=self._train_transform(), ignore_index=self._ignore
+            )
+        everything = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs())
+        _, rest = select_frames(everything, self._train_frames, self.train_list)
+        if not rest:
+            raise DataError(
+                f"train_list {self.train_list} holds every training frame: nothing is left for the "
+                "unlabeled pool (unlabeled_from_train)"
+            )
+        return unlabeled_images(rest, transform=self._train_transform(), ignore_index=self._ignore)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # no-op unless the demo data is missing (e.g. outside a Trainer)
@@ -333,10 +433,8 @@ class SegDataModule(L.LightningDataModule):
         for split in wanted.get(stage, ()):
             if split not in self._data:
                 self._data[split] = self.make_dataset(split)
-        if stage in ("fit", None) and self.unlabeled_root and "unlabeled" not in self._data:
-            self._data["unlabeled"] = UnlabeledImageFolder(
-                self.unlabeled_root, transform=self._train_transform(), ignore_index=self._ignore
-            )
+        if stage in ("fit", None) and self.semi_supervised and "unlabeled" not in self._data:
+            self._data["unlabeled"] = self._unlabeled_pool()
         if stage == "predict" and self.predict_root and "predict" not in self._data:
             self._data["predict"] = UnlabeledImageFolder(
                 self.predict_root,
@@ -383,9 +481,10 @@ class SegDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
-        """Shuffled random crops; with ``unlabeled_root`` a dict ``{"labeled", "unlabeled"}`` of loaders."""
+        """Shuffled random crops; semi-supervised (``unlabeled_root`` / ``unlabeled_from_train``) a dict
+        ``{"labeled", "unlabeled"}`` of loaders."""
         labeled = self._loader(self._get("train", "fit"), batch_size=self.batch_size, shuffle=True)
-        if not self.unlabeled_root:
+        if not self.semi_supervised:
             return labeled
         n = max(1, round(self.batch_size * self.unlabeled_ratio))
         unlabeled = self._loader(

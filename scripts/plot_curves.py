@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Plot val mIoU and train loss of several CSVLogger runs against epoch into one PNG (see fcn/curves.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fcn.cli import _delegate
+
+plot_curves_main = _delegate("fcn.curves")  # known errors: one `error: ...` line, exit 2
+
+if __name__ == "__main__":
+    sys.exit(plot_curves_main())

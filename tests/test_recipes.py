@@ -1,0 +1,167 @@
+"""The CPU CamVid recipes (configs/camvid_cpu/): each parses and trains one tiny epoch on generated data with
+its callbacks; the shipped labelled quarter: deterministic, disjoint from the unlabeled pool, even."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fcn.checkpoint import save_checkpoint
+from fcn.cli import train_main
+from fcn.data.camvid import CLASSES, PALETTE, camvid_pairs, sequence_of, spread_subset, write_subset_list
+from fcn.data.datamodule import SegDataModule, read_frame_list
+from fcn.data.demo import make_demo_dataset
+from fcn.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "configs" / "camvid_cpu"
+CONFIGS = sorted(RECIPES.glob("*.yaml"))
+QUARTER = RECIPES / "train_quarter.txt"
+CAMVID = REPO.parent / "shared" / "data" / "camvid"
+TINY_TEACHER = {"backbone": "vgg16_bn", "width_mult": 0.125, "fc_dim": 32}
+SIZE = (48, 64)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, layout="camvid", n_train=8, n_val=2, size=SIZE, seed=0)
+    write_subset_list(root, root / "quarter.txt")  # 2 of the 8 frames
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    net = build_model("fcn8s", num_classes=len(CLASSES), **TINY_TEACHER)
+    path = tmp_path_factory.mktemp("teacher") / "best.ckpt"
+    palette = [list(c) for c in PALETTE]
+    return save_checkpoint(
+        path,
+        model=net,
+        model_name="fcn8s",
+        model_kwargs=TINY_TEACHER,
+        class_names=list(CLASSES),
+        palette=palette,
+    )
+
+
+def test_the_recipes_are_all_there() -> None:
+    names = {c.stem for c in CONFIGS}
+    assert names == {
+        "student",
+        "fcn8s",
+        "distill_offline",
+        "distill_self",
+        "student_quarter",
+        "fcn8s_quarter",
+        "distill_semi_quarter",
+    }
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_recipe_settings_and_header(config: Path) -> None:
+    name = config.stem
+    text = config.read_text()
+    cfg = yaml.safe_load(text)
+    trainer, model, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("cpu", 1, 32)
+    assert data["num_workers"] == 2 and data["data_root"] == "data/camvid" and data["dataset"] == "camvid"
+    assert data["crop_size"] == [240, 320] and "eval_size" not in data  # validation on full frames
+    out = f"outputs/camvid_cpu/{name}"
+    assert trainer["default_root_dir"] == out and cfg["checkpoint"]["dirpath"] == f"{out}/checkpoints"
+    assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {out}
+    callbacks = [c["class_path"] for c in trainer["callbacks"]]
+    assert callbacks == ["fcn.callbacks.ProgressLine", "fcn.callbacks.ValPredictionGrid"]
+    if model["model"] == "student":
+        assert model["model_kwargs"] == {"weights": None}
+    else:
+        assert model["model"] == "fcn8s" and model["model_kwargs"]["backbone"] == "vgg16_bn"
+    assert ("train_list" in data) == name.endswith("_quarter")
+    assert data.get("unlabeled_from_train", False) == (name == "distill_semi_quarter")
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert f"python scripts/train.py fit --config configs/camvid_cpu/{name}.yaml" in header
+    assert f"--ckpt_path {out}/checkpoints/last.ckpt" in header
+    assert "Wall time" in header
+    for key in ("teacher_checkpoint",):
+        if key in model:
+            teacher = "fcn8s_quarter" if name.endswith("_quarter") else "fcn8s"
+            assert model[key] == f"outputs/camvid_cpu/{teacher}/checkpoints/best.ckpt"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_recipe_trains_one_tiny_epoch(config, demo_root, teacher, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/ land here
+    text = config.read_text()
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--data.data_root",
+        str(demo_root),
+        "--data.crop_size",
+        "[32, 48]",
+    ]
+    args += ["--data.batch_size", "2", "--data.num_workers", "0", "--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.check_val_every_n_epoch", "1"]
+    if "model: fcn8s" in text:
+        args += ["--model.init_args.model_kwargs", json.dumps(TINY_TEACHER)]
+    if "teacher_checkpoint:" in text:
+        args += ["--model.init_args.teacher_checkpoint", str(teacher)]
+    if "train_list:" in text:
+        args += ["--data.train_list", str(demo_root / "quarter.txt")]
+    assert train_main(args) == 0
+    out = tmp_path / "outputs" / "camvid_cpu" / config.stem
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    assert (out / "val_grids" / "epoch_000.png").is_file()  # the last epoch always gets a grid
+    assert list((out / "logs").glob("version_*/metrics.csv"))
+    assert re.search(r"epoch 1/1  step \d+  train [\d.]+ img/s  val mIoU \d\.\d{3}", caplog.text)
+
+
+# -- the labelled quarter ---------------------------------------------------------------------------------
+SEQUENCES = {"0001TP": 62, "0006R0": 101, "0016E5": 204}  # CamVid's 367 training frames
+
+
+def test_shipped_quarter_list_is_92_frames_spread_over_the_sequences() -> None:
+    names = read_frame_list(QUARTER)
+    assert len(names) == len(set(names)) == 92 and names == sorted(names)
+    assert all(re.fullmatch(r"0001TP_\d{6}\.png|0006R0_f\d{5}\.png|0016E5_\d{5}\.png", n) for n in names)
+    counts = Counter(sequence_of(n) for n in names)
+    assert counts == {"0001TP": 16, "0006R0": 25, "0016E5": 51}  # a quarter of each (62/4 = 15.5 -> 16)
+
+
+def test_spread_subset_is_deterministic_and_even() -> None:
+    frames = [f"{seq}_{i:05d}.png" for seq, n in SEQUENCES.items() for i in range(n)]
+    chosen = spread_subset(frames[::-1])  # input order does not matter
+    assert chosen == spread_subset(frames) and len(chosen) == 92
+    assert Counter(sequence_of(n) for n in chosen) == {"0001TP": 16, "0006R0": 25, "0016E5": 51}
+    index = {seq: sorted(int(n[7:12]) for n in chosen if n.startswith(seq)) for seq in SEQUENCES}
+    assert index["0016E5"] == list(range(2, 204, 4))  # exactly every 4th frame
+    for seq, taken in index.items():
+        gaps = {b - a for a, b in pairwise(taken)}
+        assert gaps <= {3, 4, 5}, (seq, gaps)  # evenly spaced in time
+        assert taken[0] <= 3 and taken[-1] >= SEQUENCES[seq] - 4  # the whole sequence is covered
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason=f"real CamVid not at {CAMVID}")
+def test_quarter_list_regenerates_from_real_camvid_and_the_pool_is_the_rest(tmp_path) -> None:
+    assert write_subset_list(CAMVID, tmp_path / "q.txt") == read_frame_list(QUARTER)
+    assert (tmp_path / "q.txt").read_text() == QUARTER.read_text()
+    dm = SegDataModule(
+        dataset="camvid",
+        data_root=str(CAMVID),
+        train_list=str(QUARTER),
+        unlabeled_from_train=True,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    labelled = {image.name for image, _ in dm.make_dataset("train").samples}
+    pool = {p.name for p in dm.train_dataloader()["unlabeled"].dataset.paths}
+    every = {image.name for image, _ in camvid_pairs(CAMVID, "train")}
+    assert len(labelled) == 92 and len(pool) == 275 and not labelled & pool and labelled | pool == every
