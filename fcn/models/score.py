@@ -4,7 +4,8 @@ On CPUs with AMX (Sapphire Rapids and later), oneDNN 3.12 as shipped in torch 2.
 the **bias gradient** in its bf16 backward-weights convolution (``brgconv_bwd_w:avx10_1_512_amx``) when the
 number of output channels is not a multiple of 16, the input has more than 2048 channels and the reduction
 runs on more than one thread: exactly FCN's ``score_fr`` (4096 -> num_classes, 1x1). The overrun corrupts
-the heap and glibc aborts a step or two later (``corrupted size vs. prev_size``, ``free(): invalid next size``).
+the heap and glibc aborts a step or two later (``corrupted size vs. prev_size``,
+``free(): invalid next size``).
 See docs/upstream/README.md and the plain-torch reproducer there.
 
 :func:`score_conv` runs such a layer as a bias-free convolution plus a broadcast add in bf16 CPU training,
