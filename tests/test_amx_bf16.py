@@ -35,7 +35,7 @@ _TRAIN = textwrap.dedent(
 
     torch.manual_seed(0)
     torch.set_num_threads(2)  # the overrun happens in oneDNN's multi-threaded bias reduction
-    model = build_model("{name}", num_classes=11, width_mult=0.25, fc_dim=4096)
+    model = build_model("fcn8s", num_classes=11, width_mult=0.25, fc_dim=4096)
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
@@ -53,12 +53,11 @@ _TRAIN = textwrap.dedent(
 
 
 @pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="needs a CPU with AMX (amx_bf16 in /proc/cpuinfo)")
-@pytest.mark.parametrize("name", ["fcn8s", "fcn32s"])
-def test_bf16_training_survives_on_amx(name: str) -> None:
+def test_bf16_training_survives_on_amx() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", _TRAIN.format(name=name)], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", _TRAIN], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("trained")
