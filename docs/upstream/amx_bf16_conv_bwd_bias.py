@@ -11,7 +11,8 @@ torch 2.14.1 (oneDNN v3.12.0) aborts within a few iterations with a glibc heap e
 
 The failing primitive (``ONEDNN_VERBOSE=1``) is ``brgconv_bwd_w:avx10_1_512_amx`` with
 ``bia:bf16:a:blocked:a::f0``, e.g. ``mb2_ic4096oc11_ih2oh2kh1...``. It needs out channels not a multiple of
-16 (11, 12, 5, 1 abort; 16, 32 do not) and in channels above 2048 (2560 .. 8192 abort; 2048 and less do not).
+16 (11, 12, 5, 1 abort; 16, 32 do not) and more than 2048 in channels (2049 .. 8192 abort; 2048 and
+less do not).
 """
 
 import argparse
