@@ -6,8 +6,8 @@ for two kinds of depthwise backward pass: 5x5 weights gradients fall back to the
 MobileNetV3 (8 such layers) they took about 765 of the 1860 ms oneDNN spent in a batch-8 240x320 training
 step (in fp32 the backward of all 15 depthwise layers took about 210 ms), which made bf16 training slower
 than fp32 on an AMX CPU although every other convolution is faster. With them in fp32 the student's bf16
-training step is about 1.2x faster than fp32 there (docs/upstream/README.md). :func:`train_slow_depthwise_in_fp32` makes those layers run in fp32
-while autocast is on and gradients are recorded; inference and fp32 training are unchanged.
+training step is about 1.2x faster than fp32 there. :func:`train_slow_depthwise_in_fp32` makes those layers
+run in fp32 while autocast is on and gradients are recorded; inference and fp32 training are unchanged.
 """
 
 from __future__ import annotations
