@@ -22,6 +22,7 @@ from torch import nn
 
 from fcn.models.errors import ModelError
 from fcn.models.init import make_upsampler, zero_init
+from fcn.models.score import score_conv
 
 MODES = ("aligned", "paper")
 STRIDES = (32, 16, 8)
@@ -104,13 +105,13 @@ class FCN(nn.Module):
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         height, width = x.shape[-2:]
         feats = self.backbone(x)
-        score = self.score_fr(feats["c5"])  # (N, C, H/32, W/32)
+        score = score_conv(self.score_fr, feats["c5"])  # (N, C, H/32, W/32)
         if "c4" in self.skips:
             pool4 = feats["c4"] * AT_ONCE_SCALES["c4"] if self.skip_scaling else feats["c4"]
-            score = self._fuse(self.upscore2(score), self.score_pool4(pool4), "c4")  # 1/16
+            score = self._fuse(self.upscore2(score), score_conv(self.score_pool4, pool4), "c4")  # 1/16
         if "c3" in self.skips:
             pool3 = feats["c3"] * AT_ONCE_SCALES["c3"] if self.skip_scaling else feats["c3"]
-            score = self._fuse(self.upscore_pool4(score), self.score_pool3(pool3), "c3")  # 1/8
+            score = self._fuse(self.upscore_pool4(score), score_conv(self.score_pool3, pool3), "c3")  # 1/8
         offset = PAPER_FINAL_OFFSETS[self.stride] if self.mode == "paper" else 0
         out = _crop(self.upscore(score), offset, height, width)  # (N, C, H, W)
         if return_features:
