@@ -31,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from fcn.cli import keeps_freed_memory, release_freed_memory
 from fcn.inference import write_bytes_atomic
 from fcn.models import ModelError, build_model, list_models
-from fcn.models.mixed import train_slow_depthwise_in_fp32
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,8 +213,6 @@ def bench_model(
     step_ms = None
     if train:
         model.train()
-        if not compile:  # as training does: the depthwise layers whose bf16 backward is slow run in fp32
-            train_slow_depthwise_in_fp32(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
         target = torch.randint(0, num_classes, (batch, h, w), device=device)
 

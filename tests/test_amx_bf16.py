@@ -98,29 +98,3 @@ def test_score_conv_is_the_layer_itself_outside_bf16_training() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         score_conv(conv, x)  # bf16 training: the bias is added apart, the module is not called
     assert len(calls) == 2
-
-
-def test_slow_depthwise_layers_train_in_fp32_under_cpu_autocast() -> None:
-    from fcn.models import build_model
-    from fcn.models.mixed import Fp32TrainingConv2d, train_slow_depthwise_in_fp32
-
-    model = build_model("student", num_classes=11, width_mult=0.5)
-    keys = list(model.state_dict())
-    assert train_slow_depthwise_in_fp32(model) == 8  # MobileNetV3-Large: 5x5 and stride-2 depthwise layers
-    assert list(model.state_dict()) == keys
-    assert train_slow_depthwise_in_fp32(build_model("fcn8s", num_classes=3, width_mult=0.125, fc_dim=32)) == 0
-
-    torch.manual_seed(0)
-    conv = nn.Conv2d(8, 8, 5, padding=2, groups=8)
-    swapped = Fp32TrainingConv2d(8, 8, 5, padding=2, groups=8)
-    swapped.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 8, 9, 9)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = swapped(x)
-        assert conv(x).dtype == torch.bfloat16 and out.dtype == torch.float32
-        with torch.no_grad():
-            assert swapped(x).dtype == torch.bfloat16  # inference keeps bf16
-    out.sum().backward()
-    conv(x).sum().backward()
-    torch.testing.assert_close(out, conv(x))
-    torch.testing.assert_close(swapped.weight.grad, conv.weight.grad)
