@@ -61,6 +61,7 @@ def test_the_recipes_are_all_there() -> None:
         "student_quarter",
         "fcn8s_quarter",
         "distill_semi_quarter",
+        "student_loso",
     }
 
 
@@ -82,7 +83,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
         assert model["model_kwargs"] == {"weights": None}
     else:
         assert model["model"] == "fcn8s" and model["model_kwargs"]["backbone"] == "vgg16_bn"
-    assert ("train_list" in data) == name.endswith("_quarter")
+    assert ("train_list" in data) == (name.endswith("_quarter") or name == "student_loso")
     assert data.get("unlabeled_from_train", False) == (name == "distill_semi_quarter")
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert f"python scripts/train.py fit --config configs/camvid_cpu/{name}.yaml" in header
