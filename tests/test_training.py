@@ -236,7 +236,7 @@ def test_last_ckpt_is_written_inside_an_epoch_every_interval(demo_root, tmp_path
         limit_val_batches=0,
         default_root_dir=tmp_path,
         enable_checkpointing=True,
-        callbacks=[Probe(), *last_checkpoints(tmp_path, every_minutes=1e-9)],
+        callbacks=[Probe(), *last_checkpoints(tmp_path, every_minutes=1e-6)],
     )
     trainer.fit(module, datamodule=dm)
     assert seen == [None, 1, 2, 3]  # the newest step before each batch of the (4-batch) epoch
