@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcn.cli import keeps_freed_memory, release_freed_memory
 from fcn.inference import write_bytes_atomic
 from fcn.models import ModelError, build_model, list_models
+from fcn.tuning import keeps_freed_memory, release_freed_memory
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -353,7 +353,7 @@ def main(argv: Sequence[str]) -> int:
             "compile": args.compile,
             "matmul_peak_gflops_s": round(peak, 1),
             "cpu_native_bf16": cpu_has_native_bf16(),
-            "malloc_keeps_freed_memory": keeps_freed_memory(),  # fcn.cli.keep_freed_memory
+            "malloc_keeps_freed_memory": keeps_freed_memory(),  # fcn.tuning.keep_freed_memory
         }
         print(f"# {json.dumps(env)}")
         results = []

@@ -16,7 +16,6 @@ metrics), images per second, and the share of that time spent in the accumulator
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import os
 import sys
@@ -51,6 +50,7 @@ from fcn.inference import (
 )
 from fcn.metrics import ConfusionMatrix, image_scores, segmentation_scores
 from fcn.report import ReportError, format_summary_table, write_report
+from fcn.tuning import onednn_convolutions
 
 __all__ = ["EvaluationError", "PassResult", "PredictOptions", "build_parser", "evaluate_model", "main"]
 
@@ -363,24 +363,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextlib.contextmanager
-def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run the metric code single-threaded on CPU.
-
-    torch's multi-threaded CPU ``bincount`` (behind the confusion matrix) is far slower than the serial one
-    for one image's pixels: 141 ms against 3 ms per 360x480 update on a busy 2-core machine.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _Worst:
     """The ``n`` images with the lowest mean IoU seen so far (ties: the earlier image is kept)."""
 
@@ -478,23 +460,20 @@ def evaluate_model(
                 ).argmax(dim=1)
                 _sync(device)
                 t0 = time.perf_counter()
-                with _one_thread_on_cpu(device):
-                    confmat.update(pred, target)
+                confmat.update(pred, target)
                 _sync(device)
                 metric_s += time.perf_counter() - t0
                 if per_image_needed:
                     t0 = time.perf_counter()
-                    with _one_thread_on_cpu(device):
-                        for (index, image, _), p, t in zip(group, pred.cpu(), target.cpu()):
-                            if per_image:
-                                score_image(index, image, p, t)
-                            if on_prediction is not None:
-                                on_prediction(index, p)
+                    for (index, image, _), p, t in zip(group, pred.cpu(), target.cpu()):
+                        if per_image:
+                            score_image(index, image, p, t)
+                        if on_prediction is not None:
+                            on_prediction(index, p)
                     per_image_s += time.perf_counter() - t0
                 bar.update(len(group))
         t0 = time.perf_counter()
-        with _one_thread_on_cpu(device):
-            cm = confmat.compute()
+        cm = confmat.compute()
         _sync(device)
         metric_s += time.perf_counter() - t0
     seconds = time.perf_counter() - start
@@ -570,11 +549,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.write_labelids is not None:
         _check_writable(args.write_labelids, what="labelId predictions")
 
-    predictor = load_predictor(args.checkpoint, device=device, precision=args.precision)
+    onednn = onednn_convolutions()
+    predictor = load_predictor(args.checkpoint, device=device, precision=args.precision, onednn=onednn)
     meta = predictor.meta
     other: Predictor | None = None
     if args.compare is not None:
-        other = load_predictor(args.compare, device=device, precision=args.precision)
+        other = load_predictor(args.compare, device=device, precision=args.precision, onednn=onednn)
         problem = class_mismatch(
             meta.class_names,
             other.meta.class_names,

@@ -195,8 +195,8 @@ class TorchPredictor(Predictor):
     """A PyTorch model (from a checkpoint or TorchScript) with autocast precision and memory format.
 
     With ``fuse`` (default) the model's Conv2d -> BatchNorm2d pairs are folded (:func:`fuse_conv_bn`;
-    the model is modified in place). On the CPU its convolutions always run oneDNN
-    (:func:`~fcn.models.fuse.use_onednn_convolutions`).
+    the model is modified in place). With ``onednn`` its CPU convolutions always run oneDNN
+    (:func:`~fcn.models.fuse.use_onednn_convolutions`; the console commands ask for it, see fcn.tuning).
     """
 
     kind = "torch"
@@ -210,6 +210,7 @@ class TorchPredictor(Predictor):
         precision: str = "fp32",
         channels_last: bool | None = None,
         fuse: bool = True,
+        onednn: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise InferenceError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -224,7 +225,8 @@ class TorchPredictor(Predictor):
         scripted = isinstance(model, torch.jit.ScriptModule)
         self.fused = fuse_conv_bn(model) if fuse and not scripted else 0
         # oneDNN for every convolution on the CPU (PyTorch's single-threaded 1x1 fallback is 1.5x slower)
-        self.onednn = use_onednn_convolutions(model) if device.type == "cpu" and not scripted else 0
+        cpu = device.type == "cpu" and not scripted
+        self.onednn = use_onednn_convolutions(model) if onednn and cpu else 0
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -320,10 +322,12 @@ def load_predictor(
     precision: str = "fp32",
     channels_last: bool | None = None,
     fuse: bool = True,
+    onednn: bool = False,
 ) -> Predictor:
     """Load a ``.ckpt`` training checkpoint, an exported ``.onnx`` or an exported TorchScript file.
 
-    ``fuse`` folds BatchNorm into the convolutions of a checkpoint's model (see :class:`TorchPredictor`).
+    ``fuse`` folds BatchNorm into the convolutions of a checkpoint's model, ``onednn`` makes its CPU
+    convolutions run oneDNN (see :class:`TorchPredictor`).
 
     Raises :class:`CheckpointError` for missing or unusable files and :class:`InferenceError` for options
     the file or machine cannot honour (fp16 with ONNX, CUDA without a GPU).
@@ -357,7 +361,9 @@ def load_predictor(
             raise CheckpointError(f"{path}: the TorchScript model does not run ({first_line(err)})") from err
         if outputs != meta.num_classes:
             raise CheckpointError(_class_count_mismatch(path, outputs, meta.num_classes))
-        return TorchPredictor(module, meta, device=dev, precision=precision, channels_last=channels_last)
+        return TorchPredictor(
+            module, meta, device=dev, precision=precision, channels_last=channels_last, onednn=onednn
+        )
     model, info = load_model(path, device="cpu")
     return TorchPredictor(
         model,
@@ -366,6 +372,7 @@ def load_predictor(
         precision=precision,
         channels_last=channels_last,
         fuse=fuse,
+        onednn=onednn,
     )
 
 

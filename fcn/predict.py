@@ -64,6 +64,7 @@ from fcn.inference import (
     write_bytes_atomic,
     write_png_atomic,
 )
+from fcn.tuning import keeps_freed_memory, onednn_convolutions
 
 OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
 DEFAULT_OUTPUTS = ("label", "color")
@@ -936,6 +937,7 @@ def _main(args: argparse.Namespace) -> int:
             precision=args.precision,
             channels_last=args.channels_last,
             fuse=args.fuse,
+            onednn=onednn_convolutions(),
         )
 
     options: dict[str, Any] = {
@@ -983,7 +985,6 @@ def _main(args: argparse.Namespace) -> int:
         )
         spin = os.environ.get("GOMP_SPINCOUNT") or os.environ.get("OMP_WAIT_POLICY") or "libgomp default"
         threads, overlap = torch.get_num_threads(), options["overlap"]
-        from fcn.cli import keeps_freed_memory
 
         files = "replacing existing files" if args.benchmark_rewrite else "new files"
         malloc = "keeps freed memory" if keeps_freed_memory() else "default"

@@ -450,7 +450,7 @@ def test_predictor_uses_onednn_convolutions_on_cpu(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = randomize_scores(build_model("student", num_classes=4))
     ckpt = save_checkpoint(tmp_path / "s.ckpt", model=model, model_name="student")
-    predictor = load_predictor(ckpt, device="cpu")
+    predictor = load_predictor(ckpt, device="cpu", onednn=True)
     convs = sum(type(m) is nn.Conv2d for m in model.modules())
     assert predictor.onednn == convs > 50  # the ones BatchNorm was folded into included
     model.eval()

@@ -17,10 +17,11 @@ from helpers import TINY, huge_header_image, randomize_scores
 from PIL import Image
 
 from fcn.checkpoint import save_checkpoint
-from fcn.cli import PREDICT_SPINCOUNT, predict_main, short_openmp_spin
+from fcn.cli import predict_main
 from fcn.inference import Predictor
 from fcn.models import build_model
 from fcn.predict import OUTPUT_MARKER, SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
+from fcn.tuning import PREDICT_SPINCOUNT, short_openmp_spin
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = [[128, 64, 128], [70, 70, 70], [107, 142, 35], [70, 130, 180]]
@@ -209,7 +210,7 @@ def test_spare_cores() -> None:
 
 def test_predict_command_shortens_openmp_spin_before_torch_loads() -> None:
     code = (
-        "import os, sys; from fcn.cli import short_openmp_spin; "
+        "import os, sys; from fcn.tuning import short_openmp_spin; "
         "print(short_openmp_spin(), os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
@@ -227,7 +228,7 @@ def test_predict_command_shortens_openmp_spin_before_torch_loads() -> None:
 
 MALLINFO = """
 import ctypes, sys
-from fcn.cli import keep_freed_memory, keeps_freed_memory
+from fcn.tuning import keep_freed_memory, keeps_freed_memory
 done = keep_freed_memory() if sys.argv[1] == "tune" else False
 libc = ctypes.CDLL("libc.so.6")
 names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
