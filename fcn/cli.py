@@ -2,7 +2,7 @@
 
 ``train_main`` is a LightningCLI (``fit`` / ``validate`` / ``test`` / ``predict`` with YAML configs from
 ``configs/``); with no arguments it runs the demo. The other commands are argparse front-ends whose
-work lives in :mod:`fcn.evaluate`, :mod:`fcn.inference`, :mod:`fcn.export` and :mod:`fcn.benchmark`.
+work lives in :mod:`fcn.evaluate`, :mod:`fcn.predict`, :mod:`fcn.export` and :mod:`fcn.benchmark`.
 Known user errors end in one ``error: ...`` line and exit code 2, never a traceback. Run as the process's
 command (``argv`` None) they first apply the process settings of :mod:`fcn.tuning`.
 """

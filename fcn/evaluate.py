@@ -31,24 +31,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fcn.checkpoint import ModelMeta
 from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.cityscapes import train_ids_to_label_ids
 from fcn.data.datamodule import build_dataset
 from fcn.data.errors import DataError
+from fcn.data.io import check_writable, missing_dirs, remove_empty_dirs, write_png_atomic
 from fcn.data.transforms import eval_transform
-from fcn.inference import (
+from fcn.metrics import ConfusionMatrix, image_scores, segmentation_scores
+from fcn.predictor import (
     PRECISIONS,
     InferenceError,
-    ModelMeta,
     Predictor,
     load_predictor,
-    missing_dirs,
     predict_logits,
-    remove_empty_dirs,
     resolve_device,
-    write_png_atomic,
 )
-from fcn.metrics import ConfusionMatrix, image_scores, segmentation_scores
 from fcn.report import ReportError, format_summary_table, write_report
 from fcn.tuning import onednn_convolutions
 
@@ -63,7 +61,7 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How logits are produced (see :func:`fcn.inference.predict_logits`): window, scales, flip."""
+    """How logits are produced (see :func:`fcn.predictor.predict_logits`): window, scales, flip."""
 
     sliding_window: bool = False
     crop: tuple[int, int] | None = None
@@ -238,21 +236,6 @@ def _predict_options(args: argparse.Namespace) -> PredictOptions:
 
 
 # -- checks -------------------------------------------------------------------------------------------
-def _check_writable(directory: Path, *, what: str) -> None:
-    """Fail before the (long) evaluation if ``directory`` cannot be created or written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise ReportError(
-            f"cannot write the {what} to '{directory}': {reason}; "
-            "choose another directory or make this one writable"
-        ) from err
-
-
 def class_mismatch(
     expected: Sequence[str], actual: Sequence[str], *, expected_label: str, actual_label: str
 ) -> str | None:
@@ -501,7 +484,7 @@ def _labelid_writer(directory: Path, samples: Sequence[Any]) -> Callable[[int, T
 
     def write(index: int, pred: Tensor) -> None:
         label_ids = train_ids_to_label_ids(pred.numpy())
-        write_png_atomic(directory / labelid_filename(samples[index][0]), label_ids, rgb=False)
+        write_png_atomic(directory / labelid_filename(samples[index][0]), label_ids)
 
     return write
 
@@ -545,9 +528,9 @@ def _run(args: argparse.Namespace) -> int:
         raise EvaluationError("--classes-file describes a folder data set; use it with --dataset folder")
     if args.compare is None and args.compare_name is not None:
         raise EvaluationError("--compare-name names the --compare model; add --compare CKPT2")
-    _check_writable(args.output, what="evaluation report")
+    check_writable(args.output, "--output", error=ReportError)
     if args.write_labelids is not None:
-        _check_writable(args.write_labelids, what="labelId predictions")
+        check_writable(args.write_labelids, "--write-labelids", error=ReportError)
 
     onednn = onednn_convolutions()
     predictor = load_predictor(args.checkpoint, device=device, precision=args.precision, onednn=onednn)

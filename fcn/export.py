@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcn.checkpoint import load_model
-from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, temp_name
+from fcn.checkpoint import TORCHSCRIPT_META_FILE, ModelMeta, load_model
+from fcn.data.io import temp_name
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -265,8 +265,7 @@ def _main(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint).expanduser()
     output = (args.output or checkpoint.with_suffix(SUFFIXES[args.format])).expanduser()
     check_output(output, checkpoint, args.format)
-    model, info = load_model(checkpoint, device="cpu")
-    meta = ModelMeta.from_checkpoint_info(info)
+    model, meta = load_model(checkpoint, device="cpu")
     size = (int(args.size[0]), int(args.size[1]))
     try:
         if args.format == "onnx":
@@ -280,7 +279,7 @@ def _main(args: argparse.Namespace) -> int:
             f"cannot write {output} ({err.strerror or err}); choose another --output"
         ) from err
     mb = output.stat().st_size / 2**20
-    print(f"exported {info.model_name} to {args.format} ({detail}): {output} ({mb:.1f} MB)")
+    print(f"exported {meta.model_name} to {args.format} ({detail}): {output} ({mb:.1f} MB)")
     if args.no_check:
         return 0
     results = check_parity(

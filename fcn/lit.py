@@ -29,9 +29,8 @@ from fcn.losses import segmentation_loss
 from fcn.metrics import ConfusionMatrix, segmentation_scores
 from fcn.models import build_model
 from fcn.models.fcn import transfer_weights
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPTIMIZERS = ("sgd", "adamw")
 
 

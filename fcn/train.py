@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 from fcn.checkpoint import CheckpointError, read_checkpoint
 from fcn.data.datamodule import SegDataModule
 from fcn.data.errors import DataError
+from fcn.data.io import check_writable
 from fcn.lit import SegmentationModule, SettingError
 
 # Model arguments that the data module sets (linked at instantiation), with the flag that sets them.
@@ -48,21 +48,6 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def check_writable(directory: str | Path, option: str = "--trainer.default_root_dir") -> None:
-    """Create ``directory`` if needed and prove a file can be written there, or raise PermissionError
-    naming ``option``, the flag that sets it."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"output directory {path} ({option}) is not writable ({err.strerror}); "
-            f"choose another with {option}"
-        ) from err
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -21,7 +21,8 @@ from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
-from fcn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from fcn.data.transforms import eval_transform, train_transform
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 DATASETS = ("demo", "camvid", "cityscapes", "folder")
 
