@@ -1,6 +1,6 @@
 """Entry points behind ``scripts/*.py`` and the ``fcn-*`` console commands.
 
-``train_main`` is a LightningCLI (``fit`` / ``validate`` / ``test`` / ``predict`` with YAML configs from
+``train_main`` is a LightningCLI (``fit`` / ``validate`` / ``test`` with YAML configs from
 ``configs/``); with no arguments it runs the demo. The other commands are argparse front-ends whose
 work lives in :mod:`fcn.evaluate`, :mod:`fcn.predict`, :mod:`fcn.export` and :mod:`fcn.benchmark`.
 Known user errors end in one ``error: ...`` line and exit code 2, never a traceback. Run as the process's

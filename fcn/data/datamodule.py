@@ -140,7 +140,6 @@ class SegDataModule(L.LightningDataModule):
             ``round(batch_size * unlabeled_ratio)`` random crops). The labelled set sets the epoch's length:
             each epoch draws as many unlabeled batches as there are labelled ones, walking through random
             permutations of the whole pool (a pool larger than an epoch's share is covered over epochs).
-        predict_root: an image folder (recursive) for ``predict``; default: the test split.
         seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
             (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
     """
@@ -167,7 +166,6 @@ class SegDataModule(L.LightningDataModule):
         class_weighting: str | None = None,
         unlabeled_root: str | None = None,
         unlabeled_ratio: float = 1.0,
-        predict_root: str | None = None,
         seed: int = 0,
         demo_train: int = 160,
         demo_val: int = 40,
@@ -209,7 +207,6 @@ class SegDataModule(L.LightningDataModule):
         self.class_weighting = class_weighting
         self.unlabeled_root = unlabeled_root
         self.unlabeled_ratio = float(unlabeled_ratio)
-        self.predict_root = predict_root
         self.seed = int(seed)
         self.demo = {
             "n_train": demo_train,
@@ -328,7 +325,6 @@ class SegDataModule(L.LightningDataModule):
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
-            "predict": () if self.predict_root else ("test",),
             None: ("train", "val"),
         }
         for split in wanted.get(stage, ()):
@@ -337,12 +333,6 @@ class SegDataModule(L.LightningDataModule):
         if stage in ("fit", None) and self.unlabeled_root and "unlabeled" not in self._data:
             self._data["unlabeled"] = UnlabeledImageFolder(
                 self.unlabeled_root, transform=self._train_transform(), ignore_index=self._ignore
-            )
-        if stage == "predict" and self.predict_root and "predict" not in self._data:
-            self._data["predict"] = UnlabeledImageFolder(
-                self.predict_root,
-                transform=eval_transform(mean=self.mean, std=self.std, size=self.eval_size),
-                ignore_index=self._ignore,
             )
 
     def _get(self, key: str, stage: str) -> Dataset:
@@ -399,8 +389,3 @@ class SegDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._get("test", "test"), batch_size=self.val_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """``predict_root``'s images (items ``(image, all-ignore mask)``) or else the test split."""
-        key = "predict" if self.predict_root else "test"
-        return self._loader(self._get(key, "predict"), batch_size=self.val_batch_size, shuffle=False)
