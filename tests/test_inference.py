@@ -298,6 +298,30 @@ def test_write_bytes_atomic_new_replace_and_failure(tmp_path: Path, monkeypatch:
     assert os.listdir(tmp_path) == ["a.png"] and target.read_bytes() == b"second, longer"
 
 
+def test_readme_python_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's three lines run as written (its paths in a temporary folder): the labels are the
+    model's arg-max on the normalised image, for a file, an array and a batch; colours in its palette."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) == 3
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = randomize_scores(build_model("fcn8s", num_classes=4, **TINY))
+    (tmp_path / "outputs/demo/checkpoints").mkdir(parents=True)
+    save_checkpoint("outputs/demo/checkpoints/best.ckpt", model=model, model_name="fcn8s", model_kwargs=TINY)
+    rgb = cv2.resize(np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8), (64, 48))
+    cv2.imwrite("photo.jpg", rgb[..., ::-1])
+    scope: dict = {}
+    exec(code, scope)
+    labels, loaded = scope["labels"], scope["model"]
+    image = read_image("photo.jpg")
+    with torch.no_grad():
+        ref = model(loaded.normalize(torch.from_numpy(image)[None])).argmax(1)[0].numpy()
+    assert labels.shape == (48, 64) and labels.dtype == np.uint8 and (labels == ref).mean() > 0.999
+    assert np.array_equal(loaded.segment(np.stack([image, image]))[1], labels)
+    assert np.array_equal(loaded.colorize(labels), colorize(labels, loaded.meta.palette))
+
+
 def test_load_predictor_from_checkpoint(tmp_path: Path) -> None:
     model = randomize_scores(build_model("fcn8s", num_classes=3, **TINY))
     ckpt = save_checkpoint(
