@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from fcn.data.errors import DataError
 from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
@@ -334,28 +335,6 @@ def _write_outputs(
                 write_bytes_atomic(paths[kind], data)
 
 
-def _make_progress(enabled: bool):  # -> rich Progress (disabled when not wanted or not a terminal)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(
-        *columns,
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-        transient=False,
-    )
-
-
 def run_predict(
     predictor: Predictor | Callable[[], Predictor],
     items: Sequence[InputItem],
@@ -407,17 +386,18 @@ def run_predict(
                 log(f"failed: {item.path}: cannot write outputs ({err})")
             else:
                 summary.done += 1
-            bar.advance(task)
+            bar.update()
 
     start = time.perf_counter()
-    with _make_progress(o.progress) as bar, ThreadPoolExecutor(max_workers=writers) as pool:
+    quiet = None if o.progress else True  # None: a bar on a terminal only
+    bar = tqdm(total=len(items), initial=summary.skipped, desc="predict", unit="img", disable=quiet)
+    with bar, ThreadPoolExecutor(max_workers=writers) as pool:
         keep = "overlay" in o.kinds
         batches = _Batches(
             todo, keys, pool, batch_size=o.batch_size, resize=o.resize, keep_originals=keep, stage=stage
         )
         if predictor.device.type == "cpu":
             batches.table = predictor.normalize_table()
-        task = bar.add_task("predict", total=len(items), completed=summary.skipped)
         try:
             for batch in batches:
                 if overlap:  # the next batch decodes beside this one's forward pass
@@ -426,7 +406,7 @@ def run_predict(
                     summary.failed += 1
                     summary.failures.append(message)
                     log(f"failed: {message}")
-                    bar.advance(task)
+                    bar.update()
                 for group in batch["groups"]:
                     for index, outputs in _predict_group(predictor, group, o, timer):
                         paths = output_paths(todo[index], o.output, o.kinds)
