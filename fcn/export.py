@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fcn.checkpoint import TORCHSCRIPT_META_FILE, ModelMeta, load_model
-from fcn.data.io import temp_name
+from fcn.data.io import atomic_path
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -58,21 +58,6 @@ class ParityResult:
         )
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary path next to ``path``; on success it replaces ``path``, else it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)  # named before it exists: a signal at any point after finds it to remove
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def export_onnx(
     model: nn.Module,
     meta: ModelMeta,
@@ -92,6 +77,7 @@ def export_onnx(
     model = model.eval().cpu()
     example = torch.randn(1, 3, *size)
     axes = {0: "batch", 2: "height", 3: "width"}
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about the shape checks in the crops
@@ -122,6 +108,7 @@ def export_torchscript(
 ) -> Path:
     """Write ``model`` traced with TorchScript (shapes stay dynamic) and ``meta`` as ``fcn_meta.json``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     example = torch.randn(1, 3, *size)
     with warnings.catch_warnings(), torch.no_grad():
