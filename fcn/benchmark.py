@@ -16,24 +16,32 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import platform
+import shutil
 import statistics
+import tempfile
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcn.cli import keeps_freed_memory, release_freed_memory
-from fcn.inference import write_bytes_atomic
+from fcn.data.io import probe_size, write_bytes_atomic
+from fcn.inputs import InputItem
 from fcn.models import ModelError, build_model, list_models
+from fcn.pipeline import PredictError, PredictOptions, run_predict
+from fcn.predictor import PRECISIONS, Predictor, predict_logits
+from fcn.tuning import keeps_freed_memory, release_freed_memory
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODELS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s:paper", "student", *PEERS)
 
 
@@ -353,7 +361,7 @@ def main(argv: Sequence[str]) -> int:
             "compile": args.compile,
             "matmul_peak_gflops_s": round(peak, 1),
             "cpu_native_bf16": cpu_has_native_bf16(),
-            "malloc_keeps_freed_memory": keeps_freed_memory(),  # fcn.cli.keep_freed_memory
+            "malloc_keeps_freed_memory": keeps_freed_memory(),  # fcn.tuning.keep_freed_memory
         }
         print(f"# {json.dumps(env)}")
         results = []
@@ -392,3 +400,148 @@ def main(argv: Sequence[str]) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.json, json.dumps(payload, indent=2).encode())
     return 0
+
+
+# -- predict --benchmark: the pipeline against the bare forward pass ------------------------------------
+
+
+class StageTimes:
+    """The ``timer`` of :func:`fcn.pipeline.run_predict`: CPU time per stage of the per-image work, summed
+    over the threads that did it, and the forward passes' wall time (printed by ``predict --benchmark``).
+
+    Stages: ``decode`` (read + decode a file), ``normalise`` (``cv2.LUT`` into the batch buffer),
+    ``arg-max``, ``encode`` (the label/colour PNGs), ``write`` (folders, temporary file, rename), ``other
+    outputs`` (overlay, confidence: encode + write).
+    """
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.forward_wall = 0.0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            spent = time.thread_time() - start
+            with self._lock:
+                self.cpu[stage] += spent
+
+
+def benchmark_predict(
+    predictor: Predictor, items: Sequence[InputItem], options: PredictOptions, *, repeats: int = 3,
+    rewrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Predict throughput against the bare forward pass, in one process.
+
+    Alternates ``repeats`` full runs of :func:`~fcn.pipeline.run_predict` (no skipping) with
+    :func:`benchmark_forward` at the same batch size and strategy, and returns the medians (``predict_ips``,
+    ``forward_ips``, ``share`` = median of the per-repeat ratios), the per-repeat ``runs`` and page
+    ``faults`` per image, the ``stages`` (ms per image) and the ``failed`` count of the first run. Each run
+    counts the first batch's warm-up, the bare forward does not (``share`` is conservative). The first run
+    writes into ``options.output``; the others write new files, as a first run does, into a temporary folder
+    inside it that is removed afterwards (untimed), or with ``rewrite`` replace the first run's files.
+    """
+    if repeats < 1:
+        raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
+    runs: list[tuple[float, float]] = []
+    faults: list[tuple[float, float]] = []
+    stages = StageTimes()
+    done = failed = 0
+    for i in range(repeats):
+        fresh = (
+            None if (i == 0 or rewrite) else Path(tempfile.mkdtemp(prefix=".benchmark-", dir=options.output))
+        )
+        run = replace(options, output=fresh or options.output, skip_existing=False, progress=False)
+        start = _page_faults()
+        try:
+            summary = run_predict(predictor, items, run, timer=stages)
+        finally:
+            if fresh is not None:
+                shutil.rmtree(fresh)
+        done += summary.done
+        failed = summary.failed if i == 0 else failed
+        if not summary.done:
+            raise PredictError("--benchmark: no image could be predicted")
+        print(summary.line())
+        middle = _page_faults()
+        forward_ips = benchmark_forward(predictor, items, options)
+        runs.append((summary.images_per_second, forward_ips))
+        forward_images = (_forward_batches(items, options.batch_size) + 1) * options.batch_size  # + warm-up
+        faults.append(((middle - start) / len(items), (_page_faults() - middle) / forward_images))
+    return {
+        "predict_ips": statistics.median(p for p, _ in runs),
+        "forward_ips": statistics.median(f for _, f in runs),
+        "share": statistics.median(p / f for p, f in runs),
+        "runs": runs,
+        "faults": faults,
+        "stages": {name: 1e3 * t / max(done, 1) for name, t in stages.cpu.items()},
+        "forward_wall": 1e3 * stages.forward_wall / max(done, 1),
+        "failed": failed,
+        "overlap": summary.overlap,
+    }
+
+
+def predict_report_lines(
+    report: dict[str, Any], options: PredictOptions, *, repeats: int, rewrite: bool
+) -> list[str]:
+    """The lines ``predict --benchmark`` prints for :func:`benchmark_predict`'s report."""
+    lines = [
+        f"benchmark run {i}: predict {p:.2f} images/s, bare forward {f:.2f} images/s; "
+        f"page faults per image {pf:.0f} / {ff:.0f}"
+        for i, ((p, f), (pf, ff)) in enumerate(zip(report["runs"], report["faults"]), 1)
+    ]
+    lines.append(
+        f"benchmark: predict {report['predict_ips']:.2f} images/s, bare forward {report['forward_ips']:.2f} "
+        f"images/s at batch {options.batch_size} (same process, medians of {repeats}) -> "
+        f"{100 * report['share']:.1f}%"
+    )
+    order = ("decode", "normalise", "arg-max", "encode", "write", "other outputs")
+    stages = report["stages"]
+    parts = ", ".join(f"{name} {stages[name]:.2f}" for name in order if name in stages)
+    lines.append(
+        f"benchmark: per image, CPU ms by stage (all threads) {parts}, total {sum(stages.values()):.2f}; "
+        f"forward {report['forward_wall']:.2f} ms wall"
+    )
+    spin = os.environ.get("GOMP_SPINCOUNT") or os.environ.get("OMP_WAIT_POLICY") or "libgomp default"
+    overlap = report["overlap"]
+    lines.append(
+        f"benchmark: OpenMP spin-wait {spin}, {torch.get_num_threads()} threads, overlap {overlap}, malloc "
+        f"{'keeps freed memory' if keeps_freed_memory() else 'default'}, "
+        f"{'replacing existing files' if rewrite else 'new files'}"
+    )
+    return lines
+
+
+def _page_faults() -> int:
+    """This process's page faults so far (minor + major; 0 where ``resource`` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
+def _forward_batches(items: Sequence[InputItem], batch_size: int) -> int:
+    """Batches the bare forward times: as many images as the predict run (at least two batches)."""
+    return max(2, -(-len(items) // batch_size))
+
+
+def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], options: PredictOptions) -> float:
+    """Bare forward images/s with the run's batch size, strategy and first image's size, on random
+    normalised batches: as many images as the predict run (at least two batches), after one warm-up."""
+    size = options.resize or probe_size(items[0].path)
+    if size is None:
+        raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
+    x = torch.randn(options.batch_size, 3, *size, device=predictor.device)
+    predict_logits(predictor, x, **options.strategy())  # warm-up
+    _sync(predictor.device)
+    batches = _forward_batches(items, options.batch_size)
+    start = time.perf_counter()
+    for _ in range(batches):
+        predict_logits(predictor, x, **options.strategy())
+    _sync(predictor.device)
+    return batches * options.batch_size / max(time.perf_counter() - start, 1e-9)

@@ -25,10 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from fcn.palette import default_palette
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fcn.data.io import colorize
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
 
 def format_duration(seconds: float, *, precise: bool = True) -> str:
@@ -135,15 +133,6 @@ class ProgressLine(Callback):
         self.last = state_dict.get("last")
 
 
-def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int) -> np.ndarray:
-    """Train-id map ``(H, W)`` -> RGB uint8 ``(H, W, 3)``; ``ignore_index`` and unknown ids black."""
-    table = np.zeros((max(len(palette), int(labels.max(initial=0)) + 1), 3), np.uint8)
-    table[: len(palette)] = np.asarray(palette, np.uint8)
-    out = table[np.clip(labels, 0, len(table) - 1)]
-    out[(labels == ignore_index) | (labels < 0)] = 0
-    return out
-
-
 def prediction_grid(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -166,7 +155,8 @@ def prediction_grid(
     for image, mask, pred in zip(rgb, masks.cpu().numpy(), predictions.cpu().numpy()):
         rows.append(
             np.concatenate(
-                [image, colorize(mask, palette, ignore_index), colorize(pred, palette, ignore_index)], axis=1
+                [image, colorize(np.where(mask == ignore_index, -1, mask), palette), colorize(pred, palette)],
+                axis=1,
             )
         )
     return np.concatenate(rows, axis=0)

@@ -7,9 +7,10 @@ normalisation. :func:`load_model` rebuilds the model from the file alone.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +18,69 @@ import torch
 from torch import nn
 
 from fcn.models import ModelError, build_model, list_models
-from fcn.palette import default_palette
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not describe a model; the message says the fix."""
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What a checkpoint says about its model and data."""
+ONNX_META_PREFIX = "fcn."
+TORCHSCRIPT_META_FILE = "fcn_meta.json"
+META_VERSION = 1
 
-    path: Path
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a checkpoint or an exported model file says about its model and data (the exports embed it:
+    ONNX ``metadata_props``, TorchScript extra file :data:`TORCHSCRIPT_META_FILE`)."""
+
     model_name: str
-    model_kwargs: dict[str, Any]
     num_classes: int
     class_names: list[str]
     palette: list[list[int]]
     ignore_index: int
     mean: list[float]
     std: list[float]
-    hparams: dict[str, Any] = field(repr=False)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """One JSON object (used for TorchScript extra files)."""
+        return json.dumps({"version": META_VERSION, **asdict(self)})
+
+    def to_onnx_props(self) -> dict[str, str]:
+        """String key/value pairs for ONNX ``metadata_props`` (lists and dicts as JSON)."""
+        props = {f"{ONNX_META_PREFIX}{k}": json.dumps(v) for k, v in asdict(self).items()}
+        props[f"{ONNX_META_PREFIX}version"] = str(META_VERSION)
+        return props
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str | Path) -> ModelMeta:
+        """Validate decoded export metadata; :class:`CheckpointError` naming ``source`` when unusable."""
+        missing = [
+            k for k in ("model_name", "num_classes", "class_names", "palette", "mean", "std") if k not in data
+        ]
+        if missing:
+            raise CheckpointError(
+                f"{source} lacks the fcn metadata {missing}; export it with `python scripts/export.py`"
+            )
+        name = data["model_name"]
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{source}: model_name must be a name, got {name!r}; export it again")
+        fields = check_description(data, source=source, fix="export it again with `python scripts/export.py`")
+        return cls(model_name=name, **fields)
+
+    @classmethod
+    def from_onnx_props(cls, props: Mapping[str, str], *, source: str | Path) -> ModelMeta:
+        """Decode :meth:`to_onnx_props` output (as onnxruntime's ``custom_metadata_map`` returns it)."""
+        data: dict[str, Any] = {}
+        for key, value in props.items():
+            if key.startswith(ONNX_META_PREFIX) and key != f"{ONNX_META_PREFIX}version":
+                try:
+                    data[key[len(ONNX_META_PREFIX) :]] = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise CheckpointError(f"{source}: metadata {key} is not JSON ({err})") from err
+        return cls.from_mapping(data, source=source)
 
 
 def first_line(err: BaseException) -> str:
@@ -75,7 +118,7 @@ def _read(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
     """Return the model's state dict (``model.`` prefix removed) and the validated description."""
     ckpt = _read(path)
     hp = ckpt.get("hyper_parameters")
@@ -90,15 +133,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     fields = check_description(hp, source=path, fix="it was not written by fcn's training, or is damaged")
     kwargs = fields.pop("model_kwargs")
     kwargs.pop("weights", None)  # the checkpoint carries the trained weights; never re-load ImageNet
-    info = CheckpointInfo(path=Path(path), model_name=name, model_kwargs=kwargs, hparams=hp, **fields)
+    info = ModelMeta(model_name=name, model_kwargs=kwargs, **fields)
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise CheckpointError(f"{path} holds no 'model.*' weights")
     return state, info
-
-
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) -> dict[str, Any]:
@@ -131,7 +170,7 @@ def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) 
     if not _is_int(ignore_index):
         raise bad("ignore_index", f"must be an integer, got {ignore_index!r}")
     stats = {}
-    for name, default in (("mean", DEFAULT_MEAN), ("std", DEFAULT_STD)):
+    for name, default in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
         values = data.get(name, default)
         if not isinstance(values, (list, tuple)) or len(values) != 3:
             raise bad(name, f"must be 3 numbers (R, G, B), got {_short(values)}")
@@ -166,7 +205,7 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model described by a checkpoint and load its weights (eval mode)."""
     state, info = read_checkpoint(path)
     try:
@@ -193,8 +232,8 @@ def save_checkpoint(
     class_names: list[str] | None = None,
     palette: list[list[int]] | None = None,
     ignore_index: int = 255,
-    mean: tuple[float, ...] | list[float] = (0.485, 0.456, 0.406),
-    std: tuple[float, ...] | list[float] = (0.229, 0.224, 0.225),
+    mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
+    std: tuple[float, ...] | list[float] = IMAGENET_STD,
 ) -> Path:
     """Write a minimal self-describing checkpoint (the fields :func:`read_checkpoint` needs).
 

@@ -8,49 +8,35 @@ accumulator as training validation), scores every image (:func:`fcn.metrics.imag
 ``--worst N`` images and writes the report with :func:`fcn.report.write_report`. ``--compare CKPT2``
 evaluates a second checkpoint on the same data and puts both in one report.
 
-Timing goes into the report's meta: the seconds of the evaluation pass (data loading, prediction,
-metrics), images per second, and the share of that time spent in the accumulator
-(``update`` + ``compute``, the "metric overhead").
+The pass itself is :func:`fcn.scoring.evaluate_model`. Timing goes into the report's meta: the seconds
+of the pass (data loading, prediction, metrics), images per second, and the share of that time spent in
+the accumulator (``update`` + ``compute``, the "metric overhead").
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import heapq
 import os
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from fcn.checkpoint import ModelMeta
 from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.cityscapes import train_ids_to_label_ids
 from fcn.data.datamodule import build_dataset
 from fcn.data.errors import DataError
+from fcn.data.io import check_writable, missing_dirs, remove_empty_dirs, write_png_atomic
 from fcn.data.transforms import eval_transform
-from fcn.inference import (
-    PRECISIONS,
-    InferenceError,
-    ModelMeta,
-    Predictor,
-    load_predictor,
-    missing_dirs,
-    predict_logits,
-    remove_empty_dirs,
-    resolve_device,
-    write_png_atomic,
-)
-from fcn.metrics import ConfusionMatrix, image_scores, segmentation_scores
+from fcn.metrics import segmentation_scores
+from fcn.predictor import PRECISIONS, InferenceError, Predictor, load_predictor, resolve_device
 from fcn.report import ReportError, format_summary_table, write_report
+from fcn.scoring import PassResult, PredictOptions, evaluate_model
+from fcn.tuning import onednn_convolutions
 
 __all__ = ["EvaluationError", "PassResult", "PredictOptions", "build_parser", "evaluate_model", "main"]
 
@@ -61,84 +47,25 @@ class EvaluationError(ValueError):
     """Options or inputs that cannot be evaluated together; the message says which and the fix."""
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    """How logits are produced (see :func:`fcn.inference.predict_logits`): window, scales, flip."""
-
-    sliding_window: bool = False
-    crop: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-
-    def describe(self) -> str:
-        """One line for the report, e.g. ``sliding window 512x1024 / stride 341x683, flip``."""
-        parts = ["whole image"]
-        if self.sliding_window and self.crop and self.stride:
-            parts = [
-                f"sliding window {self.crop[0]}x{self.crop[1]} / stride {self.stride[0]}x{self.stride[1]}"
-            ]
-        if tuple(self.scales) != (1.0,):
-            parts.append("scales " + ", ".join(f"{s:g}" for s in self.scales))
-        if self.flip:
-            parts.append("flip")
-        return ", ".join(parts)
-
-
-@dataclass
-class PassResult:
-    """What one evaluation pass over the split produced."""
-
-    confmat: Tensor
-    per_image: list[dict[str, Any]] = field(default_factory=list)
-    worst: list[dict[str, Any]] = field(default_factory=list)
-    images: int = 0
-    seconds: float = 0.0
-    metric_seconds: float = 0.0
-    per_image_seconds: float = 0.0
-
-    def timing(self) -> dict[str, float]:
-        """Seconds, images/s and the accumulator's share of the pass (the metric overhead)."""
-        total = max(self.seconds, 1e-12)
-        return {
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images / total, 3),
-            "metric_seconds": round(self.metric_seconds, 6),
-            "metric_overhead": round(self.metric_seconds / total, 6),
-            "per_image_seconds": round(self.per_image_seconds, 6),
-            "per_image_overhead": round(self.per_image_seconds / total, 6),
-        }
-
-
 # -- arguments ----------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(cast: type, low: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast(text)`` of at least ``low`` (finite), else the message ``expected what``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from err
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from err
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from err
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, 1, "a positive integer")
+_non_negative_int = _number(int, 0, "an integer >= 0")
+_positive_float = _number(float, 1e-300, "a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,21 +165,6 @@ def _predict_options(args: argparse.Namespace) -> PredictOptions:
 
 
 # -- checks -------------------------------------------------------------------------------------------
-def _check_writable(directory: Path, *, what: str) -> None:
-    """Fail before the (long) evaluation if ``directory`` cannot be created or written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise ReportError(
-            f"cannot write the {what} to '{directory}': {reason}; "
-            "choose another directory or make this one writable"
-        ) from err
-
-
 def class_mismatch(
     expected: Sequence[str], actual: Sequence[str], *, expected_label: str, actual_label: str
 ) -> str | None:
@@ -283,48 +195,6 @@ def _short_list(items: Sequence[str], *, limit: int = 8, quote: bool = True) -> 
     return ", ".join(shown) + more
 
 
-# -- data ---------------------------------------------------------------------------------------------
-class _Indexed(Dataset):
-    """``(index, image, mask)`` for the first ``limit`` samples of a data set."""
-
-    def __init__(self, dataset: Any, limit: int | None) -> None:
-        self.dataset = dataset
-        self.length = len(dataset) if limit is None else min(limit, len(dataset))
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor] | DataError:
-        try:
-            image, mask = self.dataset[index]
-        except DataError as err:  # returned, raised in the main process: a loader worker would bury the
-            return err  # message in its traceback
-        return index, torch.as_tensor(image), torch.as_tensor(mask)
-
-
-def _collate(batch: list[tuple[int, Tensor, Tensor]]) -> list[tuple[int, Tensor, Tensor]]:
-    return batch  # images may differ in size; grouped by shape in the loop
-
-
-def _checked(batch: list[Any]) -> list[tuple[int, Tensor, Tensor]]:
-    """The batch, or the first :class:`DataError` a sample returned, raised."""
-    for item in batch:
-        if isinstance(item, DataError):
-            raise item
-    return batch
-
-
-def _same_shape_groups(items: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
-    group: list[tuple[int, Tensor, Tensor]] = []
-    for item in items:
-        if group and item[1].shape != group[0][1].shape:
-            yield group
-            group = []
-        group.append(item)
-    if group:
-        yield group
-
-
 def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
     kwargs: dict[str, Any] = {"unknown_labels": args.unknown_labels}
     if args.dataset == "cityscapes":
@@ -341,175 +211,6 @@ def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
     return dataset
 
 
-def _image_name(path: Any, root: Path) -> str:
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return p.name
-
-
-def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Undo the eval normalisation: ``(3, H, W)`` float → ``(H, W, 3)`` uint8 RGB."""
-    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
-    rgb = (image.detach().float().cpu() * s + m) * 255.0
-    return rgb.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-# -- one pass -----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run the metric code single-threaded on CPU.
-
-    torch's multi-threaded CPU ``bincount`` (behind the confusion matrix) is far slower than the serial one
-    for one image's pixels: 141 ms against 3 ms per 360x480 update on a busy 2-core machine.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-class _Worst:
-    """The ``n`` images with the lowest mean IoU seen so far (ties: the earlier image is kept)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.heap: list[tuple[float, int]] = []  # (-miou, -index): the best of the worst on top
-        self.items: dict[int, dict[str, Any]] = {}
-
-    def wants(self, miou: float | None) -> bool:
-        if self.n == 0 or miou is None:
-            return False
-        return len(self.heap) < self.n or -miou > self.heap[0][0]
-
-    def add(self, index: int, miou: float, item: dict[str, Any]) -> None:
-        heapq.heappush(self.heap, (-miou, -index))
-        self.items[index] = item
-        if len(self.heap) > self.n:
-            _, neg_index = heapq.heappop(self.heap)
-            del self.items[-neg_index]
-
-    def result(self) -> list[dict[str, Any]]:
-        return sorted(self.items.values(), key=lambda d: (d["mean_iou"], d["index"]))
-
-
-def evaluate_model(
-    predictor: Predictor,
-    dataset: Any,
-    *,
-    options: PredictOptions,
-    data_root: Path,
-    ignore_index: int | None,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    limit: int | None = None,
-    worst: int = 5,
-    per_image: bool = True,
-    on_prediction: Callable[[int, Tensor], None] | None = None,
-    progress: bool = True,
-    desc: str = "evaluate",
-) -> PassResult:
-    """Run ``predictor`` over ``dataset`` (normalised with the predictor's mean/std) and score it.
-
-    The confusion matrix is ONE :class:`ConfusionMatrix` on the predictor's device. With ``per_image``
-    every image is scored too (:func:`image_scores`) and the ``worst`` lowest-mIoU images are kept for
-    the report. ``on_prediction(index, pred)`` receives each image's class ids ``(H, W)`` on the CPU.
-    """
-    device = predictor.device
-    meta = predictor.meta
-    num_classes = meta.num_classes
-    data = _Indexed(dataset, limit)
-    loader = DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-    )
-    confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index).to(device)
-    rows: list[dict[str, Any]] = []
-    keep = _Worst(worst if per_image else 0)
-    per_image_needed = per_image or on_prediction is not None
-    metric_s = per_image_s = 0.0
-    samples = dataset.samples
-
-    def score_image(index: int, image: Tensor, pred: Tensor, target: Tensor) -> None:
-        name = _image_name(samples[index][0], data_root)
-        scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
-        rows.append({"file": name, **scores})
-        if keep.wants(scores["mean_iou"]):
-            item = {
-                "index": index,
-                "name": name,
-                "image": _to_rgb_uint8(image, mean=meta.mean, std=meta.std),
-                "target": target.numpy(),
-                "pred": pred.numpy().astype(np.uint8 if num_classes <= 256 else np.int32),
-                "mean_iou": scores["mean_iou"],
-            }
-            keep.add(index, scores["mean_iou"], item)
-
-    bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader:
-            for group in _same_shape_groups(_checked(batch)):
-                x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
-                target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
-                pred = predict_logits(
-                    predictor,
-                    x,
-                    crop=options.crop,
-                    stride=options.stride,
-                    scales=options.scales,
-                    flip=options.flip,
-                ).argmax(dim=1)
-                _sync(device)
-                t0 = time.perf_counter()
-                with _one_thread_on_cpu(device):
-                    confmat.update(pred, target)
-                _sync(device)
-                metric_s += time.perf_counter() - t0
-                if per_image_needed:
-                    t0 = time.perf_counter()
-                    with _one_thread_on_cpu(device):
-                        for (index, image, _), p, t in zip(group, pred.cpu(), target.cpu()):
-                            if per_image:
-                                score_image(index, image, p, t)
-                            if on_prediction is not None:
-                                on_prediction(index, p)
-                    per_image_s += time.perf_counter() - t0
-                bar.update(len(group))
-        t0 = time.perf_counter()
-        with _one_thread_on_cpu(device):
-            cm = confmat.compute()
-        _sync(device)
-        metric_s += time.perf_counter() - t0
-    seconds = time.perf_counter() - start
-    bar.close()
-    return PassResult(
-        confmat=cm.cpu(),
-        per_image=rows,
-        worst=keep.result(),
-        images=len(data),
-        seconds=seconds,
-        metric_seconds=metric_s,
-        per_image_seconds=per_image_s,
-    )
-
-
 # -- labelId export -----------------------------------------------------------------------------------
 def labelid_filename(image_path: str | os.PathLike[str]) -> str:
     """``frankfurt_000000_000294_leftImg8bit.png`` for a Cityscapes image (any extension)."""
@@ -522,7 +223,7 @@ def _labelid_writer(directory: Path, samples: Sequence[Any]) -> Callable[[int, T
 
     def write(index: int, pred: Tensor) -> None:
         label_ids = train_ids_to_label_ids(pred.numpy())
-        write_png_atomic(directory / labelid_filename(samples[index][0]), label_ids, rgb=False)
+        write_png_atomic(directory / labelid_filename(samples[index][0]), label_ids)
 
     return write
 
@@ -566,15 +267,16 @@ def _run(args: argparse.Namespace) -> int:
         raise EvaluationError("--classes-file describes a folder data set; use it with --dataset folder")
     if args.compare is None and args.compare_name is not None:
         raise EvaluationError("--compare-name names the --compare model; add --compare CKPT2")
-    _check_writable(args.output, what="evaluation report")
+    check_writable(args.output, "--output", error=ReportError)
     if args.write_labelids is not None:
-        _check_writable(args.write_labelids, what="labelId predictions")
+        check_writable(args.write_labelids, "--write-labelids", error=ReportError)
 
-    predictor = load_predictor(args.checkpoint, device=device, precision=args.precision)
+    onednn = onednn_convolutions()
+    predictor = load_predictor(args.checkpoint, device=device, precision=args.precision, onednn=onednn)
     meta = predictor.meta
     other: Predictor | None = None
     if args.compare is not None:
-        other = load_predictor(args.compare, device=device, precision=args.precision)
+        other = load_predictor(args.compare, device=device, precision=args.precision, onednn=onednn)
         problem = class_mismatch(
             meta.class_names,
             other.meta.class_names,

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcn.checkpoint import load_model
-from fcn.inference import TORCHSCRIPT_META_FILE, ModelMeta, temp_name
+from fcn.checkpoint import TORCHSCRIPT_META_FILE, ModelMeta, load_model
+from fcn.data.io import atomic_path
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -58,21 +58,6 @@ class ParityResult:
         )
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary path next to ``path``; on success it replaces ``path``, else it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)  # named before it exists: a signal at any point after finds it to remove
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def export_onnx(
     model: nn.Module,
     meta: ModelMeta,
@@ -92,6 +77,7 @@ def export_onnx(
     model = model.eval().cpu()
     example = torch.randn(1, 3, *size)
     axes = {0: "batch", 2: "height", 3: "width"}
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about the shape checks in the crops
@@ -122,6 +108,7 @@ def export_torchscript(
 ) -> Path:
     """Write ``model`` traced with TorchScript (shapes stay dynamic) and ``meta`` as ``fcn_meta.json``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     example = torch.randn(1, 3, *size)
     with warnings.catch_warnings(), torch.no_grad():
@@ -265,8 +252,7 @@ def _main(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint).expanduser()
     output = (args.output or checkpoint.with_suffix(SUFFIXES[args.format])).expanduser()
     check_output(output, checkpoint, args.format)
-    model, info = load_model(checkpoint, device="cpu")
-    meta = ModelMeta.from_checkpoint_info(info)
+    model, meta = load_model(checkpoint, device="cpu")
     size = (int(args.size[0]), int(args.size[1]))
     try:
         if args.format == "onnx":
@@ -280,7 +266,7 @@ def _main(args: argparse.Namespace) -> int:
             f"cannot write {output} ({err.strerror or err}); choose another --output"
         ) from err
     mb = output.stat().st_size / 2**20
-    print(f"exported {info.model_name} to {args.format} ({detail}): {output} ({mb:.1f} MB)")
+    print(f"exported {meta.model_name} to {args.format} ({detail}): {output} ({mb:.1f} MB)")
     if args.no_check:
         return 0
     results = check_parity(

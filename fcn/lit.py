@@ -7,11 +7,13 @@ optimiser, schedule and metrics. Every constructor argument is a plain type and 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from fcn.checkpoint import CheckpointError, read_checkpoint
@@ -29,9 +31,8 @@ from fcn.losses import segmentation_loss
 from fcn.metrics import ConfusionMatrix, segmentation_scores
 from fcn.models import build_model
 from fcn.models.fcn import transfer_weights
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -128,7 +129,7 @@ class SegmentationModule(L.LightningModule):
         source = build_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
         source.load_state_dict(state)
         copied = transfer_weights(source, self.model)
-        print(f"init_from {path}: copied {len(copied)} tensors from {info.model_name}")
+        rank_zero_info(f"init_from {path}: copied {len(copied)} tensors from {info.model_name}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -249,10 +250,6 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 DISTILL_MODES = ("offline", "semi", "self")
 SELF_TEACHERS = ("ema", "snapshot")
 FEATURE_KEYS = ("c3", "c4", "c5", "out")
@@ -316,9 +313,10 @@ class DistillationModule(SegmentationModule):
             raise SettingError(
                 "distill_mode='self' uses the student as its own teacher; drop teacher_checkpoint"
             )
-        # Plain attributes, not submodules: never optimised, saved or wrapped by DDP.
-        object.__setattr__(self, "teacher", teacher)
-        object.__setattr__(self, "ema", make_ema(self.model) if distill_mode == "self" else None)
+        # In a plain namespace, not submodules: never optimised, saved or wrapped by DDP.
+        self.frozen = SimpleNamespace(
+            teacher=teacher, ema=make_ema(self.model) if distill_mode == "self" else None
+        )
         self.adapter = None
         if channel_weight > 0 and feature_key != "out":  # logits share the class channels: no adapter
             t_ch = (teacher.backbone if teacher is not None else self.model.backbone).out_channels[
@@ -328,6 +326,16 @@ class DistillationModule(SegmentationModule):
             self.adapter = FeatureAdapter(s_ch, t_ch)
 
     # -- teacher ---------------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (offline / semi), or the snapshot of self-distillation once taken."""
+        return self.frozen.teacher
+
+    @property
+    def ema(self) -> nn.Module | None:
+        """Self-distillation's EMA of the student (None in the other modes)."""
+        return self.frozen.ema
+
     def active_teacher(self) -> nn.Module | None:
         """The teacher for the current epoch (None before ``self_start_epoch`` in self mode)."""
         hp = self.hparams
@@ -337,7 +345,7 @@ class DistillationModule(SegmentationModule):
             return None
         if hp.self_teacher == "snapshot":
             if self.teacher is None:
-                object.__setattr__(self, "teacher", make_ema(self.model))
+                self.frozen.teacher = make_ema(self.model)
             return self.teacher
         return self.ema
 
@@ -371,7 +379,7 @@ class DistillationModule(SegmentationModule):
         if self.hparams.distill_mode == "self" and "snapshot_state_dict" in checkpoint:
             snapshot = make_ema(self.model)  # same architecture, frozen; then the saved snapshot's weights
             snapshot.load_state_dict(checkpoint["snapshot_state_dict"])
-            object.__setattr__(self, "teacher", snapshot)
+            self.frozen.teacher = snapshot
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model] + ([self.adapter] if self.adapter is not None else [])

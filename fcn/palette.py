@@ -1,6 +1,10 @@
-"""The one default colour table, for data sets and checkpoints that carry no palette."""
+"""The defaults for data sets and checkpoints that carry none: the colour table and the normalisation."""
 
 from __future__ import annotations
+
+# ImageNet's channel statistics (RGB, images in [0, 1]): what the VGG16 backbone was trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fcn.data.io import check_writable, colorize, encode_png, write_bytes_atomic
 from fcn.metrics import SUMMARY_KEYS, segmentation_scores
 from fcn.palette import default_palette
 
@@ -114,15 +114,6 @@ def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int) ->
     return arr[:num_classes].astype(np.uint8)
 
 
-def _colourise(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Class ids to RGB; ids outside the palette (void/ignore) are black."""
-    mask = mask.astype(np.int64)
-    valid = (mask >= 0) & (mask < len(lut))
-    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
-    out[valid] = lut[mask[valid]]
-    return out
-
-
 def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
@@ -151,38 +142,15 @@ def _unwritable(directory: Path, err: OSError) -> ReportError:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """:func:`fcn.inference.write_bytes_atomic` with fsync; an OSError becomes one "choose another
+    """:func:`fcn.data.io.write_bytes_atomic` with fsync; an OSError becomes one "choose another
     directory" message."""
-    from fcn.inference import write_bytes_atomic  # here: fcn.inference loads models and OpenCV
-
     try:
         write_bytes_atomic(path, data, fsync=True)
     except OSError as err:
         raise _unwritable(path.parent, err) from err
 
 
-def _prepare_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if not directory.is_dir():
-            raise NotADirectoryError(20, "not a directory", str(directory))
-        probe = directory / f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        probe.unlink()
-    except OSError as err:
-        raise _unwritable(directory, err) from err
-
-
 # -- renderers ----------------------------------------------------------------------------------------
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    import matplotlib.image as mpimg
-
-    buf = io.BytesIO()
-    mpimg.imsave(buf, rgb, format="png")
-    return buf.getvalue()
-
-
 def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str]) -> bytes:
     """PNG bytes of the row-normalised confusion matrix (%), class names on both axes (Agg backend)."""
     from matplotlib import colormaps
@@ -232,7 +200,7 @@ def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray, gap: in
             "pass prediction and ground truth at the image's resolution"
         )
     sep = np.full((img.shape[0], gap, 3), 255, dtype=np.uint8)
-    return np.concatenate([img, sep, _colourise(gt, lut), sep, _colourise(pr, lut)], axis=1)
+    return np.concatenate([img, sep, colorize(gt, lut), sep, colorize(pr, lut)], axis=1)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -496,11 +464,11 @@ def write_report(
         worst=[entry for entry, _ in worst_rendered],
     )
 
-    _prepare_dir(out_dir)
+    check_writable(out_dir, "--output", error=ReportError)
     if worst_rendered:
-        _prepare_dir(out_dir / "worst")
+        check_writable(out_dir / "worst", "--output", error=ReportError)
         for entry, rgb in worst_rendered:
-            _atomic_write(out_dir / entry["file"], _png_bytes(rgb))
+            _atomic_write(out_dir / entry["file"], encode_png(rgb))
     _atomic_write(out_dir / "confusion_matrix.png", confusion_matrix_png(confmat, scores["class_names"]))
     _atomic_write(out_dir / "per_class.csv", per_class_csv(scores).encode())
     if per_image is not None:

@@ -16,7 +16,6 @@ import inspect
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Sequence
 from datetime import timedelta
@@ -30,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from fcn.checkpoint import CheckpointError, read_checkpoint
 from fcn.data.datamodule import SegDataModule
 from fcn.data.errors import DataError
+from fcn.data.io import check_writable
 from fcn.lit import SegmentationModule, SettingError
 
 # Model arguments that the data module sets (linked at instantiation), with the flag that sets them.
@@ -51,21 +51,6 @@ class TrainingStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.report = report  # False on every rank but the first: one line per run
-
-
-def check_writable(directory: str | Path, option: str = "--trainer.default_root_dir") -> None:
-    """Create ``directory`` if needed and prove a file can be written there, or raise PermissionError
-    naming ``option``, the flag that sets it."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"output directory {path} ({option}) is not writable ({err.strerror}); "
-            f"choose another with {option}"
-        ) from err
 
 
 class LastCheckpoint(ModelCheckpoint):

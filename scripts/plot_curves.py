@@ -6,9 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fcn.cli import _delegate
-
-plot_curves_main = _delegate("fcn.curves")  # known errors: one `error: ...` line, exit 2
+from fcn.cli import plot_curves_main
 
 if __name__ == "__main__":
     sys.exit(plot_curves_main())

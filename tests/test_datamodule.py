@@ -159,17 +159,6 @@ def test_ddp_ranks_share_one_unlabeled_stream(demo) -> None:
         assert Counter(r0 + r1) == {i: 2 for i in range(5)}, (r0, r1)  # every pool image twice per epoch
 
 
-def test_predict_loader(demo) -> None:
-    dm = _dm(demo, predict_root=str(demo / "test"))
-    dm.setup("predict")
-    loader = dm.predict_dataloader()
-    assert len(loader.dataset) == 5 and loader.dataset.relative_paths[0] == Path("demo_00000.png")
-    x, y = next(iter(loader))
-    assert x.shape == (1, 3, *SIZE) and (y == 255).all()
-    default = _dm(demo).predict_dataloader()  # no predict_root: the test split (= val) with its labels
-    assert len(default.dataset) == 3 and (next(iter(default))[1] != 255).any()
-
-
 def test_demo_is_generated_once_and_a_different_one_is_reported(tmp_path) -> None:
     root = tmp_path / "d"
     dm = SegDataModule(

@@ -21,9 +21,9 @@ from fcn.data.datamodule import build_dataset
 from fcn.data.demo import make_demo_dataset
 from fcn.data.transforms import eval_transform
 from fcn.evaluate import class_mismatch, labelid_filename, main
-from fcn.inference import predict_logits
 from fcn.metrics import image_scores, segmentation_scores
 from fcn.models import build_model
+from fcn.predictor import predict_logits
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def _args(ckpt: Path, root: Path, out: Path, *extra: str) -> list[str]:
 def _reference(ckpt: Path, root: Path, **predict: object) -> tuple[np.ndarray, list[dict]]:
     """Confusion matrix and per-image scores computed here, independently of fcn.evaluate.
 
-    ``predict``: sliding-window / TTA keywords of :func:`fcn.inference.predict_logits` (default: whole image).
+    ``predict``: sliding-window / TTA keywords of :func:`fcn.predictor.predict_logits` (default: whole image).
     """
     model, info = load_model(ckpt)
     ds = build_dataset("camvid", root, "val", transform=eval_transform(mean=info.mean, std=info.std))

@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from fcn.checkpoint import save_checkpoint
+from fcn.checkpoint import ModelMeta, save_checkpoint
 from fcn.cli import export_main, predict_main
 from fcn.export import ExportError, check_parity, export_onnx, export_torchscript
-from fcn.inference import ModelMeta, load_predictor
 from fcn.models import build_model
+from fcn.predictor import load_predictor
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

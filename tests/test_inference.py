@@ -13,29 +13,26 @@ import torch
 from helpers import TINY, huge_header_image, randomize_scores
 from torch import nn
 
-from fcn.checkpoint import CheckpointError, save_checkpoint
-from fcn.data.io import jpeg_truncated
-from fcn.inference import (
-    ImageReadError,
-    InferenceError,
-    ModelMeta,
-    class_ids,
+from fcn.checkpoint import CheckpointError, ModelMeta, save_checkpoint
+from fcn.data.errors import DataError
+from fcn.data.io import (
     colorize,
-    confidence_to_uint,
-    deflate_label_rows,
-    label_png,
-    labels_and_confidence,
-    load_predictor,
+    jpeg_truncated,
     overlay,
-    predict_logits,
-    predict_sliding,
-    predict_whole,
     probe_size,
-    read_image_rgb,
+    read_image,
     write_bytes_atomic,
     write_png_atomic,
 )
 from fcn.models import build_model
+from fcn.predictor import (
+    InferenceError,
+    class_ids,
+    labels_and_confidence,
+    load_predictor,
+    predict_logits,
+    predict_sliding,
+)
 
 
 class PixelModel(nn.Module):
@@ -58,19 +55,19 @@ def test_read_grayscale_rgba_and_16bit(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "g.png"), gray)
-    out = read_image_rgb(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8
     assert (out == gray[..., None]).all()
 
     bgra = rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "a.png"), bgra)
-    out = read_image_rgb(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
     assert out.shape == (20, 30, 3)
     assert (out == bgra[..., [2, 1, 0]]).all()  # RGB, alpha dropped
 
     rgb8 = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "w.png"), rgb8.astype(np.uint16) * 257)  # 16-bit, same picture
-    out = read_image_rgb(tmp_path / "w.png")
+    out = read_image(tmp_path / "w.png")
     assert out.dtype == np.uint8
     assert (out == rgb8[..., ::-1]).all()
 
@@ -84,8 +81,8 @@ def test_read_applies_exif_orientation(tmp_path: Path) -> None:
         exif = im.getexif()
         exif[0x0112] = orientation
         im.save(tmp_path / name, quality=100, exif=exif)
-    plain = read_image_rgb(tmp_path / "plain.jpg")
-    rot = read_image_rgb(tmp_path / "rot.jpg")
+    plain = read_image(tmp_path / "plain.jpg")
+    rot = read_image(tmp_path / "rot.jpg")
     assert plain.shape == (24, 40, 3) and rot.shape == (40, 24, 3)
     # orientation 6: the stored image is shown rotated 90 degrees clockwise
     assert np.array_equal(rot, np.rot90(plain, k=-1))
@@ -100,13 +97,13 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
     _, jpeg = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
     (tmp_path / "cut.jpg").write_bytes(jpeg.tobytes()[:-2])  # only the end marker is missing
     for name in ("bad.png", "empty.jpg", "notes.png", "missing.png", "cut.jpg"):
-        with pytest.raises(ImageReadError, match=name):
-            read_image_rgb(tmp_path / name)
+        with pytest.raises(DataError, match=name):
+            read_image(tmp_path / name)
     assert probe_size(tmp_path / "bad.png") is None
     for kind in ("png", "jpg"):  # a header claiming 60000 x 60000 pixels: refused before decoding
         (tmp_path / f"huge.{kind}").write_bytes(huge_header_image(kind))
-        with pytest.raises(ImageReadError, match=f"huge.{kind}: its header claims .*MAX_IMAGE_PIXELS"):
-            read_image_rgb(tmp_path / f"huge.{kind}")
+        with pytest.raises(DataError, match=f"huge.{kind}: its header claims .*MAX_IMAGE_PIXELS"):
+            read_image(tmp_path / f"huge.{kind}")
     # OpenCV builds differ on JPEGs cut short; the end-marker check catches them whatever the build does
     full = np.frombuffer(jpeg.tobytes(), np.uint8)
     assert not jpeg_truncated(full) and jpeg_truncated(full[:-2]) and jpeg_truncated(full[: len(full) // 2])
@@ -114,16 +111,6 @@ def test_read_errors_name_the_file(tmp_path: Path) -> None:
 
 
 # --- prediction
-
-
-def test_predict_whole_and_resize_keep_the_input_size() -> None:
-    model = randomize_scores(build_model("fcn8s", num_classes=3, **TINY))
-    x = torch.randn(2, 3, 45, 61)
-    assert predict_whole(model, x).shape == (2, 3, 45, 61)
-    out = predict_whole(model, x, resize=(32, 48))
-    assert out.shape == (2, 3, 45, 61)
-    # the resized path is a different computation, not the same logits
-    assert not torch.allclose(out, predict_whole(model, x), atol=1e-4)
 
 
 def test_sliding_window_equals_whole_image_for_a_pixelwise_model() -> None:
@@ -220,12 +207,9 @@ def test_colorize_overlay_confidence() -> None:
     assert np.array_equal(overlay(image, color, alpha=0.0), image)
     assert np.array_equal(overlay(image, color, alpha=1.0), color)
     assert overlay(image, color, alpha=0.5)[0, 0].tolist() == [178, 50, 50]
-    with pytest.raises(InferenceError):
+    with pytest.raises(ValueError, match="alpha"):
         overlay(image, color, alpha=1.5)
-    conf = np.array([0.0, 0.5, 1.0])
-    assert confidence_to_uint(conf, bits=8).tolist() == [0, 128, 255]
-    assert confidence_to_uint(conf, bits=16).dtype == np.uint16
-    assert confidence_to_uint(conf, bits=16).tolist() == [0, 32768, 65535]
+    assert colorize(np.array([[-1, 1]]), palette).tolist() == [[[0, 0, 0], [0, 255, 0]]]  # negative: black
 
 
 @pytest.mark.parametrize(
@@ -259,24 +243,23 @@ def test_indexed_colour_png_decodes_to_the_palette(tmp_path: Path) -> None:
     assert back.tolist() == [[[255, 0, 0], [0, 0, 0]]]
 
 
-def test_label_pngs_share_one_deflate_and_decode_exactly() -> None:
-    """Grayscale and indexed PNG from one stream: Pillow and OpenCV both read back the exact ids/colours."""
+def test_label_pngs_decode_exactly() -> None:
+    """Grayscale and indexed label PNGs: Pillow and OpenCV both read back the exact ids / colours."""
     from PIL import Image
+
+    from fcn.data.io import encode_png
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 12, (37, 53)).astype(np.uint8)
     labels[:5, :20] = 255  # void: past the palette, black
     palette = [[10 * i, 255 - 10 * i, 3 * i] for i in range(11)]
-    idat = deflate_label_rows(labels)
-    gray, indexed = label_png(idat, labels.shape), label_png(idat, labels.shape, palette=palette)
+    gray, indexed = encode_png(labels), encode_png(labels, palette=palette)
     assert np.array_equal(cv2.imdecode(np.frombuffer(gray, np.uint8), cv2.IMREAD_UNCHANGED), labels)
     with Image.open(io.BytesIO(indexed)) as im:
         assert im.mode == "P" and np.array_equal(np.asarray(im), labels)
         assert np.array_equal(np.asarray(im.convert("RGB")), colorize(labels, palette))
     rgb = cv2.imdecode(np.frombuffer(indexed, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
     assert np.array_equal(rgb, colorize(labels, palette))
-    with pytest.raises(ValueError, match="uint8"):
-        deflate_label_rows(labels.astype(np.uint16))
 
 
 def test_write_png_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,18 +277,9 @@ def test_write_png_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatch:
     assert os.listdir(tmp_path) == ["x.png"]  # the temporary file is gone
 
 
-@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temp"])
-def test_write_bytes_atomic_new_replace_and_failure(
-    unnamed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both ways (Linux's unnamed O_TMPFILE file, or a named temporary file) create and replace files
-    whole, with the usual permissions, leave nothing behind, and leave no file when writing fails."""
-    import fcn.inference
-
-    if not unnamed:
-        monkeypatch.setattr(fcn.inference, "_O_TMPFILE", None)
-    elif fcn.inference._open_unnamed(tmp_path) is None:
-        pytest.skip("no O_TMPFILE here")
+def test_write_bytes_atomic_new_replace_and_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files are created and replaced whole, with the usual permissions (not mkstemp's 0600), nothing is
+    left behind, and a failed write leaves no file (or the old one)."""
     target = tmp_path / "a.png"
     write_bytes_atomic(target, b"first")
     write_bytes_atomic(target, b"second, longer")
@@ -317,65 +291,35 @@ def test_write_bytes_atomic_new_replace_and_failure(
     def boom(*_: object) -> int:
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "write", boom)
-    with pytest.raises(OSError, match="disk full"):
-        write_bytes_atomic(tmp_path / "b.png", b"never")
-    with pytest.raises(OSError, match="disk full"):
-        write_bytes_atomic(target, b"never")
+    monkeypatch.setattr(os, "fsync", boom)
+    for path in (tmp_path / "b.png", target):
+        with pytest.raises(OSError, match="disk full"):
+            write_bytes_atomic(path, b"never", fsync=True)
     assert os.listdir(tmp_path) == ["a.png"] and target.read_bytes() == b"second, longer"
 
 
-def test_write_bytes_atomic_falls_back_without_o_tmpfile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file system that refuses O_TMPFILE (EOPNOTSUPP), or a process that cannot link through
-    /proc/self/fd, gets the named temporary file; other errors of the folder (missing) are raised."""
-    import errno
-
-    import fcn.inference
-
-    if fcn.inference._O_TMPFILE is None:
-        pytest.skip("no O_TMPFILE here")
-    real_open = os.open
-
-    def no_tmpfile(path: object, flags: int, *args: object) -> int:
-        if flags & fcn.inference._O_TMPFILE == fcn.inference._O_TMPFILE:
-            raise OSError(errno.EOPNOTSUPP, "not supported")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
-    write_bytes_atomic(tmp_path / "a.png", b"data")
-    assert (tmp_path / "a.png").read_bytes() == b"data" and os.listdir(tmp_path) == ["a.png"]
-    monkeypatch.undo()
-    with pytest.raises(FileNotFoundError):
-        write_bytes_atomic(tmp_path / "missing" / "a.png", b"data")
-
-    def no_proc(*_: object) -> None:
-        raise PermissionError("/proc/self/fd is not there")
-
-    monkeypatch.setattr(fcn.inference, "_link_fd", no_proc)  # linking refused (a sandbox)
-    monkeypatch.setattr(fcn.inference, "_link_works", True)
-    write_bytes_atomic(tmp_path / "b.png", b"more")
-    assert (tmp_path / "b.png").read_bytes() == b"more" and sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
-    assert fcn.inference._link_works is False  # named temporary files from then on
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
-def test_write_bytes_atomic_in_a_forked_child(tmp_path: Path) -> None:
-    """The cached /proc/self/fd descriptor is the parent's after a fork: the child opens its own."""
-    import multiprocessing
-
-    write_bytes_atomic(tmp_path / "parent.png", b"p")  # caches the descriptor in this process
-    child = multiprocessing.get_context("fork").Process(
-        target=write_bytes_atomic, args=(tmp_path / "child.png", b"c")
-    )
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0
-    assert (tmp_path / "child.png").read_bytes() == b"c" and (tmp_path / "parent.png").read_bytes() == b"p"
-
-
-# --- predictors
+def test_readme_python_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's three lines run as written (its paths in a temporary folder): the labels are the
+    model's arg-max on the normalised image, for a file, an array and a batch; colours in its palette."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip()]) == 3
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = randomize_scores(build_model("fcn8s", num_classes=4, **TINY))
+    (tmp_path / "outputs/demo/checkpoints").mkdir(parents=True)
+    save_checkpoint("outputs/demo/checkpoints/best.ckpt", model=model, model_name="fcn8s", model_kwargs=TINY)
+    rgb = cv2.resize(np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8), (64, 48))
+    cv2.imwrite("photo.jpg", rgb[..., ::-1])
+    scope: dict = {}
+    exec(code, scope)
+    labels, loaded = scope["labels"], scope["model"]
+    image = read_image("photo.jpg")
+    with torch.no_grad():
+        ref = model(loaded.normalize(torch.from_numpy(image)[None])).argmax(1)[0].numpy()
+    assert labels.shape == (48, 64) and labels.dtype == np.uint8 and (labels == ref).mean() > 0.999
+    assert np.array_equal(loaded.segment(np.stack([image, image]))[1], labels)
+    assert np.array_equal(loaded.colorize(labels), colorize(labels, loaded.meta.palette))
 
 
 def test_load_predictor_from_checkpoint(tmp_path: Path) -> None:
@@ -450,7 +394,7 @@ def test_predictor_uses_onednn_convolutions_on_cpu(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = randomize_scores(build_model("student", num_classes=4))
     ckpt = save_checkpoint(tmp_path / "s.ckpt", model=model, model_name="student")
-    predictor = load_predictor(ckpt, device="cpu")
+    predictor = load_predictor(ckpt, device="cpu", onednn=True)
     convs = sum(type(m) is nn.Conv2d for m in model.modules())
     assert predictor.onednn == convs > 50  # the ones BatchNorm was folded into included
     model.eval()

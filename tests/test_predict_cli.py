@@ -17,10 +17,12 @@ from helpers import TINY, huge_header_image, randomize_scores
 from PIL import Image
 
 from fcn.checkpoint import save_checkpoint
-from fcn.cli import PREDICT_SPINCOUNT, predict_main, short_openmp_spin
-from fcn.inference import Predictor
+from fcn.cli import predict_main
+from fcn.inputs import OUTPUT_MARKER, collect_inputs
 from fcn.models import build_model
-from fcn.predict import OUTPUT_MARKER, SizeGroupedBatchSampler, collect_inputs, run_predict, spare_cores
+from fcn.pipeline import PredictOptions, run_predict, size_batches, spare_cores
+from fcn.predictor import Predictor
+from fcn.tuning import PREDICT_SPINCOUNT, short_openmp_spin
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = [[128, 64, 128], [70, 70, 70], [107, 142, 35], [70, 130, 180]]
@@ -101,7 +103,8 @@ def _read(path: Path) -> np.ndarray:
 def test_folder_all_outputs(
     pipeline: str, data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Both pipelines (DataLoader processes + overlapped writes; threads between forward passes)."""
+    """Both schedules (decoding and writing beside the forward pass, or between forward passes); the hidden
+    --num-workers of older commands is still accepted."""
     out = tmp_path / "out"
     rc = _run(
         "--checkpoint", data["ckpt"], "--input", data["src"], "--output", out, pipeline,
@@ -193,9 +196,8 @@ def test_collect_inputs(tmp_path: Path) -> None:
 
 def test_size_grouped_batch_sampler() -> None:
     keys = [(4, 4), (8, 8), (4, 4), None, (4, 4), (8, 8), (4, 4), (4, 4)]
-    batches = list(SizeGroupedBatchSampler(keys, batch_size=3))
+    batches = size_batches(keys, batch_size=3)
     assert batches == [[0, 2, 4], [1, 5], [3], [6, 7]]
-    assert len(SizeGroupedBatchSampler(keys, batch_size=3)) == 4
     assert sorted(i for b in batches for i in b) == list(range(len(keys)))
     assert all(len({keys[i] for i in b}) == 1 for b in batches)
 
@@ -209,7 +211,7 @@ def test_spare_cores() -> None:
 
 def test_predict_command_shortens_openmp_spin_before_torch_loads() -> None:
     code = (
-        "import os, sys; from fcn.cli import short_openmp_spin; "
+        "import os, sys; from fcn.tuning import short_openmp_spin; "
         "print(short_openmp_spin(), os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
@@ -227,7 +229,7 @@ def test_predict_command_shortens_openmp_spin_before_torch_loads() -> None:
 
 MALLINFO = """
 import ctypes, sys
-from fcn.cli import keep_freed_memory, keeps_freed_memory
+from fcn.tuning import keep_freed_memory, keeps_freed_memory
 done = keep_freed_memory() if sys.argv[1] == "tune" else False
 libc = ctypes.CDLL("libc.so.6")
 names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
@@ -332,7 +334,7 @@ def test_skip_existing_resumes(data: dict[str, Path], tmp_path: Path, capsys: py
         raise AssertionError("nothing to do: the model must not be loaded")
 
     items, _ = collect_inputs(data["src"] / "city")
-    summary = run_predict(no_model, items, output=out, skip_existing=True, progress=False)
+    summary = run_predict(no_model, items, PredictOptions(output=out, skip_existing=True, progress=False))
     assert (summary.skipped, summary.done, summary.predictor) == (3, 0, None)
 
 
@@ -354,97 +356,43 @@ def test_benchmark_flag(data: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
 
 def test_benchmark_times_each_stage(data: dict[str, Path], tmp_path: Path) -> None:
     """--benchmark's account of the per-image work: CPU time of every stage that ran, in this process's
-    threads, and the forward passes' wall time; the timing is off again afterwards."""
-    import fcn.predict
-    from fcn.inference import load_predictor
-    from fcn.predict import benchmark_predict
+    threads, and the forward passes' wall time, collected by the timer it hands to run_predict."""
+    from fcn.benchmark import benchmark_predict
+    from fcn.predictor import load_predictor
 
     predictor = load_predictor(data["ckpt"], device="cpu")
     items, _ = collect_inputs(data["src"] / "city")
-    options = {
-        "resize": None, "crop": None, "stride": None, "scales": (1.0,), "flip": False, "batch_size": 2,
-        "overlap": False, "output": tmp_path / "a",
-    }  # fmt: skip
-    report = benchmark_predict(predictor, items, repeats=2, **options)
+    options = PredictOptions(output=tmp_path / "a", batch_size=2, overlap=False, progress=False)
+    report = benchmark_predict(predictor, items, options, repeats=2)
     assert set(report["stages"]) == {"decode", "normalise", "arg-max", "encode", "write"}
     assert all(ms > 0 for ms in report["stages"].values()) and report["forward_wall"] > 0
-    assert fcn.predict._stage_times is None
-    options["output"] = tmp_path / "b"
-    report = benchmark_predict(predictor, items, repeats=1, kinds=["overlay"], **options)
+    options = PredictOptions(output=tmp_path / "b", kinds=("overlay",), batch_size=2, overlap=False)
+    report = benchmark_predict(predictor, items, options, repeats=1)
     assert set(report["stages"]) == {"decode", "normalise", "arg-max", "write", "other outputs"}
 
 
-def test_decode_threads_normalise_into_the_batch(data: dict[str, Path]) -> None:
-    """Without spare cores the decoding threads normalise same-size images straight into one float32 batch
-    (the model input, no copy), equal to Predictor.normalize; an image whose probed size was wrong keeps
-    uint8 and gets a group of its own."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fcn.inference import load_predictor
-    from fcn.predict import ImageListDataset, _ThreadedBatches, probe_sizes
+def test_normalise_table_equals_normalize(data: dict[str, Path]) -> None:
+    """The decoding threads' cv2.LUT normalisation is bit-identical to Predictor.normalize."""
+    from fcn.predictor import load_predictor
 
     predictor = load_predictor(data["ckpt"], device="cpu")
-    items, _ = collect_inputs(data["src"] / "city")  # b, day/c (40x56), day/d: 48x64 except c
-    dataset = ImageListDataset(items)
-    uint8 = [dataset[i]["image"] for i in range(len(items))]
-    keys = probe_sizes(items)
-    wrong = [(48, 64)] * len(items)  # c's header "said" 48x64
-    with ThreadPoolExecutor(2) as pool:
-        for sizes, sampler, normalized in (
-            (keys, SizeGroupedBatchSampler(keys, 4), [True, True]),  # batches [b, d], [c]
-            (wrong, [[0, 1, 2]], [True, False]),  # one batch: c does not fit the 48x64 buffer
-        ):
-            batches = _ThreadedBatches(dataset, sampler, pool, keys=sizes)
-            batches.table = predictor.normalize_table()
-            groups = [g for batch in batches for g in batch["groups"]]
-            assert [g["indices"] for g in groups] == [[0, 2], [1]]
-            assert [g["normalized"] for g in groups] == normalized
-            for g in groups:
-                ref = predictor.normalize(torch.stack([uint8[i] for i in g["indices"]]))
-                if g["normalized"]:
-                    assert g["images"].dtype == torch.float32
-                    assert torch.equal(predictor.normalized_input(g["images"]), ref)
-                else:
-                    assert g["images"].dtype == torch.uint8
-                    assert torch.equal(predictor.normalize(g["images"]), ref)
+    image = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    table = predictor.normalize_table()
+    lut = np.stack([cv2.LUT(im, table) for im in image])
+    ref = predictor.normalize(torch.from_numpy(image))
+    assert torch.equal(predictor.normalized_input(torch.from_numpy(lut)), ref)
 
 
-def test_batch_buffers_take_turns(data: dict[str, Path]) -> None:
-    """Batches of one shape alternate between two buffers: each batch is whole and right while it is
-    current (the loop's forward pass), and a buffer is refilled only two batches later."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_library_calls_leave_the_process_settings_alone(data: dict[str, Path], tmp_path: Path) -> None:
+    """predict_main([...]) in-process (a test, a notebook) changes no process setting: only the console
+    command (argv None) applies fcn.tuning's."""
+    from fcn.tuning import keeps_freed_memory, onednn_convolutions
 
-    from fcn.inference import load_predictor
-    from fcn.predict import ImageListDataset, _ThreadedBatches
-
-    predictor = load_predictor(data["ckpt"], device="cpu")
-    items, _ = collect_inputs(data["src"] / "city")  # b and day/d are 48x64
-    items = [it for it in items if it.path.stem in ("b", "d")] * 3  # b, d, b, d, b, d
-    dataset = ImageListDataset(items)
-    keys = [(48, 64)] * len(items)
-    seen = []
-    with ThreadPoolExecutor(2) as pool:
-        batches = _ThreadedBatches(dataset, SizeGroupedBatchSampler(keys, 1), pool, keys=keys)
-        batches.table = predictor.normalize_table()
-        for batch in batches:
-            (group,) = batch["groups"]
-            ref = predictor.normalize(dataset[group["indices"][0]]["image"][None])
-            assert torch.equal(predictor.normalized_input(group["images"]), ref)
-            seen.append(group["images"].data_ptr())
-    assert len(seen) == 6 and len(set(seen)) == 2
-    assert seen[0::2] == [seen[0]] * 3 and seen[1::2] == [seen[1]] * 3
-
-
-def test_stack_uses_a_filled_buffer_without_copying() -> None:
-    from fcn.predict import _stack
-
-    buffer = np.random.default_rng(0).random((2, 4, 5, 3), dtype=np.float32)
-    samples = [{"image": torch.from_numpy(buffer[k]), "buffer": buffer, "slot": k} for k in range(2)]
-    assert np.shares_memory(_stack(samples).numpy(), buffer)  # the buffer itself
-    for group in (samples[::-1], samples[:1]):  # out of order, or not filling it: a stacked copy
-        stacked = _stack(group)
-        assert not np.shares_memory(stacked.numpy(), buffer)
-        assert torch.equal(stacked, torch.stack([s["image"] for s in group]))
+    cv2_threads, threads = cv2.getNumThreads(), torch.get_num_threads()
+    args = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--threads", 1]
+    assert _run(*args, "--output", tmp_path / "o") == 0
+    assert (cv2.getNumThreads(), torch.get_num_threads()) == (cv2_threads, threads)
+    assert not keeps_freed_memory() and not onednn_convolutions()
 
 
 @pytest.mark.parametrize(
@@ -452,7 +400,7 @@ def test_stack_uses_a_filled_buffer_without_copying() -> None:
     [
         ("missing", "does not exist"),
         ("empty", "no images found"),
-        ("unwritable", "cannot write to the output folder"),
+        ("unwritable", "is not writable"),
         ("no_checkpoint", "does not exist"),
         ("resize_and_sliding", "not both"),
     ],

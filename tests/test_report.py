@@ -197,7 +197,7 @@ def test_directory_under_a_regular_file_raises_report_error(tmp_path, confmat):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     target = blocker / "report"
-    with pytest.raises(ReportError, match="cannot write the evaluation report") as info:
+    with pytest.raises(ReportError, match="is not writable") as info:
         write_report(target, confmat=confmat, class_names=NAMES)
     assert isinstance(info.value, OSError)
     assert str(target) in str(info.value) and "writable" in str(info.value)

@@ -370,3 +370,15 @@ def test_train_script_prints_no_args_and_command_line_warning(demo_root, tmp_pat
     assert run.returncode == 0, run.stderr
     assert "val mIoU: " in run.stdout
     assert "not recommended to provide both args and command line" not in run.stderr
+
+
+def test_a_bad_image_in_a_loader_worker_is_one_line(tmp_path, capsys) -> None:
+    root = tmp_path / "demo"
+    make_demo_dataset(root, layout="camvid", n_train=4, n_val=2, size=(64, 80), seed=0)
+    bad = sorted((root / "train").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    args = _args(root, tmp_path / "out", "--data.num_workers", "1", "--data.persistent_workers", "false")
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # not the worker's traceback
+    assert bad.name in err

@@ -24,7 +24,8 @@ from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
-from fcn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from fcn.data.transforms import eval_transform, train_transform
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 DATASETS = ("demo", "camvid", "cityscapes", "folder")
 
@@ -202,7 +203,6 @@ class SegDataModule(L.LightningDataModule):
         unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (their
             labels unused), loaded like ``unlabeled_root``'s images; needs ``train_list``, excludes
             ``unlabeled_root``.
-        predict_root: an image folder (recursive) for ``predict``; default: the test split.
         seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
             (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
     """
@@ -231,7 +231,6 @@ class SegDataModule(L.LightningDataModule):
         unlabeled_ratio: float = 1.0,
         train_list: str | None = None,
         unlabeled_from_train: bool = False,
-        predict_root: str | None = None,
         seed: int = 0,
         demo_train: int = 160,
         demo_val: int = 40,
@@ -283,7 +282,6 @@ class SegDataModule(L.LightningDataModule):
         self.train_list = train_list
         self.unlabeled_from_train = bool(unlabeled_from_train)
         self._train_frames = read_frame_list(train_list) if train_list else None
-        self.predict_root = predict_root
         self.seed = int(seed)
         self.demo = {
             "n_train": demo_train,
@@ -427,7 +425,6 @@ class SegDataModule(L.LightningDataModule):
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
-            "predict": () if self.predict_root else ("test",),
             None: ("train", "val"),
         }
         for split in wanted.get(stage, ()):
@@ -435,12 +432,6 @@ class SegDataModule(L.LightningDataModule):
                 self._data[split] = self.make_dataset(split)
         if stage in ("fit", None) and self.semi_supervised and "unlabeled" not in self._data:
             self._data["unlabeled"] = self._unlabeled_pool()
-        if stage == "predict" and self.predict_root and "predict" not in self._data:
-            self._data["predict"] = UnlabeledImageFolder(
-                self.predict_root,
-                transform=eval_transform(mean=self.mean, std=self.std, size=self.eval_size),
-                ignore_index=self._ignore,
-            )
 
     def _get(self, key: str, stage: str) -> Dataset:
         if key not in self._data:
@@ -497,8 +488,3 @@ class SegDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._get("test", "test"), batch_size=self.val_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """``predict_root``'s images (items ``(image, all-ignore mask)``) or else the test split."""
-        key = "predict" if self.predict_root else "test"
-        return self._loader(self._get(key, "predict"), batch_size=self.val_batch_size, shuffle=False)

@@ -1,15 +1,27 @@
-"""Reading images and label maps with OpenCV.
+"""Image files, in and out: the one reader of the data sets, predict, evaluate and report, and the
+one writer of their PNGs.
 
-Images of any common kind (grayscale, gray + alpha, RGBA, 16-bit, float TIFF) become RGB uint8
-``(H, W, 3)`` as a viewer shows them (EXIF orientation applied, like ``predict.py``'s reader); label
-maps are returned exactly as stored (uint8 or uint16 ids, palette PNGs as their indices, no orientation).
-Unreadable, truncated and non-image files raise one :class:`DataError` naming the file.
+Reading: images of any common kind (grayscale, gray + alpha, RGBA, 16-bit, float TIFF) become RGB uint8
+``(H, W, 3)`` as a viewer shows them (EXIF orientation applied); label maps are returned exactly as
+stored (uint8 or uint16 ids, palette PNGs as their indices, no orientation). Unreadable, truncated and
+non-image files raise one :class:`DataError` naming the file. :func:`probe_size` reads a size from the
+header only.
+
+Writing: :func:`colorize` / :func:`overlay` turn class ids into pictures, :func:`encode_png` encodes
+(label maps through Pillow, which writes palette PNGs; other arrays through OpenCV) and
+:func:`write_bytes_atomic` writes a file whole or not at all; :func:`check_writable` proves a folder
+can be written before a long run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import secrets
 import struct
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -17,7 +29,10 @@ import numpy as np
 
 from fcn.data.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2",
+)
+
 # The largest image the readers decode, in pixels (64 Mpx, e.g. 8192 x 8192): a header claiming more (a
 # corrupt or hostile file) is refused before decoding, which would allocate its pixels (OpenCV raises
 # cv2.error past its own 1 Gpx limit). Below Pillow's decompression-bomb limit, whose error means "larger".
@@ -25,11 +40,6 @@ MAX_IMAGE_PIXELS = 1 << 26
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a file name with one of :data:`IMAGE_EXTENSIONS` (any case)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_images(
@@ -126,7 +136,7 @@ def header_size(data: np.ndarray) -> tuple[int, int] | None:
 
 def oversized(data: np.ndarray) -> str | None:
     """Why encoded image bytes are too large to decode (a header size over :data:`MAX_IMAGE_PIXELS`),
-    or None; the check of both image readers (this module's and predict's)."""
+    or None."""
     size = header_size(data)
     if size is None or (size[0] >= 0 and size[0] * size[1] <= MAX_IMAGE_PIXELS):
         return None
@@ -214,7 +224,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as err:
-        raise DataError(f"cannot read label file {path} ({first_cv2_line(err)}); replace or remove it") from err
+        reason = first_cv2_line(err)
+        raise DataError(f"cannot read label file {path} ({reason}); replace or remove it") from err
     if mask is None or mask.size == 0:
         raise DataError(
             f"cannot read label file {path} (corrupt, truncated or not an image); replace or remove it"
@@ -232,3 +243,154 @@ def read_mask(path: str | Path) -> np.ndarray:
             f"label file {path} has pixel type {mask.dtype}; labels must be 8- or 16-bit integers"
         )
     return mask
+
+
+def probe_size(path: str | Path) -> tuple[int, int] | None:
+    """``(H, W)`` after EXIF orientation, from the file header (PIL, lazy); None when unknown."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+    except Exception:  # unreadable or unknown to PIL: the reader will tell
+        return None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Class ids ``(H, W)`` -> RGB ``(H, W, 3)`` uint8; ids without a colour (ignore index, negative ids)
+    are black."""
+    labels = np.asarray(labels)
+    lut = np.zeros((max(256, len(palette), int(labels.max(initial=0)) + 1) + 1, 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    return lut[np.where(labels < 0, len(lut) - 1, labels) if labels.dtype.kind == "i" else labels]
+
+
+def overlay(image: np.ndarray, color: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+    """Blend RGB ``image`` with the colour map: ``(1 - alpha) * image + alpha * color`` (uint8)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return cv2.addWeighted(image, 1.0 - alpha, color, alpha, 0.0)
+
+
+def encode_png(
+    array: np.ndarray, *, palette: Sequence[Sequence[int]] | None = None, compression: int = 1
+) -> bytes:
+    """PNG bytes of ``array``: ``(H, W)`` or RGB ``(H, W, 3)``, uint8 or uint16.
+
+    With ``palette`` a uint8 ``(H, W)`` map of class ids becomes an indexed-colour PNG through Pillow
+    (which OpenCV cannot write; 256 entries, ids past the palette black; any viewer shows the colours,
+    decoders expand it to RGB); wider ids are coloured first. Everything else goes through OpenCV; uint8
+    maps with run-length deflate and no row filter (long runs of one id: 3x faster than the default).
+    """
+    if palette is not None and array.ndim == 2 and array.dtype == np.uint8:
+        from PIL import Image
+
+        image = Image.frombuffer("P", array.shape[::-1], np.ascontiguousarray(array), "raw", "P", 0, 1)
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+        lut[: len(colours)] = colours
+        image.putpalette(lut.tobytes())
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=compression, compress_type=3)  # 3: zlib.Z_RLE
+        return buf.getvalue()
+    if palette is not None:
+        array = colorize(array, palette)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    if array.ndim == 2:  # label maps: run-length deflate is faster and smaller than the default here
+        params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+        if array.dtype == np.uint8 and hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11
+            params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", array, params)
+    if not ok:
+        raise OSError(f"cannot encode an array of {array.shape} {array.dtype} as PNG")
+    return buf.tobytes()
+
+
+TMP_PREFIX = ".fcn-tmp-"
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden temporary name next to ``path`` (``.fcn-tmp-<stem>-<random>.tmp``, 48 random bits)."""
+    return path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary file next to ``path`` (``.fcn-tmp-*``, never ``*.png``; named before it exists,
+    so a signal at any point after finds it to remove; the usual permissions, 0666 less the umask, unlike
+    ``tempfile.mkstemp``) to write; on success it replaces ``path`` (``os.replace``), else it is removed.
+    Readers and interrupted runs never see a truncated file."""
+    tmp = temp_name(Path(path))
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_path`. ``fsync`` also flushes the bytes to disk
+    first (a power loss then cannot leave an empty file under the final name); costly per file, so off
+    for predictions."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_png_atomic(
+    path: str | Path, array: np.ndarray, *, palette: Sequence[Sequence[int]] | None = None
+) -> Path:
+    """Write ``array`` as a PNG (:func:`encode_png`) with :func:`write_bytes_atomic`."""
+    return write_bytes_atomic(path, encode_png(array, palette=palette))
+
+
+def check_writable(
+    directory: str | Path,
+    option: str = "--trainer.default_root_dir",
+    *,
+    error: type[OSError] = PermissionError,
+) -> Path:
+    """Create ``directory`` if needed and prove a file can be written there, or raise ``error`` naming
+    ``option``, the flag that sets it. Returns the folder."""
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise error(
+            f"output directory {path} ({option}) is not writable ({err.strerror or err}); "
+            f"choose another with {option}"
+        ) from err
+    return path
+
+
+def missing_dirs(path: str | Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what ``mkdir(parents=True)``
+    would create): a failed command removes them again with :func:`remove_empty_dirs`."""
+    missing = []
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: Sequence[Path]) -> None:
+    """Remove the folders ``dirs`` that are empty (deepest first); others stay."""
+    for d in sorted(set(dirs), key=lambda d: len(d.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()

@@ -9,8 +9,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 
 def train_transform(

@@ -1,0 +1,155 @@
+"""Predict's inputs and outputs by name: an image, a folder (recursive), a glob or a text file of paths in;
+``OUT/<kind>/REL/name.png`` out, in a folder marked as predict's output."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcn.data.io import IMAGE_EXTENSIONS, check_writable
+
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+# An empty hidden file marking a folder as predict's output: later runs never take its PNGs as input
+OUTPUT_MARKER = ".fcn-predict-output"
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input image and its output path stem relative to the output folder of each kind."""
+
+    path: Path
+    rel: Path
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        path.resolve().relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_output_dir(folder: Path) -> bool:
+    """Whether ``folder`` holds the outputs of a predict run (:data:`OUTPUT_MARKER`)."""
+    return (folder / OUTPUT_MARKER).is_file()
+
+
+def _glob_base(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    base = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return Path(*base) if base else Path(".")
+
+
+def _make_items(paths: Sequence[Path], base: Path) -> list[InputItem]:
+    """Relative output stems; inputs that share a stem in one folder (a.png, a.jpg) keep their extension."""
+    rels: list[Path] = []
+    for p in paths:
+        try:
+            rels.append(p.relative_to(base))
+        except ValueError:
+            rels.append(Path(p.name))
+    stems: dict[Path, int] = {}
+    for r in rels:
+        stems[r.with_suffix("")] = stems.get(r.with_suffix(""), 0) + 1
+    items = []
+    for p, r in zip(paths, rels):
+        stem = r.with_suffix("")
+        if stems[stem] > 1:
+            stem = r.with_name(r.name.replace(".", "_"))
+        items.append(InputItem(path=p, rel=stem))
+    return items
+
+
+def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[list[InputItem], int]:
+    """Expand ``spec`` into images and count the non-image files that were ignored.
+
+    ``spec`` is an image, a folder (searched recursively for image extensions; hidden entries, ``exclude``
+    and the output folders of earlier runs skipped), a glob (``**`` recursive; earlier runs' outputs
+    skipped) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a line (relative paths from the list's
+    folder; ``#`` comments). Listed files are tried whatever their extension. Raises
+    :class:`FileNotFoundError` for a missing input or one without images.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    exclude = exclude.resolve() if exclude is not None else None
+    ignored = 0
+    if path.is_dir():
+        found = []
+        for root, dirs, files in os.walk(path):
+            root_path = Path(root)
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".")
+                and not _inside(root_path / d, exclude)
+                and not _is_output_dir(root_path / d)
+            )
+            for name in sorted(files):
+                p = root_path / name
+                if name.startswith("."):
+                    continue
+                if _is_image_name(p):
+                    found.append(p)
+                else:
+                    ignored += 1
+        items = _make_items(found, path)
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise FileNotFoundError(f"cannot read the list of paths {path} ({err})") from err
+        listed: dict[Path, None] = {}
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line).expanduser()
+            listed[Path(os.path.abspath(p if p.is_absolute() else path.parent / p))] = None
+        paths = list(listed)
+        base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else path.parent
+        items = _make_items(paths, base)
+    elif path.is_file():
+        items = [InputItem(path=path, rel=Path(path.stem))]
+    elif glob.has_magic(text):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
+        base = _glob_base(os.path.expanduser(text))
+        parents = {d for m in matches for d in m.parents if d.is_relative_to(base)}
+        outputs = {d for d in parents if _is_output_dir(d)}
+        files = [m for m in matches if m.is_file() and not _inside(m, exclude)]
+        files = [m for m in files if not any(d in outputs for d in m.parents)]
+        images = [m for m in files if _is_image_name(m)]
+        ignored = len(files) - len(images)
+        items = _make_items(images, base)
+    else:
+        raise FileNotFoundError(
+            f"input {text} does not exist; pass an image, a folder, a glob in quotes or a .txt list of paths"
+        )
+    if not items:
+        exts = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"no images found in {text} (looked for {exts})")
+    return items, ignored
+
+
+def output_paths(item: InputItem, output: Path, kinds: Sequence[str]) -> dict[str, Path]:
+    """``{kind: output / kind / rel.png}`` for the selected output kinds."""
+    return {k: output / k / item.rel.with_name(item.rel.name + ".png") for k in kinds}
+
+
+def check_output_dir(output: Path) -> None:
+    """Create ``output``, prove it is writable (:func:`~fcn.data.io.check_writable`, PermissionError naming
+    ``--output``) and mark it with :data:`OUTPUT_MARKER`."""
+    check_writable(output, "--output")
+    (output / OUTPUT_MARKER).touch()

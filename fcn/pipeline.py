@@ -1,0 +1,440 @@
+"""Predict's batch pipeline: file -> decode -> normalise -> model -> logits -> labels -> encode -> write.
+
+:func:`run_predict` groups images of equal size into batches (every image runs at its own resolution),
+runs the model under ``torch.inference_mode`` and lets one thread pool (``writers``) decode, normalise
+and write. On the CPU each thread normalises its images with ``cv2.LUT`` straight into a float32 batch
+buffer that becomes the model input without a copy (two buffers per batch shape, taking turns). With
+spare cores (a GPU, or a CPU with 2+ cores beyond the model's threads) the next batch is decoded and the
+last one written while the model runs (``overlap``); without them the pool works between forward passes,
+so nothing preempts the model's threads (measured faster on 2 cores, docs/RESULTS.md section 7).
+Unreadable files are reported and counted, not raised; every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fcn.data.errors import DataError
+from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
+from fcn.inputs import InputItem, output_paths
+from fcn.predictor import Predictor, class_ids, labels_and_confidence, predict_logits
+
+if TYPE_CHECKING:
+    from fcn.benchmark import StageTimes
+
+OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
+DEFAULT_OUTPUTS = ("label", "color")
+
+
+class PredictError(ValueError):
+    """A user error of the predict command (bad option combination); printed as one ``error:`` line."""
+
+
+@dataclass
+class PredictOptions:
+    """What :func:`run_predict` writes and how; checked once, here (:class:`PredictError` names the flag).
+
+    ``kinds``: output kinds (:data:`OUTPUT_KINDS`); ``resize``: infer at a fixed ``(H, W)``; ``crop`` /
+    ``stride``: sliding window; ``scales`` / ``flip``: test-time augmentation; ``writers``: pool threads
+    (default: 2 with overlap, else one per core); ``overlap``: default "spare cores" (:func:`spare_cores`).
+    """
+
+    output: Path
+    kinds: tuple[str, ...] = DEFAULT_OUTPUTS
+    batch_size: int = 4
+    writers: int | None = None
+    overlap: bool | None = None
+    resize: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    alpha: float = 0.5
+    confidence_bits: int = 8
+    skip_existing: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        kinds = tuple(dict.fromkeys(self.kinds))
+        object.__setattr__(self, "kinds", kinds)  # frozen: normalised once, here
+        if not kinds or set(kinds) - set(OUTPUT_KINDS):
+            raise PredictError(
+                f"--outputs takes a comma list of {', '.join(OUTPUT_KINDS)}; got {list(kinds)}"
+            )
+        for flag, value in (("--batch-size", self.batch_size), ("--writers", self.writers or 1)):
+            if value < 1:
+                raise PredictError(f"{flag} must be at least 1, got {value}")
+        if self.resize is not None and self.crop is not None:
+            raise PredictError("choose either --resize or --sliding-window, not both")
+        if self.resize is not None and min(self.resize) < 1:
+            raise PredictError(f"--resize needs positive H W, got {list(self.resize)}")
+        if self.crop is not None and min(*self.crop, *(self.stride or (1,))) < 1:
+            raise PredictError("--crop and --stride need positive H W")
+        if not self.scales or min(self.scales) <= 0:
+            raise PredictError(f"--scales must be positive, got {list(self.scales)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise PredictError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.confidence_bits not in (8, 16):
+            raise PredictError(f"--confidence-bits must be 8 or 16, got {self.confidence_bits}")
+
+    def strategy(self) -> dict[str, Any]:
+        """:func:`~fcn.predictor.predict_logits`'s options (the model sees ``resize``-d images already)."""
+        return {"crop": self.crop, "stride": self.stride, "scales": self.scales, "flip": self.flip}
+
+
+@dataclass
+class PredictSummary:
+    """Counts and speed of one run."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    predictor: Predictor | None = field(default=None, repr=False)
+    overlap: bool | None = None  # whether decoding and writing ran beside the model
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        extra = f", {self.ignored} non-image files ignored" if self.ignored else ""
+        return (
+            f"done {self.done}, skipped {self.skipped}, failed {self.failed}{extra} "
+            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
+        )
+
+
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_predict`; ``summary`` counts the images whose outputs were written."""
+
+    def __init__(self, summary: PredictSummary) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+def spare_cores(device: torch.device, threads: int) -> bool:
+    """Whether decoding and writing can run beside the model without slowing it: on a GPU, or on a CPU with
+    at least two cores more than the model's ``threads``.
+
+    Otherwise (e.g. 2 cores, 2 model threads) helper threads would preempt the model's threads, and each
+    parallel operator waits for its slowest thread (measured slower, docs/RESULTS.md section 7).
+    """
+    return device.type != "cpu" or _cores() >= threads + 2
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def size_batches(keys: Sequence[Hashable | None], batch_size: int) -> list[list[int]]:
+    """Batches of up to ``batch_size`` indices that share a key (an image size), ordered by their first
+    index so the run follows the input order; indices with key ``None`` (size unknown) get their own."""
+    groups: OrderedDict[Hashable, list[int]] = OrderedDict()
+    batches: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if key is None:
+            batches.append([i])
+        else:
+            groups.setdefault(key, []).append(i)
+    for indices in groups.values():
+        batches.extend(indices[j : j + batch_size] for j in range(0, len(indices), batch_size))
+    return sorted(batches, key=lambda b: b[0])
+
+
+class _Batches:
+    """The batches of ``items``, decoded by ``pool``'s threads; :meth:`prefetch` queues the next batch.
+
+    With a ``table`` (:meth:`Predictor.normalize_table`) each thread also normalises its image straight
+    into the batch's float32 ``(N, H, W, 3)`` buffer (``keys`` give the probed sizes; an image whose size
+    differs stays uint8). The buffers of each batch shape take turns (two of them), so a buffer is refilled
+    only after its batch's forward pass.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[InputItem],
+        keys: Sequence[Hashable | None],
+        pool: ThreadPoolExecutor,
+        *,
+        batch_size: int,
+        resize: tuple[int, int] | None,
+        keep_originals: bool,
+        stage: Callable[[str], AbstractContextManager[None]],
+    ) -> None:
+        self.items, self.keys, self.pool, self.stage = items, keys, pool, stage
+        self.indices = iter(size_batches(keys, batch_size))
+        self.resize, self.keep_originals = resize, keep_originals
+        self.table: np.ndarray | None = None
+        self.ahead: list[Future] | None = None
+        self.ring: dict[tuple[int, ...], deque[np.ndarray]] = {}
+
+    def _read(self, index: int, buffer: np.ndarray | None = None, slot: int = 0) -> dict[str, Any]:
+        """``{"index", "image" (uint8 HWC or its normalised row of ``buffer``), "size", "original"}``, or
+        ``{"index", "error"}`` for a file that cannot be read."""
+        try:
+            with self.stage("decode"):
+                image = read_image(self.items[index].path)
+        except DataError as err:
+            return {"index": index, "error": str(err)}
+        sample: dict[str, Any] = {"index": index, "size": image.shape[:2], "original": None}
+        if self.resize is not None:
+            sample["original"] = image if self.keep_originals else None
+            image = cv2.resize(image, (self.resize[1], self.resize[0]), interpolation=cv2.INTER_LINEAR)
+        if buffer is not None and image.shape == buffer.shape[1:]:
+            with self.stage("normalise"):
+                cv2.LUT(image, self.table, dst=buffer[slot])
+            if self.keep_originals and sample["original"] is None:
+                sample["original"] = image
+            sample.update(image=torch.from_numpy(buffer[slot]), buffer=buffer, slot=slot)
+        else:
+            sample["image"] = torch.from_numpy(np.ascontiguousarray(image))
+        return sample
+
+    def prefetch(self) -> None:
+        if self.ahead is not None:
+            return
+        indices = next(self.indices, None)
+        if indices is None:
+            self.ahead = []
+            return
+        size = self.keys[indices[0]] if self.table is not None else None
+        buffer = None
+        if size is not None and all(self.keys[i] == size for i in indices):
+            shape = (len(indices), *size, 3)  # type: ignore[misc]
+            ring = self.ring.setdefault(shape, deque())
+            if len(ring) < 2:  # a new buffer, then the oldest in turn
+                ring.appendleft(np.empty(shape, np.float32))
+            buffer = ring[0]
+            ring.rotate(-1)
+        self.ahead = [self.pool.submit(self._read, i, buffer, k) for k, i in enumerate(indices)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        self.prefetch()
+        futures, self.ahead = self.ahead or [], None
+        if not futures:
+            raise StopIteration
+        return _collate([f.result() for f in futures])
+
+
+def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images of equal shape (the shared buffer itself when they fill it in order, else a copy);
+    a batch with several shapes (a wrong header) splits into groups."""
+    by_shape: OrderedDict[tuple[Any, ...], list[dict[str, Any]]] = OrderedDict()
+    for s in samples:
+        if "error" not in s:
+            by_shape.setdefault((*s["image"].shape, s["image"].dtype), []).append(s)
+    groups = []
+    for group in by_shape.values():
+        buffer = group[0].get("buffer")
+        in_order = all(s.get("buffer") is buffer and s.get("slot") == k for k, s in enumerate(group))
+        filled = buffer is not None and len(buffer) == len(group) and in_order
+        groups.append(
+            {
+                "indices": [s["index"] for s in group],
+                "images": torch.from_numpy(buffer) if filled else torch.stack([s["image"] for s in group]),
+                "normalized": group[0]["image"].dtype == torch.float32,
+                "sizes": [tuple(s["size"]) for s in group],
+                "originals": [s["original"] for s in group],
+            }
+        )
+    return {"groups": groups, "errors": [s["error"] for s in samples if "error" in s]}
+
+
+def _predict_group(
+    predictor: Predictor, group: dict[str, Any], options: PredictOptions, timer: StageTimes | None
+) -> list[tuple[int, dict[str, np.ndarray | None]]]:
+    """Run one same-shape group; per image: its index and what :func:`_write_outputs` needs.
+
+    On CPU without a confidence output the arg-max is left to the writer threads (``logits`` as a
+    ``(C, H, W)`` array); otherwise labels (and confidences) are computed here, on the model's device.
+    """
+    images = group["images"]
+    x = predictor.normalized_input(images) if group["normalized"] else predictor.normalize(images)
+    start = time.perf_counter()
+    logits = predict_logits(predictor, x, **options.strategy())
+    if timer is not None:
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        timer.forward_wall += time.perf_counter() - start
+    want_conf = "confidence" in options.kinds
+    defer = logits.device.type == "cpu" and not want_conf
+    top = 255.0 if options.confidence_bits == 8 else 65535.0
+    results = []
+    for k, index in enumerate(group["indices"]):
+        one = logits[k : k + 1]
+        if options.resize is not None:  # back to the image's own size: bilinear on the logits, then arg-max
+            one = F.interpolate(one, size=group["sizes"][k], mode="bilinear", align_corners=False)
+        out: dict[str, np.ndarray | None] = {"label": None, "logits": None, "confidence": None, "image": None}
+        if defer:
+            out["logits"] = one[0].numpy()  # (C, H, W), a view of the batch's logits
+        else:
+            lab, cf = labels_and_confidence(one, confidence=want_conf)
+            label = lab[0].to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
+            out["label"] = label if label.dtype == np.uint8 else label.astype(np.uint16)
+            if cf is not None:
+                conf = (cf[0] * top).round_().to(torch.int32).cpu().numpy()
+                out["confidence"] = conf.astype(np.uint8 if top == 255.0 else np.uint16)
+        if "overlay" in options.kinds:
+            original = group["originals"][k]
+            out["image"] = original if original is not None else images[k].numpy()
+        results.append((index, out))
+    return results
+
+
+def _write_outputs(
+    paths: dict[str, Path],
+    outputs: dict[str, np.ndarray | None],
+    *,
+    palette: list[list[int]],
+    alpha: float,
+    stage: Callable[[str], AbstractContextManager[None]],
+) -> None:
+    """Encode and write one image's outputs (in a writer thread); the label comes from the logits if None."""
+    label = outputs["label"]
+    if label is None:
+        with stage("arg-max"):  # (C, H, W) logits -> ids, here rather than on the model's threads
+            label = class_ids(outputs["logits"])  # type: ignore[arg-type]
+    with stage("write"):
+        for p in paths.values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+    if "confidence" in paths and outputs["confidence"] is not None:
+        with stage("other outputs"):
+            write_bytes_atomic(paths["confidence"], encode_png(outputs["confidence"]))
+    if "overlay" in paths and outputs["image"] is not None:
+        with stage("other outputs"):
+            blend = overlay(outputs["image"], colorize(label, palette), alpha=alpha)
+            write_bytes_atomic(paths["overlay"], encode_png(blend))
+    for kind, pal in (("color", palette), ("label", None)):
+        if kind in paths:
+            with stage("encode"):
+                data = encode_png(label, palette=pal)  # uint8: an indexed-colour PNG; beyond: RGB
+            with stage("write"):
+                write_bytes_atomic(paths[kind], data)
+
+
+def run_predict(
+    predictor: Predictor | Callable[[], Predictor],
+    items: Sequence[InputItem],
+    options: PredictOptions,
+    *,
+    timer: StageTimes | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PredictSummary:
+    """Predict every item and write its outputs under ``options.output``; failures are counted, not raised.
+
+    ``predictor`` may be a function that loads it: it is then not called at all when ``skip_existing``
+    finds every output present. ``summary.seconds`` counts the input checks and everything from the model
+    being ready to the last file written (not the model loading). ``timer`` (``--benchmark``) receives the
+    CPU time of each stage and the forward passes' wall time. Ctrl-C raises :class:`PredictInterrupted`.
+    """
+    o = options
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    stage = timer if timer is not None else (lambda _name: nullcontext())
+    summary = PredictSummary(total=len(items))
+    t0 = time.perf_counter()
+    todo = [it for it in items if not (o.skip_existing and _outputs_exist(it, o))]
+    summary.skipped = len(items) - len(todo)
+    if not todo:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    keys: Sequence[Hashable | None] = [o.resize] * len(todo) if o.resize else _probe_sizes(todo)
+    prepared = time.perf_counter() - t0
+    if not isinstance(predictor, Predictor):
+        predictor = predictor()
+    summary.predictor = predictor
+    overlap = o.overlap if o.overlap is not None else spare_cores(predictor.device, predictor.cpu_threads())
+    summary.overlap = overlap
+    writers = o.writers or (2 if overlap else _cores())
+    # Without spare cores each batch's outputs are written (and the next batch decoded) by all the threads
+    # while the model waits, instead of fighting the model's threads for the cores.
+    max_pending = max(4, 2 * o.batch_size * writers) if overlap else 0
+    pending: deque[tuple[InputItem, Future]] = deque()
+
+    def harvest(block: bool) -> None:
+        while pending and (block or pending[0][1].done()):
+            item, fut = pending.popleft()
+            if fut.cancelled():  # after Ctrl-C
+                continue
+            try:
+                fut.result()
+            except (OSError, cv2.error) as err:
+                summary.failed += 1
+                summary.failures.append(f"{item.path}: cannot write outputs ({err})")
+                log(f"failed: {item.path}: cannot write outputs ({err})")
+            else:
+                summary.done += 1
+            bar.update()
+
+    start = time.perf_counter()
+    quiet = None if o.progress else True  # None: a bar on a terminal only
+    bar = tqdm(total=len(items), initial=summary.skipped, desc="predict", unit="img", disable=quiet)
+    with bar, ThreadPoolExecutor(max_workers=writers) as pool:
+        keep = "overlay" in o.kinds
+        batches = _Batches(
+            todo, keys, pool, batch_size=o.batch_size, resize=o.resize, keep_originals=keep, stage=stage
+        )
+        if predictor.device.type == "cpu":
+            batches.table = predictor.normalize_table()
+        try:
+            for batch in batches:
+                if overlap:  # the next batch decodes beside this one's forward pass
+                    batches.prefetch()
+                for message in batch["errors"]:
+                    summary.failed += 1
+                    summary.failures.append(message)
+                    log(f"failed: {message}")
+                    bar.update()
+                for group in batch["groups"]:
+                    for index, outputs in _predict_group(predictor, group, o, timer):
+                        paths = output_paths(todo[index], o.output, o.kinds)
+                        palette = predictor.meta.palette
+                        write = pool.submit(
+                            _write_outputs, paths, outputs, palette=palette, alpha=o.alpha, stage=stage
+                        )
+                        pending.append((todo[index], write))
+                batches.prefetch()  # without overlap: the next batch decodes beside this one's writes
+                harvest(block=False)
+                while len(pending) > max_pending:  # back-pressure: never queue more than a few batches
+                    pending[0][1].exception()  # waits without raising; harvest reports it
+                    harvest(block=False)
+            harvest(block=True)
+        except KeyboardInterrupt:  # Ctrl-C: writes under way finish (each is atomic), queued ones do not
+            pool.shutdown(wait=True, cancel_futures=True)
+            harvest(block=True)
+            summary.seconds = prepared + time.perf_counter() - start
+            raise PredictInterrupted(summary) from None
+    summary.seconds = prepared + time.perf_counter() - start
+    return summary
+
+
+def _outputs_exist(item: InputItem, options: PredictOptions) -> bool:
+    return all(p.is_file() for p in output_paths(item, options.output, options.kinds).values())
+
+
+def _probe_sizes(items: Sequence[InputItem]) -> list[tuple[int, int] | None]:
+    """Header sizes of all items (in a thread pool; ``None`` where unknown)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda it: probe_size(it.path), items))

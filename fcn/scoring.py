@@ -1,0 +1,264 @@
+"""One evaluation pass: a predictor over a labelled data set, scored with the training metrics.
+
+:func:`evaluate_model` accumulates ONE :class:`fcn.metrics.ConfusionMatrix` on the model's device (the
+same accumulator as training validation), scores every image (:func:`fcn.metrics.image_scores`) and keeps
+the ``worst`` images for the report; :mod:`fcn.evaluate` is its command line.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fcn.data.errors import DataError
+from fcn.metrics import ConfusionMatrix, image_scores
+from fcn.predictor import Predictor, predict_logits
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How logits are produced (see :func:`fcn.predictor.predict_logits`): window, scales, flip."""
+
+    sliding_window: bool = False
+    crop: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    def describe(self) -> str:
+        """One line for the report, e.g. ``sliding window 512x1024 / stride 341x683, flip``."""
+        parts = ["whole image"]
+        if self.sliding_window and self.crop and self.stride:
+            parts = [
+                f"sliding window {self.crop[0]}x{self.crop[1]} / stride {self.stride[0]}x{self.stride[1]}"
+            ]
+        if tuple(self.scales) != (1.0,):
+            parts.append("scales " + ", ".join(f"{s:g}" for s in self.scales))
+        if self.flip:
+            parts.append("flip")
+        return ", ".join(parts)
+
+
+@dataclass
+class PassResult:
+    """What one evaluation pass over the split produced."""
+
+    confmat: Tensor
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    worst: list[dict[str, Any]] = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+    metric_seconds: float = 0.0
+    per_image_seconds: float = 0.0
+
+    def timing(self) -> dict[str, float]:
+        """Seconds, images/s and the accumulator's share of the pass (the metric overhead)."""
+        total = max(self.seconds, 1e-12)
+        return {
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images / total, 3),
+            "metric_seconds": round(self.metric_seconds, 6),
+            "metric_overhead": round(self.metric_seconds / total, 6),
+            "per_image_seconds": round(self.per_image_seconds, 6),
+            "per_image_overhead": round(self.per_image_seconds / total, 6),
+        }
+
+
+# -- data ---------------------------------------------------------------------------------------------
+class _Indexed(Dataset):
+    """``(index, image, mask)`` for the first ``limit`` samples of a data set."""
+
+    def __init__(self, dataset: Any, limit: int | None) -> None:
+        self.dataset = dataset
+        self.length = len(dataset) if limit is None else min(limit, len(dataset))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor] | DataError:
+        try:
+            image, mask = self.dataset[index]
+        except DataError as err:  # returned, raised in the main process: a loader worker would bury the
+            return err  # message in its traceback
+        return index, torch.as_tensor(image), torch.as_tensor(mask)
+
+
+def _collate(batch: list[tuple[int, Tensor, Tensor]]) -> list[tuple[int, Tensor, Tensor]]:
+    return batch  # images may differ in size; grouped by shape in the loop
+
+
+def _checked(batch: list[Any]) -> list[tuple[int, Tensor, Tensor]]:
+    """The batch, or the first :class:`DataError` a sample returned, raised."""
+    for item in batch:
+        if isinstance(item, DataError):
+            raise item
+    return batch
+
+
+def _same_shape_groups(items: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+    group: list[tuple[int, Tensor, Tensor]] = []
+    for item in items:
+        if group and item[1].shape != group[0][1].shape:
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _image_name(path: Any, root: Path) -> str:
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return p.name
+
+
+def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the eval normalisation: ``(3, H, W)`` float → ``(H, W, 3)`` uint8 RGB."""
+    m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+    rgb = (image.detach().float().cpu() * s + m) * 255.0
+    return rgb.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# -- one pass -----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Worst:
+    """The ``n`` images with the lowest mean IoU seen so far (ties: the earlier image is kept)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.heap: list[tuple[float, int]] = []  # (-miou, -index): the best of the worst on top
+        self.items: dict[int, dict[str, Any]] = {}
+
+    def wants(self, miou: float | None) -> bool:
+        if self.n == 0 or miou is None:
+            return False
+        return len(self.heap) < self.n or -miou > self.heap[0][0]
+
+    def add(self, index: int, miou: float, item: dict[str, Any]) -> None:
+        heapq.heappush(self.heap, (-miou, -index))
+        self.items[index] = item
+        if len(self.heap) > self.n:
+            _, neg_index = heapq.heappop(self.heap)
+            del self.items[-neg_index]
+
+    def result(self) -> list[dict[str, Any]]:
+        return sorted(self.items.values(), key=lambda d: (d["mean_iou"], d["index"]))
+
+
+def evaluate_model(
+    predictor: Predictor,
+    dataset: Any,
+    *,
+    options: PredictOptions,
+    data_root: Path,
+    ignore_index: int | None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    limit: int | None = None,
+    worst: int = 5,
+    per_image: bool = True,
+    on_prediction: Callable[[int, Tensor], None] | None = None,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> PassResult:
+    """Run ``predictor`` over ``dataset`` (normalised with the predictor's mean/std) and score it.
+
+    The confusion matrix is ONE :class:`ConfusionMatrix` on the predictor's device. With ``per_image``
+    every image is scored too (:func:`image_scores`) and the ``worst`` lowest-mIoU images are kept for
+    the report. ``on_prediction(index, pred)`` receives each image's class ids ``(H, W)`` on the CPU.
+    """
+    device = predictor.device
+    meta = predictor.meta
+    num_classes = meta.num_classes
+    data = _Indexed(dataset, limit)
+    loader = DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index).to(device)
+    rows: list[dict[str, Any]] = []
+    keep = _Worst(worst if per_image else 0)
+    per_image_needed = per_image or on_prediction is not None
+    metric_s = per_image_s = 0.0
+    samples = dataset.samples
+
+    def score_image(index: int, image: Tensor, pred: Tensor, target: Tensor) -> None:
+        name = _image_name(samples[index][0], data_root)
+        scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
+        rows.append({"file": name, **scores})
+        if keep.wants(scores["mean_iou"]):
+            item = {
+                "index": index,
+                "name": name,
+                "image": _to_rgb_uint8(image, mean=meta.mean, std=meta.std),
+                "target": target.numpy(),
+                "pred": pred.numpy().astype(np.uint8 if num_classes <= 256 else np.int32),
+                "mean_iou": scores["mean_iou"],
+            }
+            keep.add(index, scores["mean_iou"], item)
+
+    bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            for group in _same_shape_groups(_checked(batch)):
+                x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
+                target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
+                pred = predict_logits(
+                    predictor,
+                    x,
+                    crop=options.crop,
+                    stride=options.stride,
+                    scales=options.scales,
+                    flip=options.flip,
+                ).argmax(dim=1)
+                _sync(device)
+                t0 = time.perf_counter()
+                confmat.update(pred, target)
+                _sync(device)
+                metric_s += time.perf_counter() - t0
+                if per_image_needed:
+                    t0 = time.perf_counter()
+                    for (index, image, _), p, t in zip(group, pred.cpu(), target.cpu()):
+                        if per_image:
+                            score_image(index, image, p, t)
+                        if on_prediction is not None:
+                            on_prediction(index, p)
+                    per_image_s += time.perf_counter() - t0
+                bar.update(len(group))
+        t0 = time.perf_counter()
+        cm = confmat.compute()
+        _sync(device)
+        metric_s += time.perf_counter() - t0
+    seconds = time.perf_counter() - start
+    bar.close()
+    return PassResult(
+        confmat=cm.cpu(),
+        per_image=rows,
+        worst=keep.result(),
+        images=len(data),
+        seconds=seconds,
+        metric_seconds=metric_s,
+        per_image_seconds=per_image_s,
+    )
