@@ -1,5 +1,6 @@
-"""Predict's inputs and outputs by name: an image, a folder (recursive), a glob or a text file of paths in;
-``OUT/<kind>/REL/name.png`` out, in a folder marked as predict's output."""
+"""Predict's inputs and outputs by name: an image or video, a folder (recursive), a glob or a text file of
+paths in; ``OUT/<kind>/REL/name.png`` out (for a video ``OUT/<kind>/REL/name.mp4`` or a folder of frames,
+:func:`fcn.video.video_output_paths`), in a folder marked as predict's output."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcn.data.io import IMAGE_EXTENSIONS, check_writable
+from fcn.video import VIDEO_EXTENSIONS, is_video, video_output_paths
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 # An empty hidden file marking a folder as predict's output: later runs never take its PNGs as input
@@ -18,14 +20,15 @@ OUTPUT_MARKER = ".fcn-predict-output"
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input image and its output path stem relative to the output folder of each kind."""
+    """One input image or video and its output path stem relative to the output folder of each kind."""
 
     path: Path
     rel: Path
 
 
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    """Whether predict takes ``path`` found in a folder or glob: an image or a video, by its extension."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_video(path)
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
@@ -74,12 +77,12 @@ def _make_items(paths: Sequence[Path], base: Path) -> list[InputItem]:
 
 
 def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[list[InputItem], int]:
-    """Expand ``spec`` into images and count the non-image files that were ignored.
+    """Expand ``spec`` into images and videos and count the other files that were ignored.
 
-    ``spec`` is an image, a folder (searched recursively for image extensions; hidden entries, ``exclude``
-    and the output folders of earlier runs skipped), a glob (``**`` recursive; earlier runs' outputs
-    skipped) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a line (relative paths from the list's
-    folder; ``#`` comments). Listed files are tried whatever their extension. Raises
+    ``spec`` is an image or video, a folder (searched recursively for image and video extensions; hidden
+    entries, ``exclude`` and the output folders of earlier runs skipped), a glob (``**`` recursive;
+    earlier runs' outputs skipped) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a line (relative
+    paths from the list's folder; ``#`` comments). Listed files are tried whatever their extension. Raises
     :class:`FileNotFoundError` for a missing input or one without images.
     """
     text = str(spec)
@@ -139,12 +142,16 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
         )
     if not items:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise FileNotFoundError(f"no images found in {text} (looked for {exts})")
+        videos = " ".join(sorted(VIDEO_EXTENSIONS))
+        raise FileNotFoundError(f"no images found in {text} (looked for {exts} and videos {videos})")
     return items, ignored
 
 
 def output_paths(item: InputItem, output: Path, kinds: Sequence[str]) -> dict[str, Path]:
-    """``{kind: output / kind / rel.png}`` for the selected output kinds."""
+    """``{kind: output / kind / rel.png}`` for the selected output kinds (for a video:
+    :func:`fcn.video.video_output_paths`)."""
+    if is_video(item.path):
+        return video_output_paths(item.rel, output, kinds)
     return {k: output / k / item.rel.with_name(item.rel.name + ".png") for k in kinds}
 
 

@@ -7,7 +7,8 @@ buffer that becomes the model input without a copy (two buffers per batch shape,
 spare cores (a GPU, or a CPU with 2+ cores beyond the model's threads) the next batch is decoded and the
 last one written while the model runs (``overlap``); without them the pool works between forward passes,
 so nothing preempts the model's threads (measured faster on 2 cores, docs/RESULTS.md section 7).
-Unreadable files are reported and counted, not raised; every PNG is written atomically.
+Unreadable files are reported and counted, not raised; every PNG is written atomically. Videos
+(:mod:`fcn.video`) run after the images, through the same predictor, thread pool and progress bar.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fcn.data.errors import DataError
 from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
 from fcn.inputs import InputItem, output_paths
 from fcn.predictor import Predictor, class_ids, labels_and_confidence, predict_logits
+from fcn.video import VIDEO_KINDS, VideoError, frame_range, is_video, predict_video, probe_video
 
 if TYPE_CHECKING:
     from fcn.benchmark import StageTimes
@@ -52,6 +54,8 @@ class PredictOptions:
     ``kinds``: output kinds (:data:`OUTPUT_KINDS`); ``resize``: infer at a fixed ``(H, W)``; ``crop`` /
     ``stride``: sliding window; ``scales`` / ``flip``: test-time augmentation; ``writers``: pool threads
     (default: 2 with overlap, else one per core); ``overlap``: default "spare cores" (:func:`spare_cores`).
+    Videos only: ``every`` (keep one frame in N), ``start`` / ``end`` (seconds), ``smooth`` (mean softmax
+    over the last K frames, :class:`fcn.video.SoftmaxWindow`).
     """
 
     output: Path
@@ -68,6 +72,10 @@ class PredictOptions:
     confidence_bits: int = 8
     skip_existing: bool = False
     progress: bool = True
+    every: int = 1
+    start: float = 0.0
+    end: float | None = None
+    smooth: int = 1
 
     def __post_init__(self) -> None:
         kinds = tuple(dict.fromkeys(self.kinds))
@@ -76,7 +84,8 @@ class PredictOptions:
             raise PredictError(
                 f"--outputs takes a comma list of {', '.join(OUTPUT_KINDS)}; got {list(kinds)}"
             )
-        for flag, value in (("--batch-size", self.batch_size), ("--writers", self.writers or 1)):
+        counts = (("--batch-size", self.batch_size), ("--writers", self.writers or 1))
+        for flag, value in (*counts, ("--every", self.every), ("--smooth", self.smooth)):
             if value < 1:
                 raise PredictError(f"{flag} must be at least 1, got {value}")
         if self.resize is not None and self.crop is not None:
@@ -89,6 +98,10 @@ class PredictOptions:
             raise PredictError(f"--scales must be positive, got {list(self.scales)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise PredictError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.start < 0 or (self.end is not None and self.end <= self.start):
+            raise PredictError(
+                f"--start and --end need 0 <= start < end seconds, got {self.start} and {self.end}"
+            )
         if self.confidence_bits not in (8, 16):
             raise PredictError(f"--confidence-bits must be 8 or 16, got {self.confidence_bits}")
 
@@ -110,16 +123,26 @@ class PredictSummary:
     failures: list[str] = field(default_factory=list)
     predictor: Predictor | None = field(default=None, repr=False)
     overlap: bool | None = None  # whether decoding and writing ran beside the model
+    videos: int = 0  # inputs that are videos (done, skipped or failed)
+    videos_done: int = 0
+    frames: int = 0  # video frames predicted (of the videos done)
 
     @property
     def images_per_second(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
+        """Images, and video frames, predicted per second."""
+        return (self.done + self.frames - self.videos_done) / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
         extra = f", {self.ignored} non-image files ignored" if self.ignored else ""
+        if not self.videos:
+            return (
+                f"done {self.done}, skipped {self.skipped}, failed {self.failed}{extra} "
+                f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
+            )
+        frames = f"{self.videos_done} videos, {self.frames} frames"
         return (
-            f"done {self.done}, skipped {self.skipped}, failed {self.failed}{extra} "
-            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
+            f"done {self.done} ({frames}), skipped {self.skipped}, failed {self.failed}{extra} "
+            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} frames/s)"
         )
 
 
@@ -353,14 +376,17 @@ def run_predict(
     o = options
     log = log or (lambda msg: print(msg, file=sys.stderr))
     stage = timer if timer is not None else (lambda _name: nullcontext())
-    summary = PredictSummary(total=len(items))
+    summary = PredictSummary(total=len(items), videos=sum(is_video(it.path) for it in items))
     t0 = time.perf_counter()
     todo = [it for it in items if not (o.skip_existing and _outputs_exist(it, o))]
     summary.skipped = len(items) - len(todo)
     if not todo:
         summary.seconds = time.perf_counter() - t0
         return summary
+    videos = [it for it in todo if is_video(it.path)]
+    todo = [it for it in todo if not is_video(it.path)]  # the images
     keys: Sequence[Hashable | None] = [o.resize] * len(todo) if o.resize else _probe_sizes(todo)
+    frames = _video_frames(videos, o)  # the progress bar counts frames (an image is one)
     prepared = time.perf_counter() - t0
     if not isinstance(predictor, Predictor):
         predictor = predictor()
@@ -390,7 +416,9 @@ def run_predict(
 
     start = time.perf_counter()
     quiet = None if o.progress else True  # None: a bar on a terminal only
-    bar = tqdm(total=len(items), initial=summary.skipped, desc="predict", unit="img", disable=quiet)
+    unit = "frame" if videos else "img"
+    total = len(items) - len(videos) + sum(frames)
+    bar = tqdm(total=total, initial=summary.skipped, desc="predict", unit=unit, disable=quiet)
     with bar, ThreadPoolExecutor(max_workers=writers) as pool:
         keep = "overlay" in o.kinds
         batches = _Batches(
@@ -421,6 +449,35 @@ def run_predict(
                     pending[0][1].exception()  # waits without raising; harvest reports it
                     harvest(block=False)
             harvest(block=True)
+            for item, expected in zip(videos, frames):
+                before = bar.n
+                try:
+                    paths = output_paths(item, o.output, o.kinds)
+                    n = predict_video(
+                        predictor,
+                        item.path,
+                        paths,
+                        o,
+                        pool=pool,
+                        overlap=overlap,
+                        progress=bar.update,
+                        stage=stage,
+                    )
+                except (OSError, cv2.error) as err:  # VideoError is an OSError
+                    message = (
+                        str(err)
+                        if isinstance(err, VideoError)
+                        else f"{item.path}: cannot write outputs ({err})"
+                    )
+                    summary.failed += 1
+                    summary.failures.append(message)
+                    log(f"failed: {message}")
+                    n = 0
+                else:
+                    summary.done += 1
+                    summary.videos_done += 1
+                    summary.frames += n
+                bar.update(before + expected - bar.n)  # the count the bar expected, whatever was read
         except KeyboardInterrupt:  # Ctrl-C: writes under way finish (each is atomic), queued ones do not
             pool.shutdown(wait=True, cancel_futures=True)
             harvest(block=True)
@@ -431,7 +488,20 @@ def run_predict(
 
 
 def _outputs_exist(item: InputItem, options: PredictOptions) -> bool:
-    return all(p.is_file() for p in output_paths(item, options.output, options.kinds).values())
+    """Whether all of an item's outputs exist (a video's per-frame PNG folders appear when it is done)."""
+    paths = output_paths(item, options.output, options.kinds)
+    video = is_video(item.path)
+    return all(p.is_dir() if video and k not in VIDEO_KINDS else p.is_file() for k, p in paths.items())
+
+
+def _video_frames(videos: Sequence[InputItem], options: PredictOptions) -> list[int]:
+    """The frames predict expects to keep of each video (0 where the container does not say)."""
+    counts = []
+    for item in videos:
+        info = probe_video(item.path)
+        keep = frame_range(info, every=options.every, start=options.start, end=options.end) if info else None
+        counts.append(len(keep) if info is not None and info.frames >= 0 and keep is not None else 0)
+    return counts
 
 
 def _probe_sizes(items: Sequence[InputItem]) -> list[tuple[int, int] | None]:

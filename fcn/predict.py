@@ -7,6 +7,12 @@ output kind: ``label`` (class ids), ``color`` (palette colours), ``overlay`` (im
 colours) and ``confidence`` (max softmax probability, 8 or 16 bit). Unreadable files are reported and
 skipped (exit code 1); ``--skip-existing`` resumes an interrupted run; ``--benchmark`` times the run
 against the bare forward pass (:mod:`fcn.benchmark`).
+
+Videos (``--input drive.mp4``, or among the images of a folder or list; :mod:`fcn.video`) give
+``DIR/color/REL/drive.mp4`` and ``DIR/overlay/REL/drive.mp4`` at the input's size and frame rate, and one
+PNG per frame for ``label`` / ``confidence`` (``DIR/label/REL/drive/000123.png``, the frame's index);
+``--every N``, ``--start`` / ``--end`` (seconds) select frames, ``--smooth K`` averages the softmax over
+the last K frames.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from fcn.pipeline import (
 )
 from fcn.predictor import DEVICES, PRECISIONS, InferenceError, Predictor, load_predictor
 from fcn.tuning import onednn_convolutions
+from fcn.video import is_video
 
 
 def _parse_outputs(text: str) -> list[str]:
@@ -43,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment images with a training checkpoint or an exported .onnx / TorchScript model.",
     )
     parser.add_argument("--checkpoint", required=True, help=".ckpt from training, or .onnx / .pt from export")
-    parser.add_argument("--input", required=True, help="image, folder (recursive), 'glob' or .txt list")
+    parser.add_argument(
+        "--input", required=True, help="image or video, folder (recursive), 'glob' or .txt list"
+    )
     parser.add_argument("--output", required=True, type=Path, help="output folder (DIR/<kind>/REL.png)")
     parser.add_argument(
         "--outputs",
@@ -93,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    video = parser.add_argument_group("videos")
+    video.add_argument("--every", type=int, default=1, metavar="N", help="keep one frame in N")
+    video.add_argument("--start", type=float, default=0.0, metavar="S", help="first second to predict")
+    video.add_argument("--end", type=float, metavar="S", help="predict up to this second (default: the end)")
+    video.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="K",
+        help="labels from the softmax averaged over the last K frames (a sliding window; less flicker)",
+    )
     parser.add_argument(
         "--benchmark",
         type=int,
@@ -121,8 +141,9 @@ def main(argv: list[str]) -> int:
     except PredictInterrupted as stop:
         _discard(created)
         summary = stop.summary
+        what = "inputs" if summary.videos else "images"
         print(
-            f"interrupted: {summary.done + summary.skipped} of {summary.total} images have their outputs in "
+            f"interrupted: {summary.done + summary.skipped} of {summary.total} {what} have their outputs in "
             f"{args.output}; run the same command with --skip-existing to finish",
             file=sys.stderr,
         )
@@ -165,6 +186,10 @@ def _main(args: argparse.Namespace) -> int:
         confidence_bits=args.confidence_bits,
         skip_existing=args.skip_existing,
         progress=not args.quiet,
+        every=args.every,
+        start=args.start,
+        end=args.end,
+        smooth=args.smooth,
     )
     if args.threads is not None and args.threads < 1:
         raise PredictError(f"--threads must be at least 1, got {args.threads}")
@@ -184,6 +209,8 @@ def _main(args: argparse.Namespace) -> int:
         )
 
     if args.benchmark:
+        if any(is_video(it.path) for it in items):
+            raise PredictError("--benchmark times images only; pass the video's frames as images")
         from fcn.benchmark import benchmark_predict, predict_report_lines
 
         rewrite = args.benchmark_rewrite
