@@ -117,7 +117,8 @@ def flicker(labels: Iterable[np.ndarray]) -> float:
 
 
 class SoftmaxWindow:
-    """The mean softmax over the last ``k`` frames pushed (``k = 1``: the frame's own)."""
+    """The softmax summed over the last ``k`` frames pushed (``k = 1``: the frame's own); divided by
+    ``len(window)`` it is their mean (the arg-max needs no division)."""
 
     def __init__(self, k: int) -> None:
         if k < 1:
@@ -126,14 +127,16 @@ class SoftmaxWindow:
         self.frames: deque[torch.Tensor] = deque()
         self.total: torch.Tensor | None = None  # the sum of ``frames``, kept up to date
 
+    def __len__(self) -> int:
+        return len(self.frames)
+
     def push(self, probs: torch.Tensor) -> torch.Tensor:
-        """Add one frame's probabilities ``(C, H, W)``; return the window's mean."""
-        probs = probs.contiguous()
+        """Add one frame's probabilities ``(C, H, W)``; return the window's sum (a running sum)."""
         self.frames.append(probs)
         self.total = probs.clone() if self.total is None else self.total.add_(probs)
         if len(self.frames) > self.k:
             self.total.sub_(self.frames.popleft())
-        return self.total / len(self.frames)
+        return self.total
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -378,10 +381,14 @@ def _loop(
         height, width = batch["frames"][0].shape[:2]
         if tuple(logits.shape[-2:]) != (height, width):  # --resize: back to the frame's size
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        if window is not None:
-            probs = torch.stack([window.push(p) for p in logits.softmax(1)])
-            labels_t = probs.argmax(1)
-            conf_t = probs.amax(1) if want_conf else None
+        if window is not None:  # per frame: the arg-max (and max) of the window's summed softmax
+            ids, top_probs = [], []
+            for probs in logits.softmax(1):
+                total = window.push(probs)  # updated in place by the next push: read it now
+                ids.append(total.argmax(0))
+                if want_conf:
+                    top_probs.append(total.amax(0) / len(window))
+            labels_t, conf_t = torch.stack(ids), (torch.stack(top_probs) if want_conf else None)
         else:
             labels_t, conf_t = labels_and_confidence(logits, confidence=want_conf)
         labels = list(labels_t.to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy())
