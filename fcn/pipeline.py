@@ -477,7 +477,8 @@ def run_predict(
                     summary.done += 1
                     summary.videos_done += 1
                     summary.frames += n
-                bar.update(before + expected - bar.n)  # the count the bar expected, whatever was read
+                if expected:  # the count the bar expected, whatever was read
+                    bar.update(before + expected - bar.n)
         except KeyboardInterrupt:  # Ctrl-C: writes under way finish (each is atomic), queued ones do not
             pool.shutdown(wait=True, cancel_futures=True)
             harvest(block=True)

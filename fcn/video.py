@@ -28,7 +28,7 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,56 +362,71 @@ def _loop(
     def harvest(keep: int) -> None:
         nonlocal done
         while len(pending) > keep:
-            n, futures = pending.popleft()
+            n, futures = pending[0]
+            wait(futures)
             for fut in futures:
                 fut.result()  # raises the writer's error
+            pending.popleft()
             done += n
             progress(n)
 
     ahead = pool.submit(reader.read)
-    while True:
-        batch = ahead.result()
-        if not batch["indices"]:
-            break
-        if overlap:  # the next batch decodes beside this one's forward pass
-            ahead = pool.submit(reader.read)
-        x = torch.from_numpy(batch["input"])
-        x = predictor.normalized_input(x) if batch["normalized"] else predictor.normalize(x)
-        logits = predict_logits(predictor, x, **o.strategy())
-        height, width = batch["frames"][0].shape[:2]
-        if tuple(logits.shape[-2:]) != (height, width):  # --resize: back to the frame's size
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        if window is not None:  # per frame: the arg-max (and max) of the window's summed softmax
-            ids, top_probs = [], []
-            for probs in logits.softmax(1):
-                total = window.push(probs)  # updated in place by the next push: read it now
-                ids.append(total.argmax(0))
-                if want_conf:
-                    top_probs.append(total.amax(0) / len(window))
-            labels_t, conf_t = torch.stack(ids), (torch.stack(top_probs) if want_conf else None)
-        else:
-            labels_t, conf_t = labels_and_confidence(logits, confidence=want_conf)
-        labels = list(labels_t.to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy())
-        if labels[0].dtype != np.uint8:
-            labels = [lab.astype(np.uint16) for lab in labels]
-        futures: list[Future] = []
-        if videos:
-            futures.append(
-                encoder.submit(outputs.write_frames, batch["frames"], labels, predictor.meta.palette, o.alpha)
-            )
-        for kind in pngs:
-            if kind == "confidence" and conf_t is not None:
-                conf = (conf_t * top).round_().to(torch.int32).cpu().numpy()
-                arrays = list(conf.astype(np.uint8 if top == 255.0 else np.uint16))
+    try:
+        while True:
+            batch = ahead.result()
+            if not batch["indices"]:
+                break
+            if overlap:  # the next batch decodes beside this one's forward pass
+                ahead = pool.submit(reader.read)
+            x = torch.from_numpy(batch["input"])
+            x = predictor.normalized_input(x) if batch["normalized"] else predictor.normalize(x)
+            logits = predict_logits(predictor, x, **o.strategy())
+            height, width = batch["frames"][0].shape[:2]
+            if tuple(logits.shape[-2:]) != (height, width):  # --resize: back to the frame's size
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            if window is not None:  # per frame: the arg-max (and max) of the window's summed softmax
+                ids, top_probs = [], []
+                for probs in logits.softmax(1):
+                    total = window.push(probs)  # updated in place by the next push: read it now
+                    ids.append(total.argmax(0))
+                    if want_conf:
+                        top_probs.append(total.amax(0) / len(window))
+                labels_t, conf_t = torch.stack(ids), (torch.stack(top_probs) if want_conf else None)
             else:
-                arrays = labels
-            for index, array in zip(batch["indices"], arrays):
-                futures.append(pool.submit(_write_png, outputs.frame_path(kind, index), array, reader.stage))
-        pending.append((len(labels), futures))
-        if not overlap:  # the next batch decodes beside this one's writes, then the model has every core
-            ahead = pool.submit(reader.read)
-        harvest(keep=2 if overlap else 0)
-    harvest(keep=0)
+                labels_t, conf_t = labels_and_confidence(logits, confidence=want_conf)
+            labels = list(
+                labels_t.to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
+            )
+            if labels[0].dtype != np.uint8:
+                labels = [lab.astype(np.uint16) for lab in labels]
+            futures: list[Future] = []
+            if videos:
+                futures.append(
+                    encoder.submit(
+                        outputs.write_frames, batch["frames"], labels, predictor.meta.palette, o.alpha
+                    )
+                )
+            for kind in pngs:
+                if kind == "confidence" and conf_t is not None:
+                    conf = (conf_t * top).round_().to(torch.int32).cpu().numpy()
+                    arrays = list(conf.astype(np.uint8 if top == 255.0 else np.uint16))
+                else:
+                    arrays = labels
+                for index, array in zip(batch["indices"], arrays):
+                    futures.append(
+                        pool.submit(_write_png, outputs.frame_path(kind, index), array, reader.stage)
+                    )
+            pending.append((len(labels), futures))
+            if not overlap:  # the next batch decodes beside this one's writes, then the model has every core
+                ahead = pool.submit(reader.read)
+            harvest(keep=2 if overlap else 0)
+        harvest(keep=0)
+    except BaseException:  # Ctrl-C or a failed write: let this video's threads stop before its files go
+        for _, futures in pending:
+            for fut in futures:
+                fut.cancel()
+        wait([ahead, *(fut for _, futures in pending for fut in futures)])
+        raise
     return done
 
 
