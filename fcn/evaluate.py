@@ -11,6 +11,11 @@ evaluates a second checkpoint on the same data and puts both in one report.
 The pass itself is :func:`fcn.scoring.evaluate_model`. Timing goes into the report's meta: the seconds
 of the pass (data loading, prediction, metrics), images per second, and the share of that time spent in
 the accumulator (``update`` + ``compute``, the "metric overhead").
+
+Under ``torchrun --nproc_per_node N`` (and ``--nnodes``) each rank scores its share of the images (the
+same size-balanced split on every rank, :func:`fcn.distributed.split_balanced`), the shares are joined
+by :func:`fcn.scoring.gather_pass` (one confusion matrix summed over the ranks) and rank 0 writes the
+report: the single-process report, apart from the timing (the slowest rank's seconds).
 """
 
 from __future__ import annotations
@@ -32,10 +37,19 @@ from fcn.data.datamodule import build_dataset
 from fcn.data.errors import DataError
 from fcn.data.io import check_writable, missing_dirs, remove_empty_dirs, write_png_atomic
 from fcn.data.transforms import eval_transform
+from fcn.distributed import (
+    DistributedError,
+    World,
+    process_group,
+    rank_device,
+    split_balanced,
+    world_from_env,
+)
+from fcn.inputs import input_weights
 from fcn.metrics import segmentation_scores
 from fcn.predictor import PRECISIONS, InferenceError, Predictor, load_predictor, resolve_device
 from fcn.report import ReportError, format_summary_table, write_report
-from fcn.scoring import PassResult, PredictOptions, evaluate_model
+from fcn.scoring import PassResult, PredictOptions, evaluate_model, gather_pass
 from fcn.tuning import onednn_convolutions
 
 __all__ = ["EvaluationError", "PassResult", "PredictOptions", "build_parser", "evaluate_model", "main"]
@@ -238,7 +252,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (EvaluationError, InferenceError, ReportError) as err:
+    except (EvaluationError, InferenceError, ReportError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -260,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     options = _predict_options(args)
-    device = resolve_device(args.device)
+    world = world_from_env()
+    device = resolve_device(rank_device(args.device, world))
     if args.write_labelids is not None and args.dataset != "cityscapes":
         raise EvaluationError("--write-labelids writes Cityscapes labelIds; use it with --dataset cityscapes")
     if args.classes_file is not None and args.dataset != "folder":
@@ -270,7 +285,11 @@ def _run(args: argparse.Namespace) -> int:
     check_writable(args.output, "--output", error=ReportError)
     if args.write_labelids is not None:
         check_writable(args.write_labelids, "--write-labelids", error=ReportError)
+    with process_group(device, world):
+        return _evaluate(args, options, device, world)
 
+
+def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.device, world: World) -> int:
     onednn = onednn_convolutions()
     predictor = load_predictor(args.checkpoint, device=device, precision=args.precision, onednn=onednn)
     meta = predictor.meta
@@ -302,7 +321,8 @@ def _run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "limit": args.limit,
-        "progress": not args.no_progress,
+        "progress": not args.no_progress and world.main,
+        "indices": _share(dataset, args.limit, world),
     }
     writer = None
     if args.write_labelids is not None:
@@ -310,12 +330,16 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate_model(
         predictor, dataset, worst=args.worst, on_prediction=writer, desc=names[0], **common
     )
+    result = gather_pass(result, worst=args.worst)
     del predictor
     compare_result = None
     if other is not None:
         same_norm = (other.meta.mean, other.meta.std) == (meta.mean, meta.std)
         other_data = dataset if same_norm else _build_dataset(args, other.meta)
         compare_result = evaluate_model(other, other_data, worst=0, per_image=False, desc=names[1], **common)
+        compare_result = gather_pass(compare_result, worst=0)
+    if not world.main:  # rank 0 writes the report
+        return 0
     report_meta = _meta(args, meta, options, device, result, compare_result)
     metrics = write_report(
         args.output,
@@ -330,6 +354,15 @@ def _run(args: argparse.Namespace) -> int:
     )
     _print_summary(metrics, names, result, compare_result, args)
     return 0
+
+
+def _share(dataset: Any, limit: int | None, world: World) -> list[int] | None:
+    """This rank's images under torchrun, balanced by pixels (None, all of them, for one process)."""
+    if not world.distributed:
+        return None
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    weights = input_weights([Path(dataset.samples[i][0]) for i in range(count)])
+    return split_balanced(weights, world.size)[world.rank]
 
 
 def _model_names(args: argparse.Namespace, meta: ModelMeta, other: ModelMeta | None) -> list[str]:

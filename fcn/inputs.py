@@ -7,11 +7,12 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcn.data.io import IMAGE_EXTENSIONS, check_writable
-from fcn.video import VIDEO_EXTENSIONS, is_video, video_output_paths
+from fcn.data.io import IMAGE_EXTENSIONS, check_writable, probe_size
+from fcn.video import VIDEO_EXTENSIONS, frame_range, is_video, probe_video, video_output_paths
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 # An empty hidden file marking a folder as predict's output: later runs never take its PNGs as input
@@ -160,3 +161,29 @@ def check_output_dir(output: Path) -> None:
     ``--output``) and mark it with :data:`OUTPUT_MARKER`."""
     check_writable(output, "--output")
     (output / OUTPUT_MARKER).touch()
+
+
+def input_weights(
+    paths: Sequence[Path], *, every: int = 1, start: float = 0.0, end: float | None = None
+) -> list[int]:
+    """The pixels predict runs through for each input, from headers only: ``H * W`` of an image, kept
+    frames (``every`` / ``start`` / ``end``, :func:`fcn.video.frame_range`) times ``H * W`` of a video.
+
+    The weights that :func:`fcn.distributed.split_balanced` deals to the ranks; an input whose size its
+    header does not tell (an unreadable file, a video of unknown length) weighs the mean of the others.
+    """
+
+    def weight(path: Path) -> int | None:
+        if is_video(path):
+            info = probe_video(path)
+            if info is None or info.frames < 0:
+                return None
+            return len(frame_range(info, every=every, start=start, end=end)) * info.size[0] * info.size[1]
+        size = probe_size(path)
+        return None if size is None else size[0] * size[1]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = list(pool.map(weight, paths))
+    known = [w for w in found if w is not None]
+    fallback = max(1, sum(known) // len(known)) if known else 1
+    return [fallback if w is None else w for w in found]

@@ -13,6 +13,11 @@ Videos (``--input drive.mp4``, or among the images of a folder or list; :mod:`fc
 PNG per frame for ``label`` / ``confidence`` (``DIR/label/REL/drive/000123.png``, the frame's index);
 ``--every N``, ``--start`` / ``--end`` (seconds) select frames, ``--smooth K`` averages the softmax over
 the last K frames.
+
+Under ``torchrun --nproc_per_node N`` (and ``--nnodes``) each rank predicts its share of the inputs
+(:func:`fcn.distributed.split_balanced` by :func:`fcn.inputs.input_weights`: the same split on every
+rank), writes its own outputs and checks its own share for ``--skip-existing``; rank 0 prints one summary
+for the whole run (the counts gathered over the ranks), the other ranks print only their errors.
 """
 
 from __future__ import annotations
@@ -26,16 +31,26 @@ from pathlib import Path
 import torch
 
 from fcn.data.io import missing_dirs, remove_empty_dirs
-from fcn.inputs import OUTPUT_MARKER, check_output_dir, collect_inputs
+from fcn.distributed import (
+    DistributedError,
+    World,
+    all_gather,
+    process_group,
+    rank_device,
+    split_balanced,
+    world_from_env,
+)
+from fcn.inputs import OUTPUT_MARKER, InputItem, check_output_dir, collect_inputs, input_weights
 from fcn.pipeline import (
     DEFAULT_OUTPUTS,
     OUTPUT_KINDS,
     PredictError,
     PredictInterrupted,
     PredictOptions,
+    PredictSummary,
     run_predict,
 )
-from fcn.predictor import DEVICES, PRECISIONS, InferenceError, Predictor, load_predictor
+from fcn.predictor import DEVICES, PRECISIONS, InferenceError, Predictor, load_predictor, resolve_device
 from fcn.tuning import onednn_convolutions
 from fcn.video import is_video
 
@@ -136,19 +151,22 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     created = missing_dirs(args.output)  # a failed run removes them again when nothing was written
     threads = torch.get_num_threads()
+    world = World()
     try:
-        return _main(args)
+        world = world_from_env()
+        return _main(args, world)
     except PredictInterrupted as stop:
         _discard(created)
         summary = stop.summary
         what = "inputs" if summary.videos else "images"
+        rank = f"rank {world.rank}: " if world.distributed else ""
         print(
-            f"interrupted: {summary.done + summary.skipped} of {summary.total} {what} have their outputs in "
-            f"{args.output}; run the same command with --skip-existing to finish",
+            f"interrupted: {rank}{summary.done + summary.skipped} of {summary.total} {what} have their "
+            f"outputs in {args.output}; run the same command with --skip-existing to finish",
             file=sys.stderr,
         )
         return 130
-    except (PredictError, InferenceError) as err:
+    except (PredictError, InferenceError, DistributedError) as err:
         _discard(created)
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -169,7 +187,7 @@ def _discard(created: Sequence[Path]) -> None:
     remove_empty_dirs(created)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, world: World) -> int:
     output = args.output.expanduser()
     options = PredictOptions(
         output=output,
@@ -185,7 +203,7 @@ def _main(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         confidence_bits=args.confidence_bits,
         skip_existing=args.skip_existing,
-        progress=not args.quiet,
+        progress=not args.quiet and world.main,
         every=args.every,
         start=args.start,
         end=args.end,
@@ -195,13 +213,16 @@ def _main(args: argparse.Namespace) -> int:
         raise PredictError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.benchmark and world.distributed:
+        raise PredictError("--benchmark times one process; run it without torchrun")
     items, ignored = collect_inputs(args.input, exclude=output)
     check_output_dir(output)
+    device = rank_device(args.device, world)
 
     def load() -> Predictor:  # not called when --skip-existing finds every output present
         return load_predictor(
             args.checkpoint,
-            device=args.device,
+            device=device,
             precision=args.precision,
             channels_last=args.channels_last,
             fuse=args.fuse,
@@ -217,7 +238,36 @@ def _main(args: argparse.Namespace) -> int:
         report = benchmark_predict(load(), items, options, repeats=args.benchmark, rewrite=rewrite)
         print("\n".join(predict_report_lines(report, options, repeats=args.benchmark, rewrite=rewrite)))
         return 1 if report["failed"] else 0
-    summary = run_predict(load, items, options)
+    with process_group(resolve_device(device), world):
+        summary = run_predict(load, _share(items, options, world), options)
+        summary = _gathered(summary)
     summary.ignored = ignored
-    print(summary.line())
+    if world.main:
+        print(summary.line())
     return 1 if summary.failed else 0
+
+
+def _share(items: list[InputItem], options: PredictOptions, world: World) -> list[InputItem]:
+    """This rank's inputs (all of them for one process), balanced by pixels to predict."""
+    if not world.distributed:
+        return items
+    paths = [it.path for it in items]
+    weights = input_weights(paths, every=options.every, start=options.start, end=options.end)
+    return [items[i] for i in split_balanced(weights, world.size)[world.rank]]
+
+
+_SUMMED = ("total", "done", "skipped", "failed", "videos", "videos_done", "frames")
+
+
+def _gathered(summary: PredictSummary) -> PredictSummary:
+    """The whole run's summary: counts summed over the ranks, the slowest rank's seconds, every rank's
+    failures in rank order (the summary itself for one process)."""
+    mine = {k: getattr(summary, k) for k in _SUMMED}
+    parts = all_gather({**mine, "seconds": summary.seconds, "failures": summary.failures})
+    if len(parts) == 1:
+        return summary
+    whole = PredictSummary(**{k: sum(p[k] for p in parts) for k in _SUMMED})
+    whole.seconds = max(p["seconds"] for p in parts)
+    whole.failures = [f for p in parts for f in p["failures"]]
+    whole.predictor, whole.overlap = summary.predictor, summary.overlap
+    return whole

@@ -2,7 +2,10 @@
 
 :func:`evaluate_model` accumulates ONE :class:`fcn.metrics.ConfusionMatrix` on the model's device (the
 same accumulator as training validation), scores every image (:func:`fcn.metrics.image_scores`) and keeps
-the ``worst`` images for the report; :mod:`fcn.evaluate` is its command line.
+the ``worst`` images for the report; :mod:`fcn.evaluate` is its command line. Under ``torchrun`` each
+rank scores its share (``indices``) and :func:`gather_pass` joins the shares into the result of one pass
+over all of them: the matrices summed (``all_reduce``), the per-image rows in data-set order, the worst
+images of all.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fcn.data.errors import DataError
+from fcn.distributed import all_gather, all_reduce_sum
 from fcn.metrics import ConfusionMatrix, image_scores
 from fcn.predictor import Predictor, predict_logits
 
@@ -60,6 +64,7 @@ class PassResult:
     seconds: float = 0.0
     metric_seconds: float = 0.0
     per_image_seconds: float = 0.0
+    indices: list[int] = field(default_factory=list)  # the data-set index of each per-image row
 
     def timing(self) -> dict[str, float]:
         """Seconds, images/s and the accumulator's share of the pass (the metric overhead)."""
@@ -76,16 +81,22 @@ class PassResult:
 
 # -- data ---------------------------------------------------------------------------------------------
 class _Indexed(Dataset):
-    """``(index, image, mask)`` for the first ``limit`` samples of a data set."""
+    """``(index, image, mask)`` for the first ``limit`` samples of a data set, or those of them listed in
+    ``indices``."""
 
-    def __init__(self, dataset: Any, limit: int | None) -> None:
+    def __init__(self, dataset: Any, limit: int | None, indices: Sequence[int] | None = None) -> None:
         self.dataset = dataset
-        self.length = len(dataset) if limit is None else min(limit, len(dataset))
+        length = len(dataset) if limit is None else min(limit, len(dataset))
+        self.indices = list(range(length)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in self.indices if not 0 <= i < length]
+        if bad:
+            raise ValueError(f"indices {bad[:5]} are outside the {length} images evaluated")
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor] | DataError:
+    def __getitem__(self, position: int) -> tuple[int, Tensor, Tensor] | DataError:
+        index = self.indices[position]
         try:
             image, mask = self.dataset[index]
         except DataError as err:  # returned, raised in the main process: a loader worker would bury the
@@ -177,17 +188,20 @@ def evaluate_model(
     on_prediction: Callable[[int, Tensor], None] | None = None,
     progress: bool = True,
     desc: str = "evaluate",
+    indices: Sequence[int] | None = None,
 ) -> PassResult:
     """Run ``predictor`` over ``dataset`` (normalised with the predictor's mean/std) and score it.
 
     The confusion matrix is ONE :class:`ConfusionMatrix` on the predictor's device. With ``per_image``
     every image is scored too (:func:`image_scores`) and the ``worst`` lowest-mIoU images are kept for
     the report. ``on_prediction(index, pred)`` receives each image's class ids ``(H, W)`` on the CPU.
+    ``indices``: score only these images (of the first ``limit``), e.g. a rank's share; the result is this
+    process's own (:func:`gather_pass` joins the ranks').
     """
     device = predictor.device
     meta = predictor.meta
     num_classes = meta.num_classes
-    data = _Indexed(dataset, limit)
+    data = _Indexed(dataset, limit, indices)
     loader = DataLoader(
         data,
         batch_size=batch_size,
@@ -196,8 +210,11 @@ def evaluate_model(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
-    confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index).to(device)
+    # this process's matrix: joined over the ranks explicitly, by gather_pass
+    confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index, sync_on_compute=False)
+    confmat = confmat.to(device)
     rows: list[dict[str, Any]] = []
+    row_indices: list[int] = []
     keep = _Worst(worst if per_image else 0)
     per_image_needed = per_image or on_prediction is not None
     metric_s = per_image_s = 0.0
@@ -207,6 +224,7 @@ def evaluate_model(
         name = _image_name(samples[index][0], data_root)
         scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
         rows.append({"file": name, **scores})
+        row_indices.append(index)
         if keep.wants(scores["mean_iou"]):
             item = {
                 "index": index,
@@ -261,4 +279,42 @@ def evaluate_model(
         seconds=seconds,
         metric_seconds=metric_s,
         per_image_seconds=per_image_s,
+        indices=row_indices,
+    )
+
+
+def gather_pass(result: PassResult, *, worst: int) -> PassResult:
+    """The pass over all ranks' shares as one: confusion matrices summed over the ranks (``all_reduce``),
+    per-image rows in data-set order, the ``worst`` lowest-mIoU images of all (the same choice as one
+    process makes), images counted over the ranks, the slowest rank's seconds. Without a process group,
+    ``result`` itself.
+    """
+    shares = all_gather(
+        {
+            "rows": result.per_image,
+            "indices": result.indices,
+            "worst": result.worst,
+            "images": result.images,
+            "seconds": (result.seconds, result.metric_seconds, result.per_image_seconds),
+        }
+    )
+    if len(shares) == 1:
+        return result
+    confmat = all_reduce_sum(result.confmat)
+    pairs = (pair for s in shares for pair in zip(s["indices"], s["rows"]))
+    ordered = sorted(pairs, key=lambda pair: pair[0])
+    keep = _Worst(worst)
+    for item in sorted((w for s in shares for w in s["worst"]), key=lambda w: w["index"]):
+        if keep.wants(item["mean_iou"]):
+            keep.add(item["index"], item["mean_iou"], item)
+    seconds, metric_s, per_image_s = (max(s["seconds"][k] for s in shares) for k in range(3))
+    return PassResult(
+        confmat=confmat,
+        per_image=[row for _, row in ordered],
+        worst=keep.result(),
+        images=sum(s["images"] for s in shares),
+        seconds=seconds,
+        metric_seconds=metric_s,
+        per_image_seconds=per_image_s,
+        indices=[i for i, _ in ordered],
     )
