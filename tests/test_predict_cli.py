@@ -441,22 +441,28 @@ def test_script_subprocess(data: dict[str, Path], tmp_path: Path) -> None:
     assert (out / "label" / "exif.png").is_file()
 
 
-def test_interrupted_run_leaves_only_whole_pngs(tmp_path: Path) -> None:
-    """SIGKILL mid-run: every PNG present decodes fully, no temp file looks like an output; resume works."""
+def _slow_run(tmp_path: Path, n: int, *extra: str) -> tuple[Path, list[str], dict[str, str]]:
+    """``n`` PNGs, a small checkpoint and a slow one-thread predict command over them (TTA, batch 1), for
+    the tests that stop a run midway: (output folder, command, environment)."""
     src = tmp_path / "many"
     src.mkdir()
     rng = np.random.default_rng(1)
-    n = 60
     for i in range(n):
         cv2.imwrite(str(src / f"{i:03d}.png"), _img(rng, 96, 128))
     ckpt = _ckpt(tmp_path / "m.ckpt", kwargs={"fc_dim": 64, "width_mult": 0.25})
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(ckpt), "--input", str(src),
-        "--output", str(out), "--outputs", "label,color,overlay", "--batch-size", "1", "--num-workers", "1",
-        "--tta", "flip", "--scales", "1.0", "1.5", "--quiet",
+        "--output", str(out), *extra, "--batch-size", "1", "--num-workers", "1", "--tta", "flip",
+        "--scales", "1.0", "1.5", "--quiet",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return out, cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_interrupted_run_leaves_only_whole_pngs(tmp_path: Path) -> None:
+    """SIGKILL mid-run: every PNG present decodes fully, no temp file looks like an output; resume works."""
+    n = 60
+    out, cmd, env = _slow_run(tmp_path, n, "--outputs", "label,color,overlay")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -599,20 +605,8 @@ def test_bad_checkpoints_are_one_error_line(
 def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
     """SIGINT mid-run: exit 130, one 'interrupted:' line with the count and the resume flag, no traceback,
     only whole PNGs."""
-    src = tmp_path / "many"
-    src.mkdir()
-    rng = np.random.default_rng(1)
     n = 40
-    for i in range(n):
-        cv2.imwrite(str(src / f"{i:03d}.png"), _img(rng, 96, 128))
-    ckpt = _ckpt(tmp_path / "m.ckpt", kwargs={"fc_dim": 64, "width_mult": 0.25})
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(ckpt), "--input", str(src),
-        "--output", str(out), "--batch-size", "1", "--num-workers", "1", "--tta", "flip",
-        "--scales", "1.0", "1.5", "--quiet",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, cmd, env = _slow_run(tmp_path, n)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
