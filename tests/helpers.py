@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,3 +47,23 @@ def huge_header_image(kind: str, width: int = 60000, height: int = 60000) -> byt
     sof = data.find(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height, width
     data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
+
+
+def signal_when_ready(
+    cmd: list[str], ready: Callable[[], bool], signum: int, *, wait: float, env: dict[str, str] | None = None
+) -> tuple[bool, int, str]:
+    """Start ``cmd``, send it ``signum`` once ``ready()`` holds (or after ``wait`` seconds), wait for it to
+    end; returns (whether it was still running when signalled, exit code, stderr). Never leaves it running."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.002)
+        still_running = proc.poll() is None
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=wait)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return still_running, proc.returncode, stderr

@@ -6,9 +6,7 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import signal_when_ready
 from torch import nn
 
 from fcn.checkpoint import ModelMeta, save_checkpoint
@@ -231,20 +230,10 @@ def test_sigterm_during_export_leaves_no_temporary_file(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "scripts" / "export.py"), "--checkpoint", str(ckpt),
            "--output", str(out / "m.onnx"), "--no-check"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not os.listdir(out):
-            time.sleep(0.002)  # the hidden temporary file appears when writing starts
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    writing = lambda: bool(os.listdir(out))  # noqa: E731 - the hidden temporary file appears when writing starts
+    still_running, code, stderr = signal_when_ready(cmd, writing, signal.SIGTERM, wait=120)
     assert still_running, "the export ended before it could be interrupted; make the model larger"
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert code == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert os.listdir(out) == []
 
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, huge_header_image, randomize_scores
+from helpers import TINY, huge_header_image, randomize_scores, signal_when_ready
 from PIL import Image
 
 from fcn.checkpoint import save_checkpoint
@@ -607,22 +607,13 @@ def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
     only whole PNGs."""
     n = 40
     out, cmd, env = _slow_run(tmp_path, n)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "color").is_dir() and len(list((out / "color").glob("*.png"))) >= 2:
-                break
-            time.sleep(0.005)
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    def two_written() -> bool:
+        return (out / "color").is_dir() and len(list((out / "color").glob("*.png"))) >= 2
+
+    still_running, code, stderr = signal_when_ready(cmd, two_written, signal.SIGINT, wait=60, env=env)
     assert still_running, "the run ended before it could be interrupted; make it slower"
-    assert proc.returncode == 130, stderr
+    assert code == 130, stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     done = int(stderr.split("interrupted: ")[1].split(" of ")[0])
     assert f"of {n} images have their outputs in {out}" in stderr and "--skip-existing" in stderr
