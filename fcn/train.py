@@ -82,6 +82,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.stop_saver = stop_saver
         self.stopped_by: str | None = None  # "SIGTERM" / "SIGINT" once a signal stopped the run
         self.saved_on_stop: Path | None = None
+        self._previous_sigint: Any = None  # SIGINT's handler before on_train_start, put back at the end
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning's own SIGTERM handler runs a collective broadcast inside the handler and forwards the
@@ -119,7 +120,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._agree_on_stop(trainer)
 
     def _restore_sigint(self) -> None:
-        previous, self._previous_sigint = getattr(self, "_previous_sigint", None), None
+        previous, self._previous_sigint = self._previous_sigint, None
         if previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
 
