@@ -194,6 +194,8 @@ def test_bad_settings_are_data_errors(demo, tmp_path) -> None:
         ({"crop_size": (0, 10)}, "crop_size must be positive"),
         ({"crop_size": (10,)}, "crop_size must be two numbers"),
         ({"scale_range": (2.0, 0.5)}, "low <= high"),
+        ({"brightness_range": (1.4, 0.4)}, "brightness_range must be"),
+        ({"brightness_range": (0.0, 1.0)}, "brightness_range must be positive"),
         ({"batch_size": 0}, "batch_size"),
         ({"num_workers": -1}, "num_workers"),
         ({"unlabeled_ratio": 0}, "unlabeled_ratio"),

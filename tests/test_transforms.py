@@ -94,6 +94,20 @@ def test_colour_jitter_changes_pixels_not_labels() -> None:
     assert changed >= 2  # jitter fires with p=0.8
 
 
+def test_brightness_range_sets_how_dark_the_jitter_goes() -> None:
+    image = np.full((60, 80, 3), 200, np.uint8)
+    mask = np.zeros((60, 80), np.uint8)
+
+    def darkest(low: float) -> float:
+        tf = train_transform(
+            crop_size=(60, 80), scale_range=(1.0, 1.0), hflip=False, brightness_range=(low, low)
+        )
+        tf.set_random_seed(0)
+        return min(_denormalise(tf(image=image, mask=mask)["image"]).mean() for _ in range(8))
+
+    assert darkest(0.4) < 0.6 * darkest(1.0)  # factor 0.4 darkens (contrast/saturation jitter stay mild)
+
+
 def test_eval_transform_keeps_size_or_resizes_with_nearest() -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)

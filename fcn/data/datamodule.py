@@ -188,6 +188,8 @@ class SegDataModule(L.LightningDataModule):
         train_split, val_split, test_split: split names (CamVid's test split is withheld: test on val).
         batch_size, val_batch_size: per process. num_workers, pin_memory, persistent_workers: loaders.
         crop_size, scale_range: training crops and random scaling; eval_size: optional eval resize.
+        brightness_range: the training jitter's brightness factors (low, high); see
+            ``fcn.data.transforms.train_transform``.
         ignore_index: void label; unknown_labels: ``error`` or ``ignore`` for values outside the table.
         label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``; classes_file: folder data's YAML
             (default ``<data_root>/classes.yaml``).
@@ -221,6 +223,7 @@ class SegDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         crop_size: tuple[int, int] = (360, 480),
         scale_range: tuple[float, float] = (0.5, 2.0),
+        brightness_range: tuple[float, float] = (0.4, 1.4),
         eval_size: tuple[int, int] | None = None,
         ignore_index: int = 255,
         unknown_labels: str = "error",
@@ -272,6 +275,9 @@ class SegDataModule(L.LightningDataModule):
         self.scale_range = _pair(scale_range, "scale_range", float)
         if self.scale_range[0] > self.scale_range[1]:
             raise DataError(f"scale_range must be (low, high) with low <= high, got {scale_range!r}")
+        self.brightness_range = _pair(brightness_range, "brightness_range", float)
+        if self.brightness_range[0] > self.brightness_range[1]:
+            raise DataError(f"brightness_range must be (low, high) with low <= high, got {brightness_range!r}")
         self.eval_size = _pair(eval_size, "eval_size", int) if eval_size else None
         self.unknown_labels = unknown_labels
         self.label_type = label_type
@@ -382,6 +388,7 @@ class SegDataModule(L.LightningDataModule):
         tf = train_transform(
             crop_size=self.crop_size,
             scale_range=self.scale_range,
+            brightness_range=self.brightness_range,
             ignore_index=self._ignore,
             mean=self.mean,
             std=self.std,

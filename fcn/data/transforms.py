@@ -21,9 +21,15 @@ def train_transform(
     std: Sequence[float] = IMAGENET_STD,
     hflip: bool = True,
     color_jitter: bool = True,
+    brightness_range: Sequence[float] = (0.4, 1.4),
 ) -> A.Compose:
     """Random scale → pad (image with the mean colour, mask with ``ignore_index``) → random crop →
-    horizontal flip → photometric jitter → normalise → tensors."""
+    horizontal flip → photometric jitter → normalise → tensors.
+
+    The jitter multiplies brightness by a factor drawn from ``brightness_range``: the default reaches
+    down to 0.4 because street footage at dusk is that much darker (CamVid 0001TP has a mean grey level
+    of ~60 against ~100 for 0016E5); a model trained with (0.7, 1.3) scored 25.7 mIoU on those frames
+    and 44.6 on the same frames brightened x1.67 (docs/RESULTS.md section 8)."""
     h, w = int(crop_size[0]), int(crop_size[1])
     lo, hi = float(scale_range[0]), float(scale_range[1])
     ops: list[A.BasicTransform] = []
@@ -49,7 +55,8 @@ def train_transform(
     if hflip:
         ops.append(A.HorizontalFlip(p=0.5))
     if color_jitter:
-        ops.append(A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8))
+        brightness = (float(brightness_range[0]), float(brightness_range[1]))
+        ops.append(A.ColorJitter(brightness=brightness, contrast=0.3, saturation=0.3, hue=0.03, p=0.8))
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
     return A.Compose(ops)
 
