@@ -21,7 +21,7 @@ import os
 import secrets
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -29,9 +29,7 @@ import numpy as np
 
 from fcn.data.errors import DataError
 
-IMAGE_EXTENSIONS = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2",
-)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2")
 
 # The largest image the readers decode, in pixels (64 Mpx, e.g. 8192 x 8192): a header claiming more (a
 # corrupt or hostile file) is refused before decoding, which would allocate its pixels (OpenCV raises
@@ -95,23 +93,16 @@ def exif_orientation(data: np.ndarray) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
-    """Turn a decoded image as stored into the view EXIF ``orientation`` (1-8) describes."""
-    if orientation == 2:
-        return cv2.flip(img, 1)  # mirrored left-right
-    if orientation == 3:
-        return cv2.rotate(img, cv2.ROTATE_180)
-    if orientation == 4:
-        return cv2.flip(img, 0)  # mirrored top-bottom
-    if orientation == 5:
-        return cv2.transpose(img)  # mirrored along the main diagonal
-    if orientation == 6:
-        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.flip(cv2.transpose(img), -1)  # mirrored along the anti-diagonal
-    if orientation == 8:
-        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return img
+# EXIF orientation (2-8) -> the turn from the image as stored to the view it describes (1: as stored)
+_ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda img: cv2.flip(img, 1),  # mirrored left-right
+    3: lambda img: cv2.rotate(img, cv2.ROTATE_180),
+    4: lambda img: cv2.flip(img, 0),  # mirrored top-bottom
+    5: cv2.transpose,  # mirrored along the main diagonal
+    6: lambda img: cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda img: cv2.flip(cv2.transpose(img), -1),  # mirrored along the anti-diagonal
+    8: lambda img: cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
 
 
 def header_size(data: np.ndarray) -> tuple[int, int] | None:
@@ -144,17 +135,21 @@ def oversized(data: np.ndarray) -> str | None:
     return f"its header claims {claimed}, over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
 
 
-def _decode(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded image as stored, and the file's bytes."""
+def _decode(path: Path, what: str, *, mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded image as stored, and the file's bytes; with ``mask`` a palette PNG gives its indices
+    (which OpenCV would expand to colours) and a truncated JPEG is not looked for."""
     data = _read_bytes(path, what)
     too_large = oversized(data)
     if too_large:
         raise DataError(f"cannot read {what} {path}: {too_large}; replace or remove it")
+    indices = _palette_indices(data, path) if mask else None
+    if indices is not None:
+        return indices, data
     try:
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as err:  # OpenCV refuses some headers it cannot decode (e.g. over its size limits)
         raise DataError(f"cannot read {what} {path} ({first_cv2_line(err)}); replace or remove it") from err
-    if img is None or img.size == 0 or jpeg_truncated(data):
+    if img is None or img.size == 0 or (not mask and jpeg_truncated(data)):
         raise DataError(
             f"cannot read {what} {path} (corrupt, truncated or not an image); replace or remove it"
         )
@@ -190,7 +185,9 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image as RGB uint8 ``(H, W, 3)``, EXIF orientation applied (a phone photo stored sideways
     comes out upright, as its label map was drawn); unreadable files raise :class:`DataError`."""
     img, data = _decode(Path(path), "image")
-    return apply_orientation(to_rgb_uint8(img), exif_orientation(data))
+    turn = _ORIENTATIONS.get(exif_orientation(data))
+    img = to_rgb_uint8(img)
+    return img if turn is None else turn(img)
 
 
 def _palette_indices(data: np.ndarray, path: Path) -> np.ndarray | None:
@@ -214,22 +211,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     a genuinely colour-coded label raises :class:`DataError`.
     """
     path = Path(path)
-    data = _read_bytes(path, "label file")
-    too_large = oversized(data)
-    if too_large:
-        raise DataError(f"cannot read label file {path}: {too_large}; replace or remove it")
-    indices = _palette_indices(data, path)
-    if indices is not None:
-        return indices
-    try:
-        mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as err:
-        reason = first_cv2_line(err)
-        raise DataError(f"cannot read label file {path} ({reason}); replace or remove it") from err
-    if mask is None or mask.size == 0:
-        raise DataError(
-            f"cannot read label file {path} (corrupt, truncated or not an image); replace or remove it"
-        )
+    mask, _ = _decode(path, "label file", mask=True)
     if mask.ndim == 3:
         first = mask[:, :, 0]
         if not all(np.array_equal(first, mask[:, :, c]) for c in range(1, min(3, mask.shape[2]))):
