@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -28,6 +29,7 @@ from torch import nn
 
 from fcn.checkpoint import TORCHSCRIPT_META_FILE, ModelMeta, load_model
 from fcn.data.io import atomic_path
+from fcn.predictor import OnnxPredictor, load_predictor
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -135,32 +137,21 @@ def check_parity(
     rtol: float = 1e-4,
     seed: int = 0,
 ) -> list[ParityResult] | None:
-    """Compare the exported file with ``model`` on random input for each ``(batch, H, W)``.
+    """Compare the exported file, run as predict runs it (:mod:`fcn.predictor`, fp32, on the CPU), with
+    ``model`` on random input for each ``(batch, H, W)``.
 
     Returns None for ONNX when onnxruntime is not installed (nothing to run the file with).
     """
-    if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return None
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-
-    elif fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            loaded = torch.jit.load(str(path), map_location="cpu")
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return loaded(x)
-
-    else:
+    if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        return None
+    cpu = torch.device("cpu")
+    run = (
+        OnnxPredictor(path, device=cpu)
+        if fmt == "onnx"
+        else load_predictor(path, device=cpu, channels_last=False)
+    )
     gen = torch.Generator().manual_seed(seed)
     results = []
     model = model.eval().cpu()
