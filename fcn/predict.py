@@ -189,25 +189,17 @@ def _discard(created: Sequence[Path]) -> None:
 
 def _main(args: argparse.Namespace, world: World) -> int:
     output = args.output.expanduser()
+    same = ("batch_size", "writers", "overlap", "alpha", "confidence_bits", "skip_existing", "every")
     options = PredictOptions(
         output=output,
         kinds=tuple(args.outputs),
-        batch_size=args.batch_size,
-        writers=args.writers,
-        overlap=args.overlap,
         resize=tuple(args.resize) if args.resize else None,
         crop=tuple(args.crop) if args.sliding_window else None,
         stride=tuple(args.stride) if (args.sliding_window and args.stride) else None,
         scales=tuple(args.scales),
         flip=args.tta == "flip",
-        alpha=args.alpha,
-        confidence_bits=args.confidence_bits,
-        skip_existing=args.skip_existing,
         progress=not args.quiet and world.main,
-        every=args.every,
-        start=args.start,
-        end=args.end,
-        smooth=args.smooth,
+        **{name: getattr(args, name) for name in (*same, "start", "end", "smooth")},  # flag = field
     )
     if args.threads is not None and args.threads < 1:
         raise PredictError(f"--threads must be at least 1, got {args.threads}")
