@@ -105,34 +105,24 @@ _ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def header_size(data: np.ndarray) -> tuple[int, int] | None:
-    """``(H, W)`` as stored, read from the header of encoded image bytes (nothing is decoded); None when
-    the format is unknown or broken, ``(-1, -1)`` past Pillow's decompression-bomb limit (which it
-    refuses to report)."""
+def oversized(data: np.ndarray) -> str | None:
+    """Why encoded image bytes are too large to decode (a size over :data:`MAX_IMAGE_PIXELS` in their header;
+    nothing is decoded), or None (also for a format Pillow does not know, or broken: the decoder will tell)."""
+    limit = f"over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
     head = data[:24].tobytes()
     if len(head) == 24 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
         w, h = struct.unpack(">II", head[16:24])  # the common case, without Pillow
-        return h, w
-    from PIL import Image
+    else:
+        from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
-            w, h = im.size
-    except Image.DecompressionBombError:
-        return -1, -1
-    except Exception:  # unknown to Pillow, or broken: the decoder will tell
-        return None
-    return h, w
-
-
-def oversized(data: np.ndarray) -> str | None:
-    """Why encoded image bytes are too large to decode (a header size over :data:`MAX_IMAGE_PIXELS`),
-    or None."""
-    size = header_size(data)
-    if size is None or (size[0] >= 0 and size[0] * size[1] <= MAX_IMAGE_PIXELS):
-        return None
-    claimed = f"{size[1]}x{size[0]} pixels" if size[0] > 0 else "more pixels than Pillow allows"
-    return f"its header claims {claimed}, over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
+                w, h = im.size
+        except Image.DecompressionBombError:  # past Pillow's own limit, whose size it does not report
+            return f"its header claims more pixels than Pillow allows, {limit}"
+        except Exception:
+            return None
+    return f"its header claims {w}x{h} pixels, {limit}" if w * h > MAX_IMAGE_PIXELS else None
 
 
 def _decode(path: Path, what: str, *, mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -238,9 +228,6 @@ def probe_size(path: str | Path) -> tuple[int, int] | None:
     except Exception:  # unreadable or unknown to PIL: the reader will tell
         return None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
-# -- writing ----------------------------------------------------------------------------------------------
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
