@@ -192,16 +192,15 @@ class _Batches:
         items: Sequence[InputItem],
         keys: Sequence[Hashable | None],
         pool: ThreadPoolExecutor,
+        options: PredictOptions,
         *,
-        batch_size: int,
-        resize: tuple[int, int] | None,
-        keep_originals: bool,
+        table: np.ndarray | None,
         stage: Callable[[str], AbstractContextManager[None]],
     ) -> None:
         self.items, self.keys, self.pool, self.stage = items, keys, pool, stage
-        self.indices = iter(size_batches(keys, batch_size))
-        self.resize, self.keep_originals = resize, keep_originals
-        self.table: np.ndarray | None = None
+        self.indices = iter(size_batches(keys, options.batch_size))
+        self.resize, self.table = options.resize, table
+        self.keep_originals = "overlay" in options.kinds  # the image before --resize, for the overlay
         self.ahead: list[Future] | None = None
         self.ring: dict[tuple[int, ...], deque[np.ndarray]] = {}
 
@@ -413,12 +412,8 @@ def run_predict(
     total = len(items) - len(videos) + sum(frames)
     bar = tqdm(total=total, initial=summary.skipped, desc="predict", unit=unit, disable=quiet)
     with bar, ThreadPoolExecutor(max_workers=writers) as pool:
-        keep = "overlay" in o.kinds
-        batches = _Batches(
-            todo, keys, pool, batch_size=o.batch_size, resize=o.resize, keep_originals=keep, stage=stage
-        )
-        if predictor.device.type == "cpu":
-            batches.table = predictor.normalize_table()
+        table = predictor.normalize_table() if predictor.device.type == "cpu" else None
+        batches = _Batches(todo, keys, pool, o, table=table, stage=stage)
         try:
             for batch in batches:
                 if overlap:  # the next batch decodes beside this one's forward pass
