@@ -134,9 +134,6 @@ class SoftmaxWindow:
         return self.total
 
 
-# -- reading ------------------------------------------------------------------------------------------------
-
-
 class _Reader:
     """Decodes the kept frames of one video, a batch at a time (one batch in flight: the capture is
     sequential). With a ``table`` (:meth:`Predictor.normalize_table`) each frame is also normalised into a
@@ -197,9 +194,6 @@ class _Reader:
         return declared >= 0 and self.ended and self.target is not None and self.target < declared
 
 
-# -- writing ------------------------------------------------------------------------------------------------
-
-
 class _Outputs:
     """One video's outputs under hidden temporary names in their final folders: :meth:`commit` renames
     them all into place, :meth:`discard` removes them."""
@@ -227,9 +221,6 @@ class _Outputs:
             self.discard()
             raise
 
-    def frame_path(self, kind: str, index: int) -> Path:
-        return self.temps[kind] / f"{index:06d}.png"
-
     def write_frames(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], palette: Any, alpha: float
     ) -> None:
@@ -239,9 +230,8 @@ class _Outputs:
             if "color" in self.writers:
                 self.writers["color"].write(cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
             if "overlay" in self.writers:
-                self.writers["overlay"].write(
-                    cv2.cvtColor(overlay(frame, color, alpha=alpha), cv2.COLOR_RGB2BGR)
-                )
+                blend = overlay(frame, color, alpha=alpha)
+                self.writers["overlay"].write(cv2.cvtColor(blend, cv2.COLOR_RGB2BGR))
 
     def commit(self) -> None:
         for writer in self.writers.values():
@@ -273,9 +263,6 @@ def _write_png(path: Path, array: np.ndarray, stage: Callable[[str], AbstractCon
         data = encode_png(array)
     with stage("write"):
         write_bytes_atomic(path, data)
-
-
-# -- the loop ---------------------------------------------------------------------------------------------
 
 
 def predict_video(
@@ -397,7 +384,7 @@ def _loop(
                 )
             for kind in pngs:
                 for index, array in zip(batch["indices"], conf if kind == "confidence" else labels):
-                    path = outputs.frame_path(kind, index)
+                    path = outputs.temps[kind] / f"{index:06d}.png"
                     futures.append(pool.submit(_write_png, path, array, reader.stage))
             pending.append((len(labels), futures))
             if not overlap:  # the next batch decodes beside this one's writes, then the model has every core
