@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -166,15 +166,10 @@ def _cores() -> int:
 def size_batches(keys: Sequence[Hashable | None], batch_size: int) -> list[list[int]]:
     """Batches of up to ``batch_size`` indices that share a key (an image size), ordered by their first
     index so the run follows the input order; indices with key ``None`` (size unknown) get their own."""
-    groups: OrderedDict[Hashable, list[int]] = OrderedDict()
-    batches: list[list[int]] = []
+    groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
-        if key is None:
-            batches.append([i])
-        else:
-            groups.setdefault(key, []).append(i)
-    for indices in groups.values():
-        batches.extend(indices[j : j + batch_size] for j in range(0, len(indices), batch_size))
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    batches = [ix[j : j + batch_size] for ix in groups.values() for j in range(0, len(ix), batch_size)]
     return sorted(batches, key=lambda b: b[0])
 
 
@@ -258,7 +253,7 @@ class _Batches:
 def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack images of equal shape (the shared buffer itself when they fill it in order, else a copy);
     a batch with several shapes (a wrong header) splits into groups."""
-    by_shape: OrderedDict[tuple[Any, ...], list[dict[str, Any]]] = OrderedDict()
+    by_shape: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for s in samples:
         if "error" not in s:
             by_shape.setdefault((*s["image"].shape, s["image"].dtype), []).append(s)
