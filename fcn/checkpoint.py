@@ -96,7 +96,8 @@ def require_file(path: Path, *, what: str, fix: str) -> None:
         raise CheckpointError(f"{what} {path} {state}; {fix}")
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
+    """Return the model's state dict (``model.`` prefix removed) and the validated description."""
     path = Path(path).expanduser()
     require_file(
         path,
@@ -115,12 +116,6 @@ def _read(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint (no 'state_dict'); use a .ckpt from training"
         )
-    return ckpt
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
-    """Return the model's state dict (``model.`` prefix removed) and the validated description."""
-    ckpt = _read(path)
     hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict):
         raise CheckpointError(f"{path} has no hyper_parameters; it was not written by fcn's training module")
@@ -174,7 +169,9 @@ def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) 
         values = data.get(name, default)
         if not isinstance(values, (list, tuple)) or len(values) != 3:
             raise bad(name, f"must be 3 numbers (R, G, B), got {_short(values)}")
-        if not all(_is_number(v) and math.isfinite(v) for v in values):
+        if not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
             raise bad(name, f"must be finite numbers, got {list(values)}")
         if name == "std" and not all(v > 0 for v in values):
             raise bad(name, f"must be positive (images are divided by it), got {list(values)}")
@@ -194,10 +191,6 @@ def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -82,10 +82,7 @@ def rank_device(device: str, world: World) -> str:
 def process_group(device: torch.device, world: World) -> Iterator[World]:
     """Join the ranks for the ``with`` block (NCCL for a CUDA ``device``, which becomes the current one;
     gloo otherwise) and leave the group at its end; for one process, nothing."""
-    if not world.distributed:
-        yield world
-        return
-    if dist.is_initialized():  # the caller's own group (e.g. a library user): use it, leave it open
+    if not world.distributed or dist.is_initialized():  # is_initialized: the caller's own group, left open
         yield world
         return
     if device.type == "cuda":

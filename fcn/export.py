@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -28,6 +29,7 @@ from torch import nn
 
 from fcn.checkpoint import TORCHSCRIPT_META_FILE, ModelMeta, load_model
 from fcn.data.io import atomic_path
+from fcn.predictor import OnnxPredictor, Predictor, load_predictor
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -50,11 +52,9 @@ class ParityResult:
     ok: bool
 
     def line(self, fmt: str) -> str:
-        n, c, h, w = self.shape
-        verdict = "ok" if self.ok else "MISMATCH"
         return (
-            f"parity {n}x{c}x{h}x{w}: max |{fmt} - torch| = {self.max_abs_diff:.3g} "
-            f"(max |logit| {self.max_abs_logit:.3g}) {verdict}"
+            f"parity {'x'.join(map(str, self.shape))}: max |{fmt} - torch| = {self.max_abs_diff:.3g} "
+            f"(max |logit| {self.max_abs_logit:.3g}) {'ok' if self.ok else 'MISMATCH'}"
         )
 
 
@@ -135,32 +135,20 @@ def check_parity(
     rtol: float = 1e-4,
     seed: int = 0,
 ) -> list[ParityResult] | None:
-    """Compare the exported file with ``model`` on random input for each ``(batch, H, W)``.
+    """Compare the exported file, run as predict runs it (:mod:`fcn.predictor`, fp32, on the CPU), with
+    ``model`` on random input for each ``(batch, H, W)``.
 
     Returns None for ONNX when onnxruntime is not installed (nothing to run the file with).
     """
-    if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return None
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-
-    elif fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            loaded = torch.jit.load(str(path), map_location="cpu")
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return loaded(x)
-
-    else:
+    if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        return None
+    cpu = torch.device("cpu")
+    if fmt == "onnx":
+        run: Predictor = OnnxPredictor(path, device=cpu)
+    else:
+        run = load_predictor(path, device=cpu, channels_last=False)
     gen = torch.Generator().manual_seed(seed)
     results = []
     model = model.eval().cpu()
@@ -169,10 +157,7 @@ def check_parity(
         with torch.inference_mode():
             ref = model(x).float()
             out = run(x).float()
-        if out.shape != ref.shape:
-            results.append(ParityResult((n, 3, h, w), float("inf"), float(ref.abs().max()), False))
-            continue
-        diff = float((out - ref).abs().max())
+        diff = float((out - ref).abs().max()) if out.shape == ref.shape else float("inf")
         scale = float(ref.abs().max())
         results.append(ParityResult((n, 3, h, w), diff, scale, diff <= atol + rtol * scale))
     return results

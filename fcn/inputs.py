@@ -5,7 +5,9 @@ paths in; ``OUT/<kind>/REL/name.png`` out (for a video ``OUT/<kind>/REL/name.mp4
 from __future__ import annotations
 
 import glob
+import itertools
 import os
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,13 +35,7 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _inside(path: Path, folder: Path | None) -> bool:
-    if folder is None:
-        return False
-    try:
-        path.resolve().relative_to(folder)
-    except ValueError:
-        return False
-    return True
+    return folder is not None and path.resolve().is_relative_to(folder)
 
 
 def _is_output_dir(folder: Path) -> bool:
@@ -47,34 +43,15 @@ def _is_output_dir(folder: Path) -> bool:
     return (folder / OUTPUT_MARKER).is_file()
 
 
-def _glob_base(pattern: str) -> Path:
-    parts = Path(pattern).parts
-    base = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        base.append(part)
-    return Path(*base) if base else Path(".")
-
-
 def _make_items(paths: Sequence[Path], base: Path) -> list[InputItem]:
     """Relative output stems; inputs that share a stem in one folder (a.png, a.jpg) keep their extension."""
-    rels: list[Path] = []
-    for p in paths:
-        try:
-            rels.append(p.relative_to(base))
-        except ValueError:
-            rels.append(Path(p.name))
-    stems: dict[Path, int] = {}
-    for r in rels:
-        stems[r.with_suffix("")] = stems.get(r.with_suffix(""), 0) + 1
-    items = []
-    for p, r in zip(paths, rels):
-        stem = r.with_suffix("")
-        if stems[stem] > 1:
-            stem = r.with_name(r.name.replace(".", "_"))
-        items.append(InputItem(path=p, rel=stem))
-    return items
+    rels = [p.relative_to(base) if p.is_relative_to(base) else Path(p.name) for p in paths]
+    stems = Counter(r.with_suffix("") for r in rels)
+    clash = [stems[r.with_suffix("")] > 1 for r in rels]
+    return [
+        InputItem(p, r.with_name(r.name.replace(".", "_")) if c else r.with_suffix(""))
+        for p, r, c in zip(paths, rels, clash)
+    ]
 
 
 def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[list[InputItem], int]:
@@ -101,35 +78,29 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
                 and not _inside(root_path / d, exclude)
                 and not _is_output_dir(root_path / d)
             )
-            for name in sorted(files):
-                p = root_path / name
-                if name.startswith("."):
-                    continue
-                if _is_image_name(p):
-                    found.append(p)
-                else:
-                    ignored += 1
+            names = [root_path / name for name in sorted(files) if not name.startswith(".")]
+            found += [p for p in names if _is_image_name(p)]
+            ignored += len(names) - sum(map(_is_image_name, names))
         items = _make_items(found, path)
     elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise FileNotFoundError(f"cannot read the list of paths {path} ({err})") from err
-        listed: dict[Path, None] = {}
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = Path(line).expanduser()
-            listed[Path(os.path.abspath(p if p.is_absolute() else path.parent / p))] = None
-        paths = list(listed)
+        entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        # relative to the list's folder; an absolute entry stays itself (``/`` keeps it); duplicates once
+        paths = list(
+            dict.fromkeys(Path(os.path.abspath(path.parent / Path(e).expanduser())) for e in entries)
+        )
         base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else path.parent
         items = _make_items(paths, base)
     elif path.is_file():
         items = [InputItem(path=path, rel=Path(path.stem))]
     elif glob.has_magic(text):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
-        base = _glob_base(os.path.expanduser(text))
+        base = Path(
+            *itertools.takewhile(lambda part: not glob.has_magic(part), Path(text).expanduser().parts)
+        )
         parents = {d for m in matches for d in m.parents if d.is_relative_to(base)}
         outputs = {d for d in parents if _is_output_dir(d)}
         files = [m for m in matches if m.is_file() and not _inside(m, exclude)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from fcn.data.errors import DataError
 from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
 from fcn.inputs import InputItem, output_paths
-from fcn.predictor import Predictor, class_ids, labels_and_confidence, predict_logits
+from fcn.predictor import Predictor, class_ids, label_arrays, labels_and_confidence, predict_logits
 from fcn.video import VIDEO_KINDS, VideoError, frame_range, is_video, predict_video, probe_video
 
 if TYPE_CHECKING:
@@ -78,8 +78,7 @@ class PredictOptions:
     smooth: int = 1
 
     def __post_init__(self) -> None:
-        kinds = tuple(dict.fromkeys(self.kinds))
-        object.__setattr__(self, "kinds", kinds)  # frozen: normalised once, here
+        self.kinds = kinds = tuple(dict.fromkeys(self.kinds))
         if not kinds or set(kinds) - set(OUTPUT_KINDS):
             raise PredictError(
                 f"--outputs takes a comma list of {', '.join(OUTPUT_KINDS)}; got {list(kinds)}"
@@ -134,15 +133,10 @@ class PredictSummary:
 
     def line(self) -> str:
         extra = f", {self.ignored} non-image files ignored" if self.ignored else ""
-        if not self.videos:
-            return (
-                f"done {self.done}, skipped {self.skipped}, failed {self.failed}{extra} "
-                f"in {self.seconds:.1f} s ({self.images_per_second:.2f} images/s)"
-            )
-        frames = f"{self.videos_done} videos, {self.frames} frames"
+        videos = f" ({self.videos_done} videos, {self.frames} frames)" if self.videos else ""
         return (
-            f"done {self.done} ({frames}), skipped {self.skipped}, failed {self.failed}{extra} "
-            f"in {self.seconds:.1f} s ({self.images_per_second:.2f} frames/s)"
+            f"done {self.done}{videos}, skipped {self.skipped}, failed {self.failed}{extra} in "
+            f"{self.seconds:.1f} s ({self.images_per_second:.2f} {'frames' if self.videos else 'images'}/s)"
         )
 
 
@@ -172,15 +166,10 @@ def _cores() -> int:
 def size_batches(keys: Sequence[Hashable | None], batch_size: int) -> list[list[int]]:
     """Batches of up to ``batch_size`` indices that share a key (an image size), ordered by their first
     index so the run follows the input order; indices with key ``None`` (size unknown) get their own."""
-    groups: OrderedDict[Hashable, list[int]] = OrderedDict()
-    batches: list[list[int]] = []
+    groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
-        if key is None:
-            batches.append([i])
-        else:
-            groups.setdefault(key, []).append(i)
-    for indices in groups.values():
-        batches.extend(indices[j : j + batch_size] for j in range(0, len(indices), batch_size))
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    batches = [ix[j : j + batch_size] for ix in groups.values() for j in range(0, len(ix), batch_size)]
     return sorted(batches, key=lambda b: b[0])
 
 
@@ -198,16 +187,15 @@ class _Batches:
         items: Sequence[InputItem],
         keys: Sequence[Hashable | None],
         pool: ThreadPoolExecutor,
+        options: PredictOptions,
         *,
-        batch_size: int,
-        resize: tuple[int, int] | None,
-        keep_originals: bool,
+        table: np.ndarray | None,
         stage: Callable[[str], AbstractContextManager[None]],
     ) -> None:
         self.items, self.keys, self.pool, self.stage = items, keys, pool, stage
-        self.indices = iter(size_batches(keys, batch_size))
-        self.resize, self.keep_originals = resize, keep_originals
-        self.table: np.ndarray | None = None
+        self.indices = iter(size_batches(keys, options.batch_size))
+        self.resize, self.table = options.resize, table
+        self.keep_originals = "overlay" in options.kinds  # the image before --resize, for the overlay
         self.ahead: list[Future] | None = None
         self.ring: dict[tuple[int, ...], deque[np.ndarray]] = {}
 
@@ -265,7 +253,7 @@ class _Batches:
 def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack images of equal shape (the shared buffer itself when they fill it in order, else a copy);
     a batch with several shapes (a wrong header) splits into groups."""
-    by_shape: OrderedDict[tuple[Any, ...], list[dict[str, Any]]] = OrderedDict()
+    by_shape: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for s in samples:
         if "error" not in s:
             by_shape.setdefault((*s["image"].shape, s["image"].dtype), []).append(s)
@@ -304,7 +292,6 @@ def _predict_group(
         timer.forward_wall += time.perf_counter() - start
     want_conf = "confidence" in options.kinds
     defer = logits.device.type == "cpu" and not want_conf
-    top = 255.0 if options.confidence_bits == 8 else 65535.0
     results = []
     for k, index in enumerate(group["indices"]):
         one = logits[k : k + 1]
@@ -315,11 +302,9 @@ def _predict_group(
             out["logits"] = one[0].numpy()  # (C, H, W), a view of the batch's logits
         else:
             lab, cf = labels_and_confidence(one, confidence=want_conf)
-            label = lab[0].to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
-            out["label"] = label if label.dtype == np.uint8 else label.astype(np.uint16)
-            if cf is not None:
-                conf = (cf[0] * top).round_().to(torch.int32).cpu().numpy()
-                out["confidence"] = conf.astype(np.uint8 if top == 255.0 else np.uint16)
+            bits = options.confidence_bits
+            label, conf = label_arrays(lab, cf, num_classes=predictor.num_classes, bits=bits)
+            out["label"], out["confidence"] = label[0], None if conf is None else conf[0]
         if "overlay" in options.kinds:
             original = group["originals"][k]
             out["image"] = original if original is not None else images[k].numpy()
@@ -330,7 +315,6 @@ def _predict_group(
 def _write_outputs(
     paths: dict[str, Path],
     outputs: dict[str, np.ndarray | None],
-    *,
     palette: list[list[int]],
     alpha: float,
     stage: Callable[[str], AbstractContextManager[None]],
@@ -399,6 +383,11 @@ def run_predict(
     max_pending = max(4, 2 * o.batch_size * writers) if overlap else 0
     pending: deque[tuple[InputItem, Future]] = deque()
 
+    def fail(message: str) -> None:
+        summary.failed += 1
+        summary.failures.append(message)
+        log(f"failed: {message}")
+
     def harvest(block: bool) -> None:
         while pending and (block or pending[0][1].done()):
             item, fut = pending.popleft()
@@ -407,9 +396,7 @@ def run_predict(
             try:
                 fut.result()
             except (OSError, cv2.error) as err:
-                summary.failed += 1
-                summary.failures.append(f"{item.path}: cannot write outputs ({err})")
-                log(f"failed: {item.path}: cannot write outputs ({err})")
+                fail(f"{item.path}: cannot write outputs ({err})")
             else:
                 summary.done += 1
             bar.update()
@@ -420,27 +407,20 @@ def run_predict(
     total = len(items) - len(videos) + sum(frames)
     bar = tqdm(total=total, initial=summary.skipped, desc="predict", unit=unit, disable=quiet)
     with bar, ThreadPoolExecutor(max_workers=writers) as pool:
-        keep = "overlay" in o.kinds
-        batches = _Batches(
-            todo, keys, pool, batch_size=o.batch_size, resize=o.resize, keep_originals=keep, stage=stage
-        )
-        if predictor.device.type == "cpu":
-            batches.table = predictor.normalize_table()
+        table = predictor.normalize_table() if predictor.device.type == "cpu" else None
+        batches = _Batches(todo, keys, pool, o, table=table, stage=stage)
         try:
             for batch in batches:
                 if overlap:  # the next batch decodes beside this one's forward pass
                     batches.prefetch()
                 for message in batch["errors"]:
-                    summary.failed += 1
-                    summary.failures.append(message)
-                    log(f"failed: {message}")
+                    fail(message)
                     bar.update()
                 for group in batch["groups"]:
                     for index, outputs in _predict_group(predictor, group, o, timer):
                         paths = output_paths(todo[index], o.output, o.kinds)
-                        palette = predictor.meta.palette
                         write = pool.submit(
-                            _write_outputs, paths, outputs, palette=palette, alpha=o.alpha, stage=stage
+                            _write_outputs, paths, outputs, predictor.meta.palette, o.alpha, stage
                         )
                         pending.append((todo[index], write))
                 batches.prefetch()  # without overlap: the next batch decodes beside this one's writes
@@ -453,26 +433,11 @@ def run_predict(
                 before = bar.n
                 try:
                     paths = output_paths(item, o.output, o.kinds)
-                    n = predict_video(
-                        predictor,
-                        item.path,
-                        paths,
-                        o,
-                        pool=pool,
-                        overlap=overlap,
-                        progress=bar.update,
-                        stage=stage,
-                    )
-                except (OSError, cv2.error) as err:  # VideoError is an OSError
-                    message = (
-                        str(err)
-                        if isinstance(err, VideoError)
-                        else f"{item.path}: cannot write outputs ({err})"
-                    )
-                    summary.failed += 1
-                    summary.failures.append(message)
-                    log(f"failed: {message}")
-                    n = 0
+                    n = predict_video(predictor, item.path, paths, o, pool, overlap, bar.update, stage)
+                except VideoError as err:
+                    fail(str(err))
+                except (OSError, cv2.error) as err:
+                    fail(f"{item.path}: cannot write outputs ({err})")
                 else:
                     summary.done += 1
                     summary.videos_done += 1
@@ -497,12 +462,12 @@ def _outputs_exist(item: InputItem, options: PredictOptions) -> bool:
 
 def _video_frames(videos: Sequence[InputItem], options: PredictOptions) -> list[int]:
     """The frames predict expects to keep of each video (0 where the container does not say)."""
-    counts = []
-    for item in videos:
-        info = probe_video(item.path)
-        keep = frame_range(info, every=options.every, start=options.start, end=options.end) if info else None
-        counts.append(len(keep) if info is not None and info.frames >= 0 and keep is not None else 0)
-    return counts
+    infos = [probe_video(item.path) for item in videos]
+    o = options
+    return [
+        len(frame_range(i, every=o.every, start=o.start, end=o.end)) if i and i.frames >= 0 else 0
+        for i in infos
+    ]
 
 
 def _probe_sizes(items: Sequence[InputItem]) -> list[tuple[int, int] | None]:

@@ -8,11 +8,9 @@ colours) and ``confidence`` (max softmax probability, 8 or 16 bit). Unreadable f
 skipped (exit code 1); ``--skip-existing`` resumes an interrupted run; ``--benchmark`` times the run
 against the bare forward pass (:mod:`fcn.benchmark`).
 
-Videos (``--input drive.mp4``, or among the images of a folder or list; :mod:`fcn.video`) give
-``DIR/color/REL/drive.mp4`` and ``DIR/overlay/REL/drive.mp4`` at the input's size and frame rate, and one
-PNG per frame for ``label`` / ``confidence`` (``DIR/label/REL/drive/000123.png``, the frame's index);
-``--every N``, ``--start`` / ``--end`` (seconds) select frames, ``--smooth K`` averages the softmax over
-the last K frames.
+Videos (``--input drive.mp4``, or among the images of a folder or list) give colour / overlay videos and
+per-frame PNGs (:mod:`fcn.video`); ``--every``, ``--start`` / ``--end`` select frames, ``--smooth`` the
+softmax averaged over the last K frames.
 
 Under ``torchrun --nproc_per_node N`` (and ``--nnodes``) each rank predicts its share of the inputs
 (:func:`fcn.distributed.split_balanced` by :func:`fcn.inputs.input_weights`: the same split on every
@@ -27,19 +25,12 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from fcn import distributed
 from fcn.data.io import missing_dirs, remove_empty_dirs
-from fcn.distributed import (
-    DistributedError,
-    World,
-    all_gather,
-    process_group,
-    rank_device,
-    split_balanced,
-    world_from_env,
-)
 from fcn.inputs import OUTPUT_MARKER, InputItem, check_output_dir, collect_inputs, input_weights
 from fcn.pipeline import (
     DEFAULT_OUTPUTS,
@@ -99,12 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="decode and write while the model runs (default: on a GPU, or with 2+ spare CPU cores)",
     )
-    parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="infer at a fixed size")
+    hw: dict[str, Any] = {"type": int, "nargs": 2, "metavar": ("H", "W")}
+    parser.add_argument("--resize", **hw, help="infer at a fixed size")
     parser.add_argument("--sliding-window", action="store_true", help="infer on overlapping crops")
-    parser.add_argument(
-        "--crop", type=int, nargs=2, metavar=("H", "W"), default=(512, 512), help="window size"
-    )
-    parser.add_argument("--stride", type=int, nargs=2, metavar=("H", "W"), help="default: half the crop")
+    parser.add_argument("--crop", **hw, default=(512, 512), help="window size")
+    parser.add_argument("--stride", **hw, help="default: half the crop")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="horizontal-flip TTA")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
     parser.add_argument("--device", choices=DEVICES, default="auto")
@@ -151,9 +141,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     created = missing_dirs(args.output)  # a failed run removes them again when nothing was written
     threads = torch.get_num_threads()
-    world = World()
+    world = distributed.World()
     try:
-        world = world_from_env()
+        world = distributed.world_from_env()
         return _main(args, world)
     except PredictInterrupted as stop:
         _discard(created)
@@ -166,7 +156,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
-    except (PredictError, InferenceError, DistributedError) as err:
+    except (PredictError, InferenceError, distributed.DistributedError) as err:
         _discard(created)
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -187,27 +177,19 @@ def _discard(created: Sequence[Path]) -> None:
     remove_empty_dirs(created)
 
 
-def _main(args: argparse.Namespace, world: World) -> int:
+def _main(args: argparse.Namespace, world: distributed.World) -> int:
     output = args.output.expanduser()
+    same = ("batch_size", "writers", "overlap", "alpha", "confidence_bits", "skip_existing", "every")
     options = PredictOptions(
         output=output,
         kinds=tuple(args.outputs),
-        batch_size=args.batch_size,
-        writers=args.writers,
-        overlap=args.overlap,
         resize=tuple(args.resize) if args.resize else None,
         crop=tuple(args.crop) if args.sliding_window else None,
         stride=tuple(args.stride) if (args.sliding_window and args.stride) else None,
         scales=tuple(args.scales),
         flip=args.tta == "flip",
-        alpha=args.alpha,
-        confidence_bits=args.confidence_bits,
-        skip_existing=args.skip_existing,
         progress=not args.quiet and world.main,
-        every=args.every,
-        start=args.start,
-        end=args.end,
-        smooth=args.smooth,
+        **{name: getattr(args, name) for name in (*same, "start", "end", "smooth")},  # flag = field
     )
     if args.threads is not None and args.threads < 1:
         raise PredictError(f"--threads must be at least 1, got {args.threads}")
@@ -217,7 +199,7 @@ def _main(args: argparse.Namespace, world: World) -> int:
         raise PredictError("--benchmark times one process; run it without torchrun")
     items, ignored = collect_inputs(args.input, exclude=output)
     check_output_dir(output)
-    device = rank_device(args.device, world)
+    device = distributed.rank_device(args.device, world)
 
     def load() -> Predictor:  # not called when --skip-existing finds every output present
         return load_predictor(
@@ -238,7 +220,7 @@ def _main(args: argparse.Namespace, world: World) -> int:
         report = benchmark_predict(load(), items, options, repeats=args.benchmark, rewrite=rewrite)
         print("\n".join(predict_report_lines(report, options, repeats=args.benchmark, rewrite=rewrite)))
         return 1 if report["failed"] else 0
-    with process_group(resolve_device(device), world):
+    with distributed.process_group(resolve_device(device), world):
         summary = run_predict(load, _share(items, options, world), options)
         summary = _gathered(summary)
     summary.ignored = ignored
@@ -247,13 +229,13 @@ def _main(args: argparse.Namespace, world: World) -> int:
     return 1 if summary.failed else 0
 
 
-def _share(items: list[InputItem], options: PredictOptions, world: World) -> list[InputItem]:
+def _share(items: list[InputItem], options: PredictOptions, world: distributed.World) -> list[InputItem]:
     """This rank's inputs (all of them for one process), balanced by pixels to predict."""
     if not world.distributed:
         return items
     paths = [it.path for it in items]
     weights = input_weights(paths, every=options.every, start=options.start, end=options.end)
-    return [items[i] for i in split_balanced(weights, world.size)[world.rank]]
+    return [items[i] for i in distributed.split_balanced(weights, world.size)[world.rank]]
 
 
 _SUMMED = ("total", "done", "skipped", "failed", "videos", "videos_done", "frames")
@@ -263,7 +245,7 @@ def _gathered(summary: PredictSummary) -> PredictSummary:
     """The whole run's summary: counts summed over the ranks, the slowest rank's seconds, every rank's
     failures in rank order (the summary itself for one process)."""
     mine = {k: getattr(summary, k) for k in _SUMMED}
-    parts = all_gather({**mine, "seconds": summary.seconds, "failures": summary.failures})
+    parts = distributed.all_gather({**mine, "seconds": summary.seconds, "failures": summary.failures})
     if len(parts) == 1:
         return summary
     whole = PredictSummary(**{k: sum(p[k] for p in parts) for k in _SUMMED})

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 import zipfile
@@ -53,11 +52,6 @@ class InferenceError(ValueError):
     """A user-facing inference problem (bad option, unavailable device); the message says the fix."""
 
 
-# --------------------------------------------------------------------------------------------------------
-# Predictors
-# --------------------------------------------------------------------------------------------------------
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; asking for an unavailable CUDA is an error."""
     name = str(device)
@@ -80,7 +74,6 @@ class Predictor:
 
     meta: ModelMeta
     device: torch.device
-    kind: str = "?"
     channels_last: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,16 +92,14 @@ class Predictor:
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x.to(torch.float32, memory_format=fmt)  # NHWC data is already channels-last: no copy then
-        mean = torch.tensor(self.meta.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        return x.sub_(mean).div_(std)
+        mean, std = (torch.tensor(v, device=self.device) * 255.0 for v in (self.meta.mean, self.meta.std))
+        return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
     def normalize_table(self) -> np.ndarray:
         """``(1, 256, 3)`` float32 look-up table for ``cv2.LUT``: value ``v`` of channel ``c`` -> the input
         :meth:`normalize` makes of it (the same float32 operations, so bit-identical results)."""
         values = torch.arange(256, dtype=torch.float32).view(256, 1)
-        mean = torch.tensor(self.meta.mean).view(1, 3) * 255.0
-        std = torch.tensor(self.meta.std).view(1, 3) * 255.0
+        mean, std = (torch.tensor(v).view(1, 3) * 255.0 for v in (self.meta.mean, self.meta.std))
         return ((values - mean) / std).numpy().reshape(1, 256, 3)
 
     def normalized_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -146,8 +137,6 @@ class TorchPredictor(Predictor):
     (:func:`~fcn.models.fuse.use_onednn_convolutions`; the console commands ask for it, see fcn.tuning).
     """
 
-    kind = "torch"
-
     def __init__(
         self,
         model: nn.Module,
@@ -161,9 +150,7 @@ class TorchPredictor(Predictor):
     ) -> None:
         if precision not in PRECISIONS:
             raise InferenceError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        self.meta = meta
-        self.device = device
-        self.precision = precision
+        self.meta, self.device, self.dtype = meta, device, PRECISIONS[precision]
         self.channels_last = (
             CHANNELS_LAST_DEFAULT.get(device.type, False) if channels_last is None else channels_last
         )
@@ -182,21 +169,13 @@ class TorchPredictor(Predictor):
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        dtype = PRECISIONS[self.precision]
-        autocast = (
-            torch.autocast(self.device.type, dtype=dtype)
-            if dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            out = self.model(x)
-        return out.float()
+        fp32 = self.dtype == torch.float32
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=not fp32):
+            return self.model(x).float()
 
 
 class OnnxPredictor(Predictor):
     """An exported ONNX model run by onnxruntime (fp32; CUDA provider when asked for and available)."""
-
-    kind = "onnx"
 
     def __init__(self, path: str | Path, *, device: torch.device, threads: int | None = None) -> None:
         try:
@@ -228,7 +207,6 @@ class OnnxPredictor(Predictor):
             raise CheckpointError(_class_count_mismatch(path, outputs, self.meta.num_classes))
         self.input_name = self.session.get_inputs()[0].name
         self.device = device
-        self.precision = "fp32"
 
     def cpu_threads(self) -> int:
         return self.threads
@@ -246,7 +224,7 @@ def _class_count_mismatch(path: str | Path, outputs: int, num_classes: int) -> s
     )
 
 
-def is_torchscript(path: str | Path) -> bool:
+def _is_torchscript(path: Path) -> bool:
     """True when ``path`` is a TorchScript archive (a zip with a ``code/`` folder)."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -281,12 +259,14 @@ def load_predictor(
         if precision != "fp32":
             raise InferenceError("ONNX models run in fp32; use --precision fp32 or the training checkpoint")
         return OnnxPredictor(path, device=dev)
-    if is_torchscript(path):
+    if not _is_torchscript(path):
+        model, meta = load_model(path, device="cpu")
+    else:
         extra = {TORCHSCRIPT_META_FILE: ""}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
-                module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
+                model = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
         except Exception as err:  # TorchScript raises RuntimeError subclasses that vary by version
             raise CheckpointError(f"{path} is not a loadable TorchScript file ({first_line(err)})") from err
         try:
@@ -296,29 +276,14 @@ def load_predictor(
         meta = ModelMeta.from_mapping(data, source=path)
         try:
             with torch.inference_mode():  # the traced graph's class count, on a small input
-                outputs = int(module(torch.zeros(1, 3, 64, 64, device=dev)).shape[1])
+                outputs = int(model(torch.zeros(1, 3, 64, 64, device=dev)).shape[1])
         except Exception as err:  # a graph that does not run on images is not an fcn export
             raise CheckpointError(f"{path}: the TorchScript model does not run ({first_line(err)})") from err
         if outputs != meta.num_classes:
             raise CheckpointError(_class_count_mismatch(path, outputs, meta.num_classes))
-        return TorchPredictor(
-            module, meta, device=dev, precision=precision, channels_last=channels_last, onednn=onednn
-        )
-    model, meta = load_model(path, device="cpu")
-    return TorchPredictor(
-        model,
-        meta,
-        device=dev,
-        precision=precision,
-        channels_last=channels_last,
-        fuse=fuse,
-        onednn=onednn,
+    return TorchPredictor(  # fuse and onednn leave TorchScript as it is
+        model, meta, device=dev, precision=precision, channels_last=channels_last, fuse=fuse, onednn=onednn
     )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Prediction on a normalised batch
-# --------------------------------------------------------------------------------------------------------
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -328,12 +293,9 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _window_starts(length: int, crop: int, stride: int) -> list[int]:
-    if length <= crop:
-        return [0]
-    starts = list(range(0, length - crop + 1, stride))
-    if starts[-1] != length - crop:
-        starts.append(length - crop)
-    return starts
+    last = max(length - crop, 0)
+    starts = list(range(0, last + 1, stride))
+    return starts if starts[-1] == last else [*starts, last]
 
 
 def predict_sliding(
@@ -437,6 +399,19 @@ def labels_and_confidence(
     top = logits.amax(1, keepdim=True)
     conf = (logits - top).exp_().sum(1).reciprocal_()
     return labels, conf
+
+
+def label_arrays(
+    labels: torch.Tensor, confidence: torch.Tensor | None, *, num_classes: int, bits: int = 8
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The arrays predict writes of ids and max probabilities ``(N, H, W)``: ids uint8 for up to 256
+    classes (uint16 beyond), the confidence scaled to ``bits`` (8 or 16) bit integers."""
+    ids = labels.to(torch.uint8 if num_classes <= 256 else torch.int32).cpu().numpy()
+    ids = ids if ids.dtype == np.uint8 else ids.astype(np.uint16)
+    if confidence is None:
+        return ids, None
+    scaled = (confidence * float((1 << bits) - 1)).round_().to(torch.int32).cpu().numpy()
+    return ids, scaled.astype(np.uint8 if bits == 8 else np.uint16)
 
 
 def class_ids(logits: np.ndarray) -> np.ndarray:

@@ -102,17 +102,6 @@ def onednn_convolutions() -> bool:
     return "onednn" in _applied
 
 
-def single_threaded_opencv() -> None:
-    """OpenCV without its own thread pool: predict's threads decode and encode in parallel already, and
-    the pool's threads would preempt the model's (nor is it fork-safe for DataLoader workers)."""
-    if os.environ.get("FCN_DEFAULT_OPENCV"):
-        return
-    import cv2
-
-    cv2.setNumThreads(1)
-    _applied.add("opencv")
-
-
 def apply(command: str) -> None:
     """The settings of ``command`` (train, evaluate, predict, export, benchmark), before torch loads."""
     if command in ("export", "curves"):
@@ -122,5 +111,10 @@ def apply(command: str) -> None:
     keep_freed_memory()
     if command in ("predict", "evaluate") and not os.environ.get("FCN_DEFAULT_CONV"):
         _applied.add("onednn")
-    if command == "predict":
-        single_threaded_opencv()
+    if command == "predict" and not os.environ.get("FCN_DEFAULT_OPENCV"):
+        # OpenCV without its own thread pool: predict's threads decode and encode in parallel already, and
+        # the pool's threads would preempt the model's (nor is it fork-safe for DataLoader workers)
+        import cv2
+
+        cv2.setNumThreads(1)
+        _applied.add("opencv")

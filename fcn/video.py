@@ -23,11 +23,12 @@ restarts with each video). :func:`flicker` measures what it removes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from fcn.data.io import colorize, encode_png, overlay, temp_name, write_bytes_atomic
-from fcn.predictor import Predictor, labels_and_confidence, predict_logits
+from fcn.predictor import Predictor, label_arrays, labels_and_confidence, predict_logits
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 VIDEO_KINDS = ("color", "overlay")  # written as videos; the other kinds as one PNG per frame
@@ -105,15 +106,9 @@ def video_output_paths(rel: Path, output: Path, kinds: Sequence[str]) -> dict[st
 def flicker(labels: Iterable[np.ndarray]) -> float:
     """Temporal flicker of a label sequence: the fraction of pixels whose label changes between consecutive
     frames, averaged over the frame pairs (0: still; 0 for fewer than two frames)."""
-    changed = pairs = 0.0
-    previous = None
-    for frame in labels:
-        frame = np.asarray(frame)
-        if previous is not None:
-            changed += float(np.count_nonzero(frame != previous)) / frame.size
-            pairs += 1
-        previous = frame
-    return changed / pairs if pairs else 0.0
+    pairs = itertools.pairwise(np.asarray(frame) for frame in labels)
+    changed = [float(np.count_nonzero(b != a)) / b.size for a, b in pairs]
+    return sum(changed) / len(changed) if changed else 0.0
 
 
 class SoftmaxWindow:
@@ -139,9 +134,6 @@ class SoftmaxWindow:
         return self.total
 
 
-# -- reading ------------------------------------------------------------------------------------------------
-
-
 class _Reader:
     """Decodes the kept frames of one video, a batch at a time (one batch in flight: the capture is
     sequential). With a ``table`` (:meth:`Predictor.normalize_table`) each frame is also normalised into a
@@ -165,8 +157,9 @@ class _Reader:
         self.next_kept = iter(keep)
         self.target = next(self.next_kept, None)
 
-    def read(self) -> dict[str, Any]:
-        """``{"indices", "frames" (RGB uint8), "images" (model input rows)}``; empty at the end."""
+    def read(self) -> dict[str, Any] | None:
+        """``{"indices", "frames" (RGB uint8), "input" (the model input rows), "normalized"}``; None at the
+        end."""
         indices: list[int] = []
         frames: list[np.ndarray] = []
         while len(indices) < self.batch_size and self.target is not None and not self.ended:
@@ -181,26 +174,24 @@ class _Reader:
             indices.append(self.target)
             frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             self.target = next(self.next_kept, None)
+        if not frames:
+            return None
         images = frames
         if self.resize is not None:
             size = (self.resize[1], self.resize[0])
             images = [cv2.resize(f, size, interpolation=cv2.INTER_LINEAR) for f in frames]
-        if not images:
-            return {"indices": [], "frames": [], "input": None, "normalized": False}
+        batch = {"indices": indices, "frames": frames, "normalized": self.table is not None}
         if self.table is None:
-            return {"indices": indices, "frames": frames, "input": np.stack(images), "normalized": False}
+            return {**batch, "input": np.stack(images)}
         buffer = np.empty((len(images), *images[0].shape), np.float32)  # a new one: the last is in use
         with self.stage("normalise"):
             for k, image in enumerate(images):
                 cv2.LUT(image, self.table, dst=buffer[k])
-        return {"indices": indices, "frames": frames, "input": buffer, "normalized": True}
+        return {**batch, "input": buffer}
 
     def missing(self, declared: int) -> bool:
         """Whether the stream ended before the ``declared`` frame count (-1: unknown, never missing)."""
         return declared >= 0 and self.ended and self.target is not None and self.target < declared
-
-
-# -- writing ------------------------------------------------------------------------------------------------
 
 
 class _Outputs:
@@ -230,9 +221,6 @@ class _Outputs:
             self.discard()
             raise
 
-    def frame_path(self, kind: str, index: int) -> Path:
-        return self.temps[kind] / f"{index:06d}.png"
-
     def write_frames(
         self, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], palette: Any, alpha: float
     ) -> None:
@@ -242,9 +230,8 @@ class _Outputs:
             if "color" in self.writers:
                 self.writers["color"].write(cv2.cvtColor(color, cv2.COLOR_RGB2BGR))
             if "overlay" in self.writers:
-                self.writers["overlay"].write(
-                    cv2.cvtColor(overlay(frame, color, alpha=alpha), cv2.COLOR_RGB2BGR)
-                )
+                blend = overlay(frame, color, alpha=alpha)
+                self.writers["overlay"].write(cv2.cvtColor(blend, cv2.COLOR_RGB2BGR))
 
     def commit(self) -> None:
         for writer in self.writers.values():
@@ -278,15 +265,11 @@ def _write_png(path: Path, array: np.ndarray, stage: Callable[[str], AbstractCon
         write_bytes_atomic(path, data)
 
 
-# -- the loop ---------------------------------------------------------------------------------------------
-
-
 def predict_video(
     predictor: Predictor,
     path: Path,
     paths: dict[str, Path],
     options: Any,
-    *,
     pool: ThreadPoolExecutor,
     overlap: bool,
     progress: Callable[[int], None],
@@ -294,7 +277,8 @@ def predict_video(
 ) -> int:
     """Predict the kept frames of the video ``path`` and write ``paths`` (:func:`video_output_paths`);
     returns the number of frames predicted. ``options`` is a :class:`fcn.pipeline.PredictOptions`;
-    ``progress(n)`` is told of every ``n`` frames done.
+    ``progress(n)`` is told of every ``n`` frames done; ``pool``, ``overlap`` and ``stage`` (timing) are
+    :func:`~fcn.pipeline.run_predict`'s.
 
     Raises :class:`VideoError` for a video that cannot be opened, ends before its declared frame count or
     has no frame in the kept range, and ``OSError`` for outputs that cannot be written; nothing is left
@@ -319,9 +303,7 @@ def predict_video(
         outputs = _Outputs(paths, fps=info.fps / o.every, size=info.size)
         encoder = ThreadPoolExecutor(max_workers=1)  # the video encoders take frames in order
         try:
-            done = _loop(
-                predictor, reader, outputs, o, pool=pool, encoder=encoder, overlap=overlap, progress=progress
-            )
+            done = _loop(predictor, reader, outputs, o, pool, encoder, overlap, progress)
             if reader.missing(info.frames) or done == 0:
                 declared = f"{info.frames} frames" if info.frames >= 0 else "an unknown number of frames"
                 raise VideoError(
@@ -345,7 +327,6 @@ def _loop(
     reader: _Reader,
     outputs: _Outputs,
     o: Any,
-    *,
     pool: ThreadPoolExecutor,
     encoder: ThreadPoolExecutor,
     overlap: bool,
@@ -355,7 +336,6 @@ def _loop(
     want_conf = "confidence" in o.kinds
     videos = any(k in VIDEO_KINDS for k in o.kinds)
     pngs = [k for k in ("label", "confidence") if k in o.kinds]
-    top = 255.0 if o.confidence_bits == 8 else 65535.0
     pending: deque[tuple[int, list[Future]]] = deque()
     done = 0
 
@@ -374,7 +354,7 @@ def _loop(
     try:
         while True:
             batch = ahead.result()
-            if not batch["indices"]:
+            if batch is None:
                 break
             if overlap:  # the next batch decodes beside this one's forward pass
                 ahead = pool.submit(reader.read)
@@ -394,28 +374,18 @@ def _loop(
                 labels_t, conf_t = torch.stack(ids), (torch.stack(top_probs) if want_conf else None)
             else:
                 labels_t, conf_t = labels_and_confidence(logits, confidence=want_conf)
-            labels = list(
-                labels_t.to(torch.uint8 if predictor.num_classes <= 256 else torch.int32).cpu().numpy()
-            )
-            if labels[0].dtype != np.uint8:
-                labels = [lab.astype(np.uint16) for lab in labels]
+            classes, bits = predictor.num_classes, o.confidence_bits
+            labels, conf = label_arrays(labels_t, conf_t, num_classes=classes, bits=bits)
             futures: list[Future] = []
             if videos:
+                palette = predictor.meta.palette
                 futures.append(
-                    encoder.submit(
-                        outputs.write_frames, batch["frames"], labels, predictor.meta.palette, o.alpha
-                    )
+                    encoder.submit(outputs.write_frames, batch["frames"], labels, palette, o.alpha)
                 )
             for kind in pngs:
-                if kind == "confidence" and conf_t is not None:
-                    conf = (conf_t * top).round_().to(torch.int32).cpu().numpy()
-                    arrays = list(conf.astype(np.uint8 if top == 255.0 else np.uint16))
-                else:
-                    arrays = labels
-                for index, array in zip(batch["indices"], arrays):
-                    futures.append(
-                        pool.submit(_write_png, outputs.frame_path(kind, index), array, reader.stage)
-                    )
+                for index, array in zip(batch["indices"], conf if kind == "confidence" else labels):
+                    path = outputs.temps[kind] / f"{index:06d}.png"
+                    futures.append(pool.submit(_write_png, path, array, reader.stage))
             pending.append((len(labels), futures))
             if not overlap:  # the next batch decodes beside this one's writes, then the model has every core
                 ahead = pool.submit(reader.read)
@@ -428,23 +398,3 @@ def _loop(
         wait([ahead, *(fut for _, futures in pending for fut in futures)])
         raise
     return done
-
-
-def read_frames(path: str | Path, keep: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """``(index, RGB uint8 frame)`` of a video's frames (those in ``keep``, default all), as predict decodes
-    them."""
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise VideoError(f"{path}: cannot open the video")
-    wanted = set(keep) if keep is not None else None
-    try:
-        index = 0
-        while True:
-            ok, bgr = cap.read()
-            if not ok:
-                return
-            if wanted is None or index in wanted:
-                yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        cap.release()

@@ -21,7 +21,7 @@ import os
 import secrets
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -29,9 +29,7 @@ import numpy as np
 
 from fcn.data.errors import DataError
 
-IMAGE_EXTENSIONS = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2",
-)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2")
 
 # The largest image the readers decode, in pixels (64 Mpx, e.g. 8192 x 8192): a header claiming more (a
 # corrupt or hostile file) is refused before decoding, which would allocate its pixels (OpenCV raises
@@ -95,66 +93,53 @@ def exif_orientation(data: np.ndarray) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
-    """Turn a decoded image as stored into the view EXIF ``orientation`` (1-8) describes."""
-    if orientation == 2:
-        return cv2.flip(img, 1)  # mirrored left-right
-    if orientation == 3:
-        return cv2.rotate(img, cv2.ROTATE_180)
-    if orientation == 4:
-        return cv2.flip(img, 0)  # mirrored top-bottom
-    if orientation == 5:
-        return cv2.transpose(img)  # mirrored along the main diagonal
-    if orientation == 6:
-        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.flip(cv2.transpose(img), -1)  # mirrored along the anti-diagonal
-    if orientation == 8:
-        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return img
-
-
-def header_size(data: np.ndarray) -> tuple[int, int] | None:
-    """``(H, W)`` as stored, read from the header of encoded image bytes (nothing is decoded); None when
-    the format is unknown or broken, ``(-1, -1)`` past Pillow's decompression-bomb limit (which it
-    refuses to report)."""
-    head = data[:24].tobytes()
-    if len(head) == 24 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
-        w, h = struct.unpack(">II", head[16:24])  # the common case, without Pillow
-        return h, w
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
-            w, h = im.size
-    except Image.DecompressionBombError:
-        return -1, -1
-    except Exception:  # unknown to Pillow, or broken: the decoder will tell
-        return None
-    return h, w
+# EXIF orientation (2-8) -> the turn from the image as stored to the view it describes (1: as stored)
+_ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda img: cv2.flip(img, 1),  # mirrored left-right
+    3: lambda img: cv2.rotate(img, cv2.ROTATE_180),
+    4: lambda img: cv2.flip(img, 0),  # mirrored top-bottom
+    5: cv2.transpose,  # mirrored along the main diagonal
+    6: lambda img: cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda img: cv2.flip(cv2.transpose(img), -1),  # mirrored along the anti-diagonal
+    8: lambda img: cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
 
 
 def oversized(data: np.ndarray) -> str | None:
-    """Why encoded image bytes are too large to decode (a header size over :data:`MAX_IMAGE_PIXELS`),
-    or None."""
-    size = header_size(data)
-    if size is None or (size[0] >= 0 and size[0] * size[1] <= MAX_IMAGE_PIXELS):
-        return None
-    claimed = f"{size[1]}x{size[0]} pixels" if size[0] > 0 else "more pixels than Pillow allows"
-    return f"its header claims {claimed}, over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
+    """Why encoded image bytes are too large to decode (a size over :data:`MAX_IMAGE_PIXELS` in their header;
+    nothing is decoded), or None (also for a format Pillow does not know, or broken: the decoder will tell)."""
+    limit = f"over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
+    head = data[:24].tobytes()
+    if len(head) == 24 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])  # the common case, without Pillow
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
+                w, h = im.size
+        except Image.DecompressionBombError:  # past Pillow's own limit, whose size it does not report
+            return f"its header claims more pixels than Pillow allows, {limit}"
+        except Exception:
+            return None
+    return f"its header claims {w}x{h} pixels, {limit}" if w * h > MAX_IMAGE_PIXELS else None
 
 
-def _decode(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded image as stored, and the file's bytes."""
+def _decode(path: Path, what: str, *, mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded image as stored, and the file's bytes; with ``mask`` a palette PNG gives its indices
+    (which OpenCV would expand to colours) and a truncated JPEG is not looked for."""
     data = _read_bytes(path, what)
     too_large = oversized(data)
     if too_large:
         raise DataError(f"cannot read {what} {path}: {too_large}; replace or remove it")
+    indices = _palette_indices(data, path) if mask else None
+    if indices is not None:
+        return indices, data
     try:
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     except cv2.error as err:  # OpenCV refuses some headers it cannot decode (e.g. over its size limits)
         raise DataError(f"cannot read {what} {path} ({first_cv2_line(err)}); replace or remove it") from err
-    if img is None or img.size == 0 or jpeg_truncated(data):
+    if img is None or img.size == 0 or (not mask and jpeg_truncated(data)):
         raise DataError(
             f"cannot read {what} {path} (corrupt, truncated or not an image); replace or remove it"
         )
@@ -190,7 +175,9 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image as RGB uint8 ``(H, W, 3)``, EXIF orientation applied (a phone photo stored sideways
     comes out upright, as its label map was drawn); unreadable files raise :class:`DataError`."""
     img, data = _decode(Path(path), "image")
-    return apply_orientation(to_rgb_uint8(img), exif_orientation(data))
+    turn = _ORIENTATIONS.get(exif_orientation(data))
+    img = to_rgb_uint8(img)
+    return img if turn is None else turn(img)
 
 
 def _palette_indices(data: np.ndarray, path: Path) -> np.ndarray | None:
@@ -214,22 +201,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     a genuinely colour-coded label raises :class:`DataError`.
     """
     path = Path(path)
-    data = _read_bytes(path, "label file")
-    too_large = oversized(data)
-    if too_large:
-        raise DataError(f"cannot read label file {path}: {too_large}; replace or remove it")
-    indices = _palette_indices(data, path)
-    if indices is not None:
-        return indices
-    try:
-        mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as err:
-        reason = first_cv2_line(err)
-        raise DataError(f"cannot read label file {path} ({reason}); replace or remove it") from err
-    if mask is None or mask.size == 0:
-        raise DataError(
-            f"cannot read label file {path} (corrupt, truncated or not an image); replace or remove it"
-        )
+    mask, _ = _decode(path, "label file", mask=True)
     if mask.ndim == 3:
         first = mask[:, :, 0]
         if not all(np.array_equal(first, mask[:, :, c]) for c in range(1, min(3, mask.shape[2]))):
@@ -256,9 +228,6 @@ def probe_size(path: str | Path) -> tuple[int, int] | None:
     except Exception:  # unreadable or unknown to PIL: the reader will tell
         return None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
-
-
-# -- writing ----------------------------------------------------------------------------------------------
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
