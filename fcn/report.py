@@ -37,7 +37,6 @@ from fcn.palette import default_palette
 __all__ = [
     "ReportError",
     "compare_scores",
-    "default_palette",
     "format_summary_table",
     "write_report",
 ]
@@ -57,7 +56,7 @@ class ReportError(OSError):
 
 # -- small helpers ------------------------------------------------------------------------------------
 def _pct(x: float | None, digits: int = 2) -> str:
-    return NA if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:.{digits}f}"
+    return NA if x is None or math.isnan(x) else f"{100.0 * x:.{digits}f}"
 
 
 def _signed_pct(x: float | None) -> str:
@@ -69,7 +68,7 @@ def _signed_pct(x: float | None) -> str:
 
 def _num(x: float | None) -> str:
     """A CSV number: full precision, n/a for missing."""
-    return NA if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+    return NA if x is None or math.isnan(x) else repr(float(x))
 
 
 def _md_escape(text: Any) -> str:
@@ -80,19 +79,13 @@ def _jsonable(obj: Any) -> Any:
     """Plain JSON types only: tensors/arrays to lists, NaN/inf to None, paths and the rest to str."""
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, Tensor | np.ndarray | np.generic):
         return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    return str(obj)
+    return obj if obj is None or isinstance(obj, bool | int | str) else str(obj)
 
 
 def _safe_name(name: str) -> str:
@@ -118,36 +111,16 @@ def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
-def _rgb_uint8(image: Any) -> np.ndarray:
-    img = _to_numpy(image)
-    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)  # CHW -> HWC
-    if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"worst-image 'image' must be RGB (H, W, 3), got shape {img.shape}")
-    if img.dtype == np.uint8:
-        return img
-    img = img.astype(np.float64)
-    if np.issubdtype(_to_numpy(image).dtype, np.floating) and img.max(initial=0.0) <= 1.0:
-        img = img * 255.0  # float RGB in [0, 1]
-    return np.clip(img, 0.0, 255.0).round().astype(np.uint8)
-
-
-# -- atomic writes ------------------------------------------------------------------------------------
-def _unwritable(directory: Path, err: OSError) -> ReportError:
-    reason = err.strerror or str(err)
-    return ReportError(
-        f"cannot write the evaluation report to '{directory}': {reason}; "
-        "choose another output directory or make this one writable"
-    )
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """:func:`fcn.data.io.write_bytes_atomic` with fsync; an OSError becomes one "choose another
     directory" message."""
     try:
         write_bytes_atomic(path, data, fsync=True)
     except OSError as err:
-        raise _unwritable(path.parent, err) from err
+        raise ReportError(
+            f"cannot write the evaluation report to '{path.parent}': {err.strerror or err}; "
+            "choose another output directory or make this one writable"
+        ) from err
 
 
 # -- renderers ----------------------------------------------------------------------------------------
@@ -192,8 +165,9 @@ def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str
 
 def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray, gap: int = 4) -> np.ndarray:
     """``image | ground-truth colours | prediction colours`` as one RGB uint8 array."""
-    img = _rgb_uint8(image)
-    gt, pr = _to_numpy(target), _to_numpy(pred)
+    img, gt, pr = _to_numpy(image), _to_numpy(target), _to_numpy(pred)
+    if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"worst-image 'image' must be RGB (H, W, 3) uint8, got {img.dtype} {img.shape}")
     if gt.shape != img.shape[:2] or pr.shape != img.shape[:2]:
         raise ValueError(
             f"worst-image arrays disagree: image {img.shape[:2]}, target {gt.shape}, pred {pr.shape}; "
@@ -236,9 +210,7 @@ def per_image_csv(per_image: Sequence[Mapping[str, Any]]) -> str:
         keys += [k for k in row if k not in keys]
 
     def cell(v: Any) -> Any:
-        if v is None or isinstance(v, float | np.floating):
-            return _num(None if v is None else float(v))
-        return v
+        return _num(v) if v is None or isinstance(v, float | np.floating) else v
 
     return _csv_text(keys, [[cell(row.get(k)) for k in keys] for row in per_image])
 
@@ -255,7 +227,9 @@ def compare_scores(
     def pick(s: Mapping[str, Any]) -> dict[str, Any]:
         return {**{k: s[k] for k in SUMMARY_KEYS}, "per_class_iou": list(s["per_class_iou"])}
 
-    def diff(a: float | None, b: float | None) -> float | None:
+    def diff(a: Any, b: Any) -> Any:  # per-class lists element-wise
+        if isinstance(a, list):
+            return [diff(x, y) for x, y in zip(a, b)]
         return None if a is None or b is None else a - b
 
     models = {model_name: pick(main)}
@@ -264,9 +238,7 @@ def compare_scores(
         if name == model_name:
             raise ValueError(f"compare name {name!r} clashes with model_name; give the models distinct names")
         models[name] = pick(s)
-        d = {k: diff(main[k], s[k]) for k in SUMMARY_KEYS}
-        d["per_class_iou"] = [diff(a, b) for a, b in zip(main["per_class_iou"], s["per_class_iou"])]
-        delta[name] = d
+        delta[name] = {k: diff(v, models[name][k]) for k, v in models[model_name].items()}
     return {"model": model_name, "class_names": list(main["class_names"]), "models": models, "delta": delta}
 
 
@@ -277,11 +249,14 @@ def format_summary_table(scores: Mapping[str, Any], class_names: Sequence[str] |
     width = max([5, *(len(n) for n in names)])
     lines += ["", f"{'id':>3}  {'class':<{width}}  {'IoU %':>7}  {'acc %':>7}  {'share %':>7}"]
     for i, name in enumerate(names):
-        lines.append(
-            f"{i:>3}  {name:<{width}}  {_pct(scores['per_class_iou'][i]):>7}  "
-            f"{_pct(scores['per_class_accuracy'][i]):>7}  {_pct(scores['pixel_share'][i]):>7}"
-        )
+        iou, acc, share = _class_pcts(scores, i)
+        lines.append(f"{i:>3}  {name:<{width}}  {iou:>7}  {acc:>7}  {share:>7}")
     return "\n".join(lines)
+
+
+def _class_pcts(scores: Mapping[str, Any], i: int) -> list[str]:
+    """Class ``i``'s IoU, accuracy and pixel share in %."""
+    return [_pct(scores[key][i]) for key in ("per_class_iou", "per_class_accuracy", "pixel_share")]
 
 
 def _meta_value(v: Any) -> str:
@@ -324,10 +299,7 @@ def render_markdown(
         "| ---: | --- | ---: | ---: | ---: |",
     ]
     for i, name in enumerate(scores["class_names"]):
-        out.append(
-            f"| {i} | {_md_escape(name)} | {_pct(scores['per_class_iou'][i])} | "
-            f"{_pct(scores['per_class_accuracy'][i])} | {_pct(scores['pixel_share'][i])} |"
-        )
+        out.append(f"| {i} | {_md_escape(name)} | " + " | ".join(_class_pcts(scores, i)) + " |")
     out += [
         "",
         "IoU n/a: the class is neither in the ground truth nor predicted. "
