@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +40,8 @@ from fcn.data.io import probe_size, write_bytes_atomic
 from fcn.inputs import InputItem
 from fcn.models import ModelError, build_model, list_models
 from fcn.pipeline import PredictError, PredictOptions, run_predict
-from fcn.predictor import PRECISIONS, Predictor, predict_logits
+from fcn.predictor import PRECISIONS, InferenceError, Predictor, predict_logits, resolve_device
+from fcn.scoring import sync
 from fcn.tuning import keeps_freed_memory, release_freed_memory
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
@@ -64,10 +67,9 @@ class Result:
 class _PeerWrapper(nn.Module):
     """torchvision segmentation models return a dict; expose the ``out`` logits like ours."""
 
-    def __init__(self, net: nn.Module, num_classes: int) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["out"]
@@ -75,40 +77,33 @@ class _PeerWrapper(nn.Module):
 
 def make_model(spec: str, *, num_classes: int) -> nn.Module:
     """Build a model from a benchmark spec (``fcn8s``, ``fcn8s:paper``, ``student``, a torchvision peer)."""
-    name, _, mode = spec.partition(":")
+    name, _, mode = _check_spec(spec).partition(":")
     if name in PEERS:
         import torchvision.models.segmentation as seg
 
-        builder = getattr(seg, name)
-        return _PeerWrapper(
-            builder(weights=None, weights_backbone=None, num_classes=num_classes), num_classes
-        )
-    if name not in list_models():
+        return _PeerWrapper(getattr(seg, name)(weights=None, weights_backbone=None, num_classes=num_classes))
+    return build_model(name, num_classes=num_classes, **({"mode": mode} if mode else {}))
+
+
+def _check_spec(spec: str) -> str:
+    """``spec`` itself, or a :class:`ModelError` naming the known models."""
+    if spec.partition(":")[0] not in [*list_models(), *PEERS]:
         raise ModelError(
             f"unknown model {spec!r}; choose from {list_models() + list(PEERS)} (fcn*s:paper too)"
         )
-    kwargs = {"mode": mode} if mode else {}
-    return build_model(name, num_classes=num_classes, **kwargs)
+    return spec
 
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
-    try:
+    with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -124,12 +119,10 @@ def _reset_peak(device: torch.device) -> None:
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    except OSError:
-        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,12 +131,12 @@ def _peak_mb(device: torch.device) -> float:
 def _timeit(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> list[float]:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -209,15 +202,9 @@ def bench_model(
     gflops = count_gflops(model, x1)
     run = torch.compile(model) if compile else model
 
-    def infer(x: torch.Tensor) -> Callable[[], object]:
-        def fn() -> object:
-            with torch.inference_mode(), _autocast(device, precision):
-                return run(x)
-
-        return fn
-
-    lat = _timeit(infer(x1), device, warmup=warmup, iters=iters)
-    thr = _timeit(infer(xb), device, warmup=1, iters=max(2, iters // 2))
+    with torch.inference_mode(), _autocast(device, precision):
+        lat = _timeit(lambda: run(x1), device, warmup=warmup, iters=iters)
+        thr = _timeit(lambda: run(xb), device, warmup=1, iters=max(2, iters // 2))
     step_ms = None
     if train:
         model.train()
@@ -298,12 +285,8 @@ def backbone_conv_efficiency(
     net = VGG16Backbone().to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
     gflops = count_gflops(net, x)
-
-    def fn() -> object:
-        with torch.inference_mode():
-            return net(x)
-
-    sec = min(_timeit(fn, device, warmup=1, iters=iters))
+    with torch.inference_mode():
+        sec = min(_timeit(lambda: net(x), device, warmup=1, iters=iters))
     return {"gflops": gflops, "gflops_s": gflops / sec, "share_of_peak": gflops / sec / peak_gflops}
 
 
@@ -338,14 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    try:
+        device = resolve_device(args.device)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sizes = [tuple(s) for s in (args.size or [[360, 480]])]
     for spec in args.models:  # fail before measuring anything
-        name = spec.partition(":")[0]
-        if name not in list_models() and name not in PEERS:
-            raise ModelError(f"unknown model {spec!r}; choose from {list_models() + list(PEERS)}")
+        _check_spec(spec)
     if device.type == "cpu" and args.precision == "bf16" and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and much slower")
     with _threads(args.threads):
@@ -365,25 +348,22 @@ def main(argv: Sequence[str]) -> int:
         }
         print(f"# {json.dumps(env)}")
         results = []
-        for size in sizes:
-            for spec in args.models:
-                r = bench_model(
-                    spec,
-                    size=size,
-                    num_classes=args.num_classes,
-                    device=device,
-                    precision=args.precision,
-                    batch=args.batch,
-                    channels_last=args.channels_last,
-                    compile=args.compile,
-                    iters=args.iters,
-                    train=not args.no_train,
-                    peak_gflops=peak,
-                )
-                results.append(r)
-                print(
-                    f"  measured {spec} at {size[0]}x{size[1]}: {r.throughput_ips:.2f} images/s", flush=True
-                )
+        for size, spec in itertools.product(sizes, args.models):
+            r = bench_model(
+                spec,
+                size=size,
+                num_classes=args.num_classes,
+                device=device,
+                precision=args.precision,
+                batch=args.batch,
+                channels_last=args.channels_last,
+                compile=args.compile,
+                iters=args.iters,
+                train=not args.no_train,
+                peak_gflops=peak,
+            )
+            results.append(r)
+            print(f"  measured {spec} at {size[0]}x{size[1]}: {r.throughput_ips:.2f} images/s", flush=True)
         extra = {}
         if args.backbone_efficiency:
             extra = backbone_conv_efficiency(size=sizes[0], device=device, batch=args.batch, peak_gflops=peak)
@@ -538,10 +518,10 @@ def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], options:
         raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
     x = torch.randn(options.batch_size, 3, *size, device=predictor.device)
     predict_logits(predictor, x, **options.strategy())  # warm-up
-    _sync(predictor.device)
+    sync(predictor.device)
     batches = _forward_batches(items, options.batch_size)
     start = time.perf_counter()
     for _ in range(batches):
         predict_logits(predictor, x, **options.strategy())
-    _sync(predictor.device)
+    sync(predictor.device)
     return batches * options.batch_size / max(time.perf_counter() - start, 1e-9)

@@ -10,7 +10,8 @@ images of all.
 
 from __future__ import annotations
 
-import heapq
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -104,27 +105,14 @@ class _Indexed(Dataset):
         return index, torch.as_tensor(image), torch.as_tensor(mask)
 
 
-def _collate(batch: list[tuple[int, Tensor, Tensor]]) -> list[tuple[int, Tensor, Tensor]]:
-    return batch  # images may differ in size; grouped by shape in the loop
-
-
-def _checked(batch: list[Any]) -> list[tuple[int, Tensor, Tensor]]:
-    """The batch, or the first :class:`DataError` a sample returned, raised."""
+def _same_shape_groups(batch: list[Any]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+    """Runs of consecutive same-size images of a batch; the first :class:`DataError` a sample returned,
+    raised."""
     for item in batch:
         if isinstance(item, DataError):
             raise item
-    return batch
-
-
-def _same_shape_groups(items: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
-    group: list[tuple[int, Tensor, Tensor]] = []
-    for item in items:
-        if group and item[1].shape != group[0][1].shape:
-            yield group
-            group = []
-        group.append(item)
-    if group:
-        yield group
+    for _, group in itertools.groupby(batch, key=lambda item: item[1].shape):
+        yield list(group)
 
 
 def _image_name(path: Any, root: Path) -> str:
@@ -144,33 +132,31 @@ def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float])
 
 
 # -- one pass -----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that ``time.perf_counter`` measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+@dataclass
 class _Worst:
-    """The ``n`` images with the lowest mean IoU seen so far (ties: the earlier image is kept)."""
+    """The ``n`` images with the lowest mean IoU seen so far, worst first (ties: the lower index)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.heap: list[tuple[float, int]] = []  # (-miou, -index): the best of the worst on top
-        self.items: dict[int, dict[str, Any]] = {}
+    n: int
+    items: list[dict[str, Any]] = field(default_factory=list)
 
-    def wants(self, miou: float | None) -> bool:
+    def wants(self, miou: float | None, index: int) -> bool:
         if self.n == 0 or miou is None:
             return False
-        return len(self.heap) < self.n or -miou > self.heap[0][0]
+        return len(self.items) < self.n or (miou, index) < _rank(self.items[-1])
 
-    def add(self, index: int, miou: float, item: dict[str, Any]) -> None:
-        heapq.heappush(self.heap, (-miou, -index))
-        self.items[index] = item
-        if len(self.heap) > self.n:
-            _, neg_index = heapq.heappop(self.heap)
-            del self.items[-neg_index]
+    def add(self, item: dict[str, Any]) -> None:
+        bisect.insort(self.items, item, key=_rank)
+        del self.items[self.n :]
 
-    def result(self) -> list[dict[str, Any]]:
-        return sorted(self.items.values(), key=lambda d: (d["mean_iou"], d["index"]))
+
+def _rank(item: dict[str, Any]) -> tuple[float, int]:
+    return item["mean_iou"], item["index"]
 
 
 def evaluate_model(
@@ -207,7 +193,7 @@ def evaluate_model(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=list,  # images may differ in size: grouped by shape in the loop
         pin_memory=device.type == "cuda",
     )
     # this process's matrix: joined over the ranks explicitly, by gather_pass
@@ -225,7 +211,7 @@ def evaluate_model(
         scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
         rows.append({"file": name, **scores})
         row_indices.append(index)
-        if keep.wants(scores["mean_iou"]):
+        if keep.wants(scores["mean_iou"], index):
             item = {
                 "index": index,
                 "name": name,
@@ -234,13 +220,13 @@ def evaluate_model(
                 "pred": pred.numpy().astype(np.uint8 if num_classes <= 256 else np.int32),
                 "mean_iou": scores["mean_iou"],
             }
-            keep.add(index, scores["mean_iou"], item)
+            keep.add(item)
 
     bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
-            for group in _same_shape_groups(_checked(batch)):
+            for group in _same_shape_groups(batch):
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
                 pred = predict_logits(
@@ -251,10 +237,10 @@ def evaluate_model(
                     scales=options.scales,
                     flip=options.flip,
                 ).argmax(dim=1)
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 confmat.update(pred, target)
-                _sync(device)
+                sync(device)
                 metric_s += time.perf_counter() - t0
                 if per_image_needed:
                     t0 = time.perf_counter()
@@ -267,14 +253,14 @@ def evaluate_model(
                 bar.update(len(group))
         t0 = time.perf_counter()
         cm = confmat.compute()
-        _sync(device)
+        sync(device)
         metric_s += time.perf_counter() - t0
     seconds = time.perf_counter() - start
     bar.close()
     return PassResult(
         confmat=cm.cpu(),
         per_image=rows,
-        worst=keep.result(),
+        worst=keep.items,
         images=len(data),
         seconds=seconds,
         metric_seconds=metric_s,
@@ -305,13 +291,13 @@ def gather_pass(result: PassResult, *, worst: int) -> PassResult:
     ordered = sorted(pairs, key=lambda pair: pair[0])
     keep = _Worst(worst)
     for item in sorted((w for s in shares for w in s["worst"]), key=lambda w: w["index"]):
-        if keep.wants(item["mean_iou"]):
-            keep.add(item["index"], item["mean_iou"], item)
+        if keep.wants(item["mean_iou"], item["index"]):
+            keep.add(item)
     seconds, metric_s, per_image_s = (max(s["seconds"][k] for s in shares) for k in range(3))
     return PassResult(
         confmat=confmat,
         per_image=[row for _, row in ordered],
-        worst=keep.result(),
+        worst=keep.items,
         images=sum(s["images"] for s in shares),
         seconds=seconds,
         metric_seconds=metric_s,
