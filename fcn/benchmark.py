@@ -149,16 +149,14 @@ def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_peak_gflops(
-    device: torch.device, *, precision: str = "fp32", n: int | None = None, iters: int = 10
-) -> float:
+def matmul_peak_gflops(device: torch.device, *, precision: str = "fp32") -> float:
     """Best GFLOP/s of a large square matrix product on this machine and dtype: the reference 'peak'.
 
     Two GEMM back-ends are tried and the faster one counts: ``torch.matmul`` (MKL/cuBLAS) and the same
     product as a channels-last 1x1 convolution (oneDNN/cuDNN). On AMD CPUs MKL's sgemm reaches only about
     half of what oneDNN's GEMM does, and a 'peak' below what the convolutions achieve would mean nothing.
     """
-    n = n or (8192 if device.type == "cuda" else 4096)
+    n, iters = (8192 if device.type == "cuda" else 4096), 10
     dtype = PRECISIONS[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -183,7 +181,6 @@ def bench_model(
     batch: int = 4,
     channels_last: bool = False,
     compile: bool = False,
-    warmup: int = 2,
     iters: int = 5,
     train: bool = True,
     peak_gflops: float,
@@ -191,9 +188,8 @@ def bench_model(
     """Measure one model at one size; see the module docstring for the figures."""
     torch.manual_seed(0)
     _reset_peak(device)
-    model = make_model(spec, num_classes=num_classes).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = make_model(spec, num_classes=num_classes).to(device, memory_format=fmt)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     h, w = size
     x1 = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=fmt)
@@ -203,7 +199,7 @@ def bench_model(
     run = torch.compile(model) if compile else model
 
     with torch.inference_mode(), _autocast(device, precision):
-        lat = _timeit(lambda: run(x1), device, warmup=warmup, iters=iters)
+        lat = _timeit(lambda: run(x1), device, warmup=2, iters=iters)
         thr = _timeit(lambda: run(xb), device, warmup=1, iters=max(2, iters // 2))
     step_ms = None
     if train:
@@ -218,7 +214,7 @@ def bench_model(
             loss.backward()
             opt.step()
 
-        step_ms = statistics.median(_timeit(step, device, warmup=1, iters=max(2, iters // 2))) * 1e3
+        step_ms = round(statistics.median(_timeit(step, device, warmup=1, iters=max(2, iters // 2))) * 1e3, 1)
     median = statistics.median(lat)
     p90 = sorted(lat)[min(len(lat) - 1, round(0.9 * (len(lat) - 1)))]
     ips = batch / statistics.median(thr)
@@ -232,7 +228,7 @@ def bench_model(
         latency_ms_p90=round(p90 * 1e3, 1),
         throughput_ips=round(ips, 2),
         batch=batch,
-        train_step_ms=None if step_ms is None else round(step_ms, 1),
+        train_step_ms=step_ms,
         peak_mem_mb=round(_peak_mb(device), 1),
         achieved_gflops_s=round(achieved, 1),
         share_of_peak=round(achieved / peak_gflops, 3),

@@ -66,19 +66,17 @@ def read_curves(
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "epoch" not in reader.fieldnames:
                 raise DataError(f"{path} is not a CSVLogger metrics file (no 'epoch' column)")
-            metric_values: dict[int, float] = {}
-            loss_values: dict[int, list[float]] = {}
+            loss_values: dict[int, list[float]] = {}  # a later file's epoch replaces the earlier one
             for row in reader:
                 epoch = _number(row.get("epoch"))
                 if epoch is None:
                     continue
                 value = _number(row.get(metric))
                 if value is not None:
-                    metric_values[int(epoch)] = value
+                    curves.metric[int(epoch)] = value  # the epoch's last value, of the latest file
                 value = _number(row.get(loss))
                 if value is not None:
                     loss_values.setdefault(int(epoch), []).append(value)
-        curves.metric.update(metric_values)
         curves.loss.update({e: sum(v) / len(v) for e, v in loss_values.items()})
     if not curves.metric and not curves.loss:
         raise DataError(

@@ -239,26 +239,18 @@ def main(argv: list[str]) -> int:
     """``scripts/evaluate.py``; returns the exit code (2 with one ``error:`` line for bad input).
 
     Data and checkpoint problems (``DataError``, ``CheckpointError``) propagate to :mod:`fcn.cli`, which
-    prints them the same way.
+    prints them the same way. A failed run removes the (empty) output folders it created.
     """
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (EvaluationError, InferenceError, ReportError, DistributedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate as parsed by :func:`build_parser`: check everything, run the pass(es), write the report.
-
-    A failed run removes the (empty) output folders it created.
-    """
     created = missing_dirs(args.output)
     if args.write_labelids is not None:
         created = missing_dirs(args.write_labelids) + created
     try:
         return _run(args)
+    except (EvaluationError, InferenceError, ReportError, DistributedError) as err:
+        remove_empty_dirs(created)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except BaseException:
         remove_empty_dirs(created)
         raise
@@ -382,10 +374,7 @@ def _meta(
             **asdict(options),  # sliding_window, crop, stride, scales, flip
             "batch_size": args.batch_size,
             "device": str(device),
-            "precision": args.precision,
-            "num_workers": args.num_workers,
-            "limit": args.limit,
-            "worst": args.worst,
+            **{flag: getattr(args, flag) for flag in ("precision", "num_workers", "limit", "worst")},
         },
         **result.timing(),
     }

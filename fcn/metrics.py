@@ -54,8 +54,7 @@ def _class_ids(preds: Tensor, target: Tensor, num_classes: int) -> Tensor:
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
     if preds.is_floating_point():
-        expected = (target.shape[0], num_classes, *target.shape[1:]) if target.ndim else None
-        if target.ndim == 0 or tuple(preds.shape) != expected:
+        if target.ndim == 0 or preds.shape != (target.shape[0], num_classes, *target.shape[1:]):
             raise ValueError(
                 f"logits of shape {tuple(preds.shape)} do not match target of shape {tuple(target.shape)}; "
                 f"expected (N, {num_classes}, *spatial) logits for an (N, *spatial) target"

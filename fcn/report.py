@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from fcn.data.io import check_writable, colorize, encode_png, write_bytes_atomic
@@ -94,9 +93,7 @@ def _safe_name(name: str) -> str:
 
 
 def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
-    if palette is None:
-        palette = default_palette(num_classes)
-    arr = np.asarray(palette, dtype=np.int64)
+    arr = np.asarray(default_palette(num_classes) if palette is None else palette, dtype=np.int64)
     if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < num_classes:
         raise ValueError(
             f"palette must hold one RGB triple per class ({num_classes}), got shape {arr.shape}; "
@@ -132,30 +129,23 @@ def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str
 
     cm = _to_numpy(confmat).astype(np.float64)
     n = cm.shape[0]
-    rows = cm.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.where(rows > 0, cm / np.where(rows > 0, rows, 1.0), np.nan)
+    with np.errstate(invalid="ignore"):
+        norm = cm / cm.sum(axis=1, keepdims=True)  # 0 / 0 = NaN: a class absent from the gt
     side = max(6.0, 0.5 * n + 3.0)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps["Blues"].with_extremes(bad="#dddddd")  # grey rows: classes absent from the gt
     im = ax.imshow(np.ma.masked_invalid(norm * 100.0), cmap=cmap, vmin=0.0, vmax=100.0)
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xticklabels(class_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
-    ax.set_yticklabels(class_names, fontsize=9)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_yticks(range(n), class_names, fontsize=9)
+    ax.set(xlabel="prediction", ylabel="ground truth")
     ax.set_title("Confusion matrix (% of each ground-truth class)")
-    if n <= 40:
-        size = 8 if n <= 20 else 6
-        for i in range(n):
-            for j in range(n):
-                v = norm[i, j]
-                if not np.isnan(v) and v >= 0.005:
-                    colour = "white" if v > 0.5 else "black"
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=size, color=colour)
+    size = 8 if n <= 20 else 6
+    for (i, j), v in np.ndenumerate(norm):
+        if n <= 40 and v >= 0.005:  # no numbers on large matrices; False for NaN
+            colour = "white" if v > 0.5 else "black"
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=size, color=colour)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="%")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -163,7 +153,7 @@ def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str
     return buf.getvalue()
 
 
-def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray, gap: int = 4) -> np.ndarray:
+def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray) -> np.ndarray:
     """``image | ground-truth colours | prediction colours`` as one RGB uint8 array."""
     img, gt, pr = _to_numpy(image), _to_numpy(target), _to_numpy(pred)
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
@@ -173,30 +163,21 @@ def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray, gap: in
             f"worst-image arrays disagree: image {img.shape[:2]}, target {gt.shape}, pred {pr.shape}; "
             "pass prediction and ground truth at the image's resolution"
         )
-    sep = np.full((img.shape[0], gap, 3), 255, dtype=np.uint8)
+    sep = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)  # a 4-pixel white gap
     return np.concatenate([img, sep, colorize(gt, lut), sep, colorize(pr, lut)], axis=1)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
     return buf.getvalue()
 
 
 def per_class_csv(scores: Mapping[str, Any]) -> str:
     """CSV text, one row per class: ``class_id,class,iou,accuracy,pixel_share,gt_pixels,pred_pixels``."""
+    fractions = ("per_class_iou", "per_class_accuracy", "pixel_share")
     rows = [
-        [
-            i,
-            name,
-            _num(scores["per_class_iou"][i]),
-            _num(scores["per_class_accuracy"][i]),
-            _num(scores["pixel_share"][i]),
-            scores["gt_pixels"][i],
-            scores["pred_pixels"][i],
-        ]
+        [i, name, *(_num(scores[k][i]) for k in fractions), scores["gt_pixels"][i], scores["pred_pixels"][i]]
         for i, name in enumerate(scores["class_names"])
     ]
     header = ["class_id", "class", "iou", "accuracy", "pixel_share", "gt_pixels", "pred_pixels"]
@@ -340,8 +321,9 @@ def render_markdown(
     if worst:
         out += ["## Worst images", "", "Each: image | ground truth | prediction.", ""]
         for w in worst:
-            miou = w.get("mean_iou")
-            label = f"{_md_escape(w['name'])} (mIoU {_pct(miou)} %)" if "mean_iou" in w else w["name"]
+            label = (
+                f"{_md_escape(w['name'])} (mIoU {_pct(w['mean_iou'])} %)" if "mean_iou" in w else w["name"]
+            )
             out += [f"### {label}", "", f"![{_md_escape(w['name'])}]({w['file']})", ""]
     return "\n".join(out)
 
@@ -386,14 +368,13 @@ def write_report(
     """
     out_dir = Path(output_dir)
     scores = segmentation_scores(confmat, class_names)
-    cm_list = _jsonable(torch.as_tensor(_to_numpy(confmat)).long())
     comparison = None
     if compare:
         others = {}
         for name, other in compare.items():
-            if tuple(_to_numpy(other).shape) != (scores["num_classes"],) * 2:
+            if (shape := _to_numpy(other).shape) != (scores["num_classes"],) * 2:
                 raise ValueError(
-                    f"compare[{name!r}] has shape {tuple(_to_numpy(other).shape)} but the report has "
+                    f"compare[{name!r}] has shape {shape} but the report has "
                     f"{scores['num_classes']} classes; compare models evaluated on the same classes"
                 )
             others[str(name)] = segmentation_scores(other, class_names)
@@ -406,7 +387,7 @@ def write_report(
             raise ValueError(f"worst image #{rank} lacks {missing}; give name, image, target and pred")
         entry = {"name": str(w["name"]), "file": f"worst/{rank:02d}_{_safe_name(w['name'])}.png"}
         if "mean_iou" in w:
-            entry["mean_iou"] = _jsonable(None if w["mean_iou"] is None else float(w["mean_iou"]))
+            entry["mean_iou"] = _jsonable(w["mean_iou"])
         worst_rendered.append((entry, side_by_side(w["image"], w["target"], w["pred"], lut=lut)))
 
     files = ["report.md", "metrics.json", "per_class.csv", "confusion_matrix.png"]
@@ -419,8 +400,8 @@ def write_report(
     metrics: dict[str, Any] = {
         **scores,
         "model_name": model_name,
-        "meta": _jsonable(dict(meta or {})),
-        "confusion_matrix": cm_list,
+        "meta": dict(meta or {}),
+        "confusion_matrix": _to_numpy(confmat).astype(np.int64).tolist(),
         "comparison": comparison,
         "per_image": per_image_summary,
         "worst_images": [entry for entry, _ in worst_rendered],

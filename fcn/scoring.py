@@ -1,16 +1,13 @@
 """One evaluation pass: a predictor over a labelled data set, scored with the training metrics.
 
-:func:`evaluate_model` accumulates ONE :class:`fcn.metrics.ConfusionMatrix` on the model's device (the
-same accumulator as training validation), scores every image (:func:`fcn.metrics.image_scores`) and keeps
-the ``worst`` images for the report; :mod:`fcn.evaluate` is its command line. Under ``torchrun`` each
-rank scores its share (``indices``) and :func:`gather_pass` joins the shares into the result of one pass
-over all of them: the matrices summed (``all_reduce``), the per-image rows in data-set order, the worst
-images of all.
+:func:`evaluate_model` is the pass (:mod:`fcn.evaluate` is its command line); under ``torchrun`` each rank
+scores its share and :func:`gather_pass` joins the shares into the result of one pass over all of them.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +36,10 @@ class PredictOptions:
     stride: tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+
+    def strategy(self) -> dict[str, Any]:
+        """:func:`~fcn.predictor.predict_logits`'s keyword arguments."""
+        return {"crop": self.crop, "stride": self.stride, "scales": self.scales, "flip": self.flip}
 
     def describe(self) -> str:
         """One line for the report, e.g. ``sliding window 512x1024 / stride 341x683, flip``."""
@@ -116,11 +117,10 @@ def _same_shape_groups(batch: list[Any]) -> Iterator[list[tuple[int, Tensor, Ten
 
 
 def _image_name(path: Any, root: Path) -> str:
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return p.name
+    """The image's path relative to the data root, or its file name when outside it."""
+    with contextlib.suppress(ValueError):
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    return Path(path).name
 
 
 def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -197,17 +197,15 @@ def evaluate_model(
         pin_memory=device.type == "cuda",
     )
     # this process's matrix: joined over the ranks explicitly, by gather_pass
-    confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index, sync_on_compute=False)
-    confmat = confmat.to(device)
+    confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index, sync_on_compute=False).to(device)
     rows: list[dict[str, Any]] = []
     row_indices: list[int] = []
     keep = _Worst(worst if per_image else 0)
     per_image_needed = per_image or on_prediction is not None
     metric_s = per_image_s = 0.0
-    samples = dataset.samples
 
     def score_image(index: int, image: Tensor, pred: Tensor, target: Tensor) -> None:
-        name = _image_name(samples[index][0], data_root)
+        name = _image_name(dataset.samples[index][0], data_root)
         scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
         rows.append({"file": name, **scores})
         row_indices.append(index)
@@ -229,14 +227,7 @@ def evaluate_model(
             for group in _same_shape_groups(batch):
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
-                pred = predict_logits(
-                    predictor,
-                    x,
-                    crop=options.crop,
-                    stride=options.stride,
-                    scales=options.scales,
-                    flip=options.flip,
-                ).argmax(dim=1)
+                pred = predict_logits(predictor, x, **options.strategy()).argmax(dim=1)
                 sync(device)
                 t0 = time.perf_counter()
                 confmat.update(pred, target)
