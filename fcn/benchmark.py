@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +40,8 @@ from fcn.data.io import probe_size, write_bytes_atomic
 from fcn.inputs import InputItem
 from fcn.models import ModelError, build_model, list_models
 from fcn.pipeline import PredictError, PredictOptions, run_predict
-from fcn.predictor import PRECISIONS, Predictor, predict_logits
+from fcn.predictor import PRECISIONS, InferenceError, Predictor, predict_logits, resolve_device
+from fcn.scoring import sync
 from fcn.tuning import keeps_freed_memory, release_freed_memory
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
@@ -64,10 +67,9 @@ class Result:
 class _PeerWrapper(nn.Module):
     """torchvision segmentation models return a dict; expose the ``out`` logits like ours."""
 
-    def __init__(self, net: nn.Module, num_classes: int) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["out"]
@@ -75,40 +77,33 @@ class _PeerWrapper(nn.Module):
 
 def make_model(spec: str, *, num_classes: int) -> nn.Module:
     """Build a model from a benchmark spec (``fcn8s``, ``fcn8s:paper``, ``student``, a torchvision peer)."""
-    name, _, mode = spec.partition(":")
+    name, _, mode = _check_spec(spec).partition(":")
     if name in PEERS:
         import torchvision.models.segmentation as seg
 
-        builder = getattr(seg, name)
-        return _PeerWrapper(
-            builder(weights=None, weights_backbone=None, num_classes=num_classes), num_classes
-        )
-    if name not in list_models():
+        return _PeerWrapper(getattr(seg, name)(weights=None, weights_backbone=None, num_classes=num_classes))
+    return build_model(name, num_classes=num_classes, **({"mode": mode} if mode else {}))
+
+
+def _check_spec(spec: str) -> str:
+    """``spec`` itself, or a :class:`ModelError` naming the known models."""
+    if spec.partition(":")[0] not in [*list_models(), *PEERS]:
         raise ModelError(
             f"unknown model {spec!r}; choose from {list_models() + list(PEERS)} (fcn*s:paper too)"
         )
-    kwargs = {"mode": mode} if mode else {}
-    return build_model(name, num_classes=num_classes, **kwargs)
+    return spec
 
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
-    try:
+    with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -124,12 +119,10 @@ def _reset_peak(device: torch.device) -> None:
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    except OSError:
-        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,12 +131,12 @@ def _peak_mb(device: torch.device) -> float:
 def _timeit(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> list[float]:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -156,16 +149,14 @@ def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_peak_gflops(
-    device: torch.device, *, precision: str = "fp32", n: int | None = None, iters: int = 10
-) -> float:
+def matmul_peak_gflops(device: torch.device, *, precision: str = "fp32") -> float:
     """Best GFLOP/s of a large square matrix product on this machine and dtype: the reference 'peak'.
 
     Two GEMM back-ends are tried and the faster one counts: ``torch.matmul`` (MKL/cuBLAS) and the same
     product as a channels-last 1x1 convolution (oneDNN/cuDNN). On AMD CPUs MKL's sgemm reaches only about
     half of what oneDNN's GEMM does, and a 'peak' below what the convolutions achieve would mean nothing.
     """
-    n = n or (8192 if device.type == "cuda" else 4096)
+    n, iters = (8192 if device.type == "cuda" else 4096), 10
     dtype = PRECISIONS[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -190,7 +181,6 @@ def bench_model(
     batch: int = 4,
     channels_last: bool = False,
     compile: bool = False,
-    warmup: int = 2,
     iters: int = 5,
     train: bool = True,
     peak_gflops: float,
@@ -198,9 +188,8 @@ def bench_model(
     """Measure one model at one size; see the module docstring for the figures."""
     torch.manual_seed(0)
     _reset_peak(device)
-    model = make_model(spec, num_classes=num_classes).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = make_model(spec, num_classes=num_classes).to(device, memory_format=fmt)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     h, w = size
     x1 = torch.randn(1, 3, h, w, device=device).contiguous(memory_format=fmt)
@@ -209,15 +198,9 @@ def bench_model(
     gflops = count_gflops(model, x1)
     run = torch.compile(model) if compile else model
 
-    def infer(x: torch.Tensor) -> Callable[[], object]:
-        def fn() -> object:
-            with torch.inference_mode(), _autocast(device, precision):
-                return run(x)
-
-        return fn
-
-    lat = _timeit(infer(x1), device, warmup=warmup, iters=iters)
-    thr = _timeit(infer(xb), device, warmup=1, iters=max(2, iters // 2))
+    with torch.inference_mode(), _autocast(device, precision):
+        lat = _timeit(lambda: run(x1), device, warmup=2, iters=iters)
+        thr = _timeit(lambda: run(xb), device, warmup=1, iters=max(2, iters // 2))
     step_ms = None
     if train:
         model.train()
@@ -231,7 +214,7 @@ def bench_model(
             loss.backward()
             opt.step()
 
-        step_ms = statistics.median(_timeit(step, device, warmup=1, iters=max(2, iters // 2))) * 1e3
+        step_ms = round(statistics.median(_timeit(step, device, warmup=1, iters=max(2, iters // 2))) * 1e3, 1)
     median = statistics.median(lat)
     p90 = sorted(lat)[min(len(lat) - 1, round(0.9 * (len(lat) - 1)))]
     ips = batch / statistics.median(thr)
@@ -245,7 +228,7 @@ def bench_model(
         latency_ms_p90=round(p90 * 1e3, 1),
         throughput_ips=round(ips, 2),
         batch=batch,
-        train_step_ms=None if step_ms is None else round(step_ms, 1),
+        train_step_ms=step_ms,
         peak_mem_mb=round(_peak_mb(device), 1),
         achieved_gflops_s=round(achieved, 1),
         share_of_peak=round(achieved / peak_gflops, 3),
@@ -298,12 +281,8 @@ def backbone_conv_efficiency(
     net = VGG16Backbone().to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
     gflops = count_gflops(net, x)
-
-    def fn() -> object:
-        with torch.inference_mode():
-            return net(x)
-
-    sec = min(_timeit(fn, device, warmup=1, iters=iters))
+    with torch.inference_mode():
+        sec = min(_timeit(lambda: net(x), device, warmup=1, iters=iters))
     return {"gflops": gflops, "gflops_s": gflops / sec, "share_of_peak": gflops / sec / peak_gflops}
 
 
@@ -338,14 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    try:
+        device = resolve_device(args.device)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sizes = [tuple(s) for s in (args.size or [[360, 480]])]
     for spec in args.models:  # fail before measuring anything
-        name = spec.partition(":")[0]
-        if name not in list_models() and name not in PEERS:
-            raise ModelError(f"unknown model {spec!r}; choose from {list_models() + list(PEERS)}")
+        _check_spec(spec)
     if device.type == "cpu" and args.precision == "bf16" and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and much slower")
     with _threads(args.threads):
@@ -365,25 +344,22 @@ def main(argv: Sequence[str]) -> int:
         }
         print(f"# {json.dumps(env)}")
         results = []
-        for size in sizes:
-            for spec in args.models:
-                r = bench_model(
-                    spec,
-                    size=size,
-                    num_classes=args.num_classes,
-                    device=device,
-                    precision=args.precision,
-                    batch=args.batch,
-                    channels_last=args.channels_last,
-                    compile=args.compile,
-                    iters=args.iters,
-                    train=not args.no_train,
-                    peak_gflops=peak,
-                )
-                results.append(r)
-                print(
-                    f"  measured {spec} at {size[0]}x{size[1]}: {r.throughput_ips:.2f} images/s", flush=True
-                )
+        for size, spec in itertools.product(sizes, args.models):
+            r = bench_model(
+                spec,
+                size=size,
+                num_classes=args.num_classes,
+                device=device,
+                precision=args.precision,
+                batch=args.batch,
+                channels_last=args.channels_last,
+                compile=args.compile,
+                iters=args.iters,
+                train=not args.no_train,
+                peak_gflops=peak,
+            )
+            results.append(r)
+            print(f"  measured {spec} at {size[0]}x{size[1]}: {r.throughput_ips:.2f} images/s", flush=True)
         extra = {}
         if args.backbone_efficiency:
             extra = backbone_conv_efficiency(size=sizes[0], device=device, batch=args.batch, peak_gflops=peak)
@@ -538,10 +514,10 @@ def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], options:
         raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
     x = torch.randn(options.batch_size, 3, *size, device=predictor.device)
     predict_logits(predictor, x, **options.strategy())  # warm-up
-    _sync(predictor.device)
+    sync(predictor.device)
     batches = _forward_batches(items, options.batch_size)
     start = time.perf_counter()
     for _ in range(batches):
         predict_logits(predictor, x, **options.strategy())
-    _sync(predictor.device)
+    sync(predictor.device)
     return batches * options.batch_size / max(time.perf_counter() - start, 1e-9)

@@ -10,6 +10,7 @@ A run is a ``metrics.csv`` file or a folder: every ``metrics.csv`` below it is r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fcn.data.errors import DataError
+from fcn.data.io import atomic_path
 
 
 @dataclass
@@ -48,11 +50,10 @@ def metrics_files(run: str | Path) -> list[Path]:
 
 
 def _number(text: str | None) -> float | None:
-    try:
-        value = float(text) if text not in (None, "") else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None
+    with contextlib.suppress(TypeError, ValueError):  # None, "" or not a number
+        value = float(text)
+        return value if math.isfinite(value) else None
+    return None
 
 
 def read_curves(
@@ -65,19 +66,17 @@ def read_curves(
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "epoch" not in reader.fieldnames:
                 raise DataError(f"{path} is not a CSVLogger metrics file (no 'epoch' column)")
-            metric_values: dict[int, float] = {}
-            loss_values: dict[int, list[float]] = {}
+            loss_values: dict[int, list[float]] = {}  # a later file's epoch replaces the earlier one
             for row in reader:
                 epoch = _number(row.get("epoch"))
                 if epoch is None:
                     continue
                 value = _number(row.get(metric))
                 if value is not None:
-                    metric_values[int(epoch)] = value
+                    curves.metric[int(epoch)] = value  # the epoch's last value, of the latest file
                 value = _number(row.get(loss))
                 if value is not None:
                     loss_values.setdefault(int(epoch), []).append(value)
-        curves.metric.update(metric_values)
         curves.loss.update({e: sum(v) / len(v) for e, v in loss_values.items()})
     if not curves.metric and not curves.loss:
         raise DataError(
@@ -111,9 +110,8 @@ def plot_curves(
     ax_metric.legend(loc="best", fontsize="small")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=100, format=output.suffix.lstrip(".") or None)
     return output
 
 

@@ -3,27 +3,25 @@
 ``python scripts/evaluate.py --checkpoint CKPT --dataset camvid --data-root DIR --split val --output DIR``
 runs the model at full resolution over every image of the split (whole image by default, or
 ``--sliding-window --crop H W --stride H W``, with optional ``--scales`` / ``--flip`` test-time
-augmentation), accumulates ONE :class:`fcn.metrics.ConfusionMatrix` on the model's device (the same
-accumulator as training validation), scores every image (:func:`fcn.metrics.image_scores`), keeps the
-``--worst N`` images and writes the report with :func:`fcn.report.write_report`. ``--compare CKPT2``
-evaluates a second checkpoint on the same data and puts both in one report.
+augmentation) with :func:`fcn.scoring.evaluate_model`, keeps the ``--worst N`` images and writes the report
+with :func:`fcn.report.write_report`; ``--compare CKPT2`` puts a second checkpoint in the same report. The
+report's meta holds the timing: seconds of the pass, images per second, and the share spent in the
+accumulator (``update`` + ``compute``, the "metric overhead").
 
-The pass itself is :func:`fcn.scoring.evaluate_model`. Timing goes into the report's meta: the seconds
-of the pass (data loading, prediction, metrics), images per second, and the share of that time spent in
-the accumulator (``update`` + ``compute``, the "metric overhead").
-
-Under ``torchrun --nproc_per_node N`` (and ``--nnodes``) each rank scores its share of the images (the
-same size-balanced split on every rank, :func:`fcn.distributed.split_balanced`), the shares are joined
-by :func:`fcn.scoring.gather_pass` (one confusion matrix summed over the ranks) and rank 0 writes the
-report: the single-process report, apart from the timing (the slowest rank's seconds).
+Under ``torchrun`` each rank scores its share of the images (:func:`fcn.distributed.split_balanced`, the
+same on every rank), :func:`fcn.scoring.gather_pass` joins the shares and rank 0 writes the report: the
+single-process report, apart from the timing (the slowest rank's seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +44,6 @@ from fcn.distributed import (
     world_from_env,
 )
 from fcn.inputs import input_weights
-from fcn.metrics import segmentation_scores
 from fcn.predictor import PRECISIONS, InferenceError, Predictor, load_predictor, resolve_device
 from fcn.report import ReportError, format_summary_table, write_report
 from fcn.scoring import PassResult, PredictOptions, evaluate_model, gather_pass
@@ -66,13 +63,11 @@ def _number(cast: type, low: float, what: str) -> Callable[[str], Any]:
     """An argparse type: ``cast(text)`` of at least ``low`` (finite), else the message ``expected what``."""
 
     def parse(text: str) -> Any:
-        try:
+        with contextlib.suppress(ValueError):
             value = cast(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from err
-        if not low <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
+            if low <= value < float("inf"):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
 
     return parse
 
@@ -157,25 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _predict_options(args: argparse.Namespace) -> PredictOptions:
-    if args.sliding_window:
-        if args.crop is None:
-            raise EvaluationError("--sliding-window needs --crop H W (e.g. --crop 512 1024)")
-        stride = tuple(args.stride) if args.stride else tuple(max(1, c // 2) for c in args.crop)
-        if stride[0] > args.crop[0] or stride[1] > args.crop[1]:
-            raise EvaluationError(
-                f"--stride {stride[0]} {stride[1]} is larger than --crop {args.crop[0]} {args.crop[1]}; "
-                "windows would leave gaps: use a stride <= the crop"
-            )
-        return PredictOptions(
-            sliding_window=True,
-            crop=(args.crop[0], args.crop[1]),
-            stride=(stride[0], stride[1]),
-            scales=tuple(args.scales),
-            flip=args.flip,
+    tta = PredictOptions(scales=tuple(args.scales), flip=args.flip)
+    if not args.sliding_window:
+        if args.crop is not None or args.stride is not None:
+            raise EvaluationError("--crop / --stride only apply with --sliding-window; add --sliding-window")
+        return tta
+    if args.crop is None:
+        raise EvaluationError("--sliding-window needs --crop H W (e.g. --crop 512 1024)")
+    crop = (args.crop[0], args.crop[1])
+    stride = (args.stride[0], args.stride[1]) if args.stride else (max(1, crop[0] // 2), max(1, crop[1] // 2))
+    if stride[0] > crop[0] or stride[1] > crop[1]:
+        raise EvaluationError(
+            f"--stride {stride[0]} {stride[1]} is larger than --crop {crop[0]} {crop[1]}; "
+            "windows would leave gaps: use a stride <= the crop"
         )
-    if args.crop is not None or args.stride is not None:
-        raise EvaluationError("--crop / --stride only apply with --sliding-window; add --sliding-window")
-    return PredictOptions(scales=tuple(args.scales), flip=args.flip)
+    return replace(tta, sliding_window=True, crop=crop, stride=stride)
 
 
 # -- checks -------------------------------------------------------------------------------------------
@@ -186,27 +177,33 @@ def class_mismatch(
     a, b = [str(n) for n in expected], [str(n) for n in actual]
     if a == b:
         return None
-    if len(a) != len(b):
-        only_a = [n for n in a if n not in b]
-        only_b = [n for n in b if n not in a]
-        text = f"{expected_label} has {len(a)} classes but {actual_label} has {len(b)}"
-        details = []
-        if only_a:
-            details.append(f"only in {expected_label}: {_short_list(only_a)}")
-        if only_b:
-            details.append(f"only in {actual_label}: {_short_list(only_b)}")
-        return text + ("; " + "; ".join(details) if details else "")
-    diffs = [f"{i}: {x!r} vs {y!r}" for i, (x, y) in enumerate(zip(a, b)) if x != y]
-    return (
-        f"{expected_label} and {actual_label} both have {len(a)} classes but the names differ at "
-        f"class id {_short_list(diffs, quote=False)}"
+    if len(a) == len(b):
+        diffs = [f"{i}: {x!r} vs {y!r}" for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return (
+            f"{expected_label} and {actual_label} both have {len(a)} classes but the names differ at "
+            f"class id {_short_list(diffs)}"
+        )
+    text = f"{expected_label} has {len(a)} classes but {actual_label} has {len(b)}"
+    for label, mine, theirs in ((expected_label, a, b), (actual_label, b, a)):
+        only = [repr(n) for n in mine if n not in theirs]
+        text += f"; only in {label}: {_short_list(only)}" if only else ""
+    return text
+
+
+def _require_classes(
+    args: argparse.Namespace, meta: ModelMeta, classes: Sequence[str], label: str, fix: str
+) -> None:
+    """:class:`EvaluationError` (the difference, then ``fix``) unless ``classes`` are the checkpoint's."""
+    problem = class_mismatch(
+        meta.class_names, list(classes), expected_label=f"checkpoint {args.checkpoint}", actual_label=label
     )
+    if problem:
+        raise EvaluationError(f"{problem}; {fix}")
 
 
-def _short_list(items: Sequence[str], *, limit: int = 8, quote: bool = True) -> str:
-    shown = [repr(x) if quote else x for x in items[:limit]]
+def _short_list(items: Sequence[str], *, limit: int = 8) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(shown) + more
+    return ", ".join(items[:limit]) + more
 
 
 def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
@@ -232,14 +229,9 @@ def labelid_filename(image_path: str | os.PathLike[str]) -> str:
     return f"{stem if stem.endswith('_leftImg8bit') else stem + '_leftImg8bit'}.png"
 
 
-def _labelid_writer(directory: Path, samples: Sequence[Any]) -> Callable[[int, Tensor], None]:
-    """A callback writing each prediction as a labelId PNG (atomically) for the Cityscapes server."""
-
-    def write(index: int, pred: Tensor) -> None:
-        label_ids = train_ids_to_label_ids(pred.numpy())
-        write_png_atomic(directory / labelid_filename(samples[index][0]), label_ids)
-
-    return write
+def _write_labelid(directory: Path, samples: Sequence[Any], index: int, pred: Tensor) -> None:
+    """Write image ``index``'s prediction as a labelId PNG (atomically) for the Cityscapes server."""
+    write_png_atomic(directory / labelid_filename(samples[index][0]), train_ids_to_label_ids(pred.numpy()))
 
 
 # -- entry point --------------------------------------------------------------------------------------
@@ -247,26 +239,18 @@ def main(argv: list[str]) -> int:
     """``scripts/evaluate.py``; returns the exit code (2 with one ``error:`` line for bad input).
 
     Data and checkpoint problems (``DataError``, ``CheckpointError``) propagate to :mod:`fcn.cli`, which
-    prints them the same way.
+    prints them the same way. A failed run removes the (empty) output folders it created.
     """
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (EvaluationError, InferenceError, ReportError, DistributedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate as parsed by :func:`build_parser`: check everything, run the pass(es), write the report.
-
-    A failed run removes the (empty) output folders it created.
-    """
     created = missing_dirs(args.output)
     if args.write_labelids is not None:
         created = missing_dirs(args.write_labelids) + created
     try:
         return _run(args)
+    except (EvaluationError, InferenceError, ReportError, DistributedError) as err:
+        remove_empty_dirs(created)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except BaseException:
         remove_empty_dirs(created)
         raise
@@ -296,24 +280,12 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
     other: Predictor | None = None
     if args.compare is not None:
         other = load_predictor(args.compare, device=device, precision=args.precision, onednn=onednn)
-        problem = class_mismatch(
-            meta.class_names,
-            other.meta.class_names,
-            expected_label=f"checkpoint {args.checkpoint}",
-            actual_label=f"--compare checkpoint {args.compare}",
-        )
-        if problem:
-            raise EvaluationError(f"{problem}; compare models trained on the same classes")
+        same = "compare models trained on the same classes"
+        _require_classes(args, meta, other.meta.class_names, f"--compare checkpoint {args.compare}", same)
     names = _model_names(args, meta, other.meta if other else None)
     dataset = _build_dataset(args, meta)
-    problem = class_mismatch(
-        meta.class_names,
-        list(dataset.classes),
-        expected_label=f"checkpoint {args.checkpoint}",
-        actual_label=f"the {args.dataset} data at {args.data_root}",
-    )
-    if problem:
-        raise EvaluationError(f"{problem}; evaluate on the data set the model was trained for")
+    data = f"the {args.dataset} data at {args.data_root}"
+    _require_classes(args, meta, dataset.classes, data, "evaluate on the data set the model was trained for")
     common: dict[str, Any] = {
         "options": options,
         "data_root": args.data_root,
@@ -326,7 +298,7 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
     }
     writer = None
     if args.write_labelids is not None:
-        writer = _labelid_writer(args.write_labelids, dataset.samples)
+        writer = functools.partial(_write_labelid, args.write_labelids, dataset.samples)
     result = evaluate_model(
         predictor, dataset, worst=args.worst, on_prediction=writer, desc=names[0], **common
     )
@@ -352,7 +324,7 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
         compare={names[1]: compare_result.confmat} if compare_result is not None else None,
         model_name=names[0],
     )
-    _print_summary(metrics, names, result, compare_result, args)
+    _print_summary(metrics, result, args)
     return 0
 
 
@@ -399,17 +371,10 @@ def _meta(
         "images": result.images,
         "prediction": options.describe(),
         "options": {
-            "sliding_window": options.sliding_window,
-            "crop": list(options.crop) if options.crop else None,
-            "stride": list(options.stride) if options.stride else None,
-            "scales": list(options.scales),
-            "flip": options.flip,
+            **asdict(options),  # sliding_window, crop, stride, scales, flip
             "batch_size": args.batch_size,
             "device": str(device),
-            "precision": args.precision,
-            "num_workers": args.num_workers,
-            "limit": args.limit,
-            "worst": args.worst,
+            **{flag: getattr(args, flag) for flag in ("precision", "num_workers", "limit", "worst")},
         },
         **result.timing(),
     }
@@ -422,19 +387,11 @@ def _meta(
     return out
 
 
-def _print_summary(
-    metrics: dict[str, Any],
-    names: list[str],
-    result: PassResult,
-    compare: PassResult | None,
-    args: argparse.Namespace,
-) -> None:
+def _print_summary(metrics: dict[str, Any], result: PassResult, args: argparse.Namespace) -> None:
     print(format_summary_table(metrics))
-    if compare is not None:
-        other = segmentation_scores(compare.confmat, metrics["class_names"])
-        for name, s in ((names[0], metrics), (names[1], other)):
-            miou = "n/a" if s["mean_iou"] is None else f"{100 * s['mean_iou']:.2f} %"
-            print(f"mean IoU {name}: {miou}")
+    for name, s in (metrics["comparison"] or {"models": {}})["models"].items():
+        miou = "n/a" if s["mean_iou"] is None else f"{100 * s['mean_iou']:.2f} %"
+        print(f"mean IoU {name}: {miou}")
     t = result.timing()
     print(
         f"{result.images} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s); "

@@ -37,7 +37,6 @@ __all__ = [
     "ConfusionMatrix",
     "confusion_matrix",
     "image_scores",
-    "per_image_iou",
     "score_tensors",
     "segmentation_scores",
 ]
@@ -55,8 +54,7 @@ def _class_ids(preds: Tensor, target: Tensor, num_classes: int) -> Tensor:
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
     if preds.is_floating_point():
-        expected = (target.shape[0], num_classes, *target.shape[1:]) if target.ndim else None
-        if target.ndim == 0 or tuple(preds.shape) != expected:
+        if target.ndim == 0 or preds.shape != (target.shape[0], num_classes, *target.shape[1:]):
             raise ValueError(
                 f"logits of shape {tuple(preds.shape)} do not match target of shape {tuple(target.shape)}; "
                 f"expected (N, {num_classes}, *spatial) logits for an (N, *spatial) target"
@@ -203,13 +201,6 @@ class ConfusionMatrix(Metric):
         return self.confmat.clone()
 
 
-def _nan_mean(x: Tensor) -> Tensor:
-    keep = ~torch.isnan(x)
-    if not bool(keep.any()):
-        return torch.tensor(float("nan"), dtype=x.dtype)
-    return x[keep].mean()
-
-
 def score_tensors(confmat: Tensor | np.ndarray) -> dict[str, Tensor]:
     """The metrics as float64 CPU tensors, NaN for n/a (see the module docstring for the convention).
 
@@ -223,30 +214,19 @@ def score_tensors(confmat: Tensor | np.ndarray) -> dict[str, Tensor]:
     cm = cm.to(torch.float64)
     if bool((cm < 0).any()) or not bool(torch.isfinite(cm).all()):
         raise ValueError("a confusion matrix must hold finite, non-negative counts")
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    tp = cm.diagonal()
-    gt = cm.sum(dim=1)
-    pred = cm.sum(dim=0)
+    tp, gt, pred = cm.diagonal(), cm.sum(dim=1), cm.sum(dim=0)
     total = gt.sum()
-    union = gt + pred - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
-    if total > 0:
-        pixel_acc = tp.sum() / total
-        share = gt / total
-        present = gt > 0  # a class in the ground truth always has a defined IoU
-        fw_iou = (gt[present] * iou[present]).sum() / total
-    else:
-        pixel_acc, fw_iou = nan.clone(), nan.clone()
-        share = torch.full_like(gt, float("nan"))
-    return {
-        "pixel_accuracy": pixel_acc,
-        "mean_accuracy": _nan_mean(acc),
-        "mean_iou": _nan_mean(iou),
-        "fw_iou": fw_iou,
+    iou = tp / (gt + pred - tp)  # 0 / 0 = NaN: n/a (a class absent from both)
+    acc = tp / gt  # NaN for a class absent from the ground truth
+    present = gt > 0  # a class in the ground truth always has a defined IoU
+    return {  # an empty matrix (total 0): 0 / 0, all NaN
+        "pixel_accuracy": tp.sum() / total,
+        "mean_accuracy": acc.nanmean(),
+        "mean_iou": iou.nanmean(),
+        "fw_iou": (gt[present] * iou[present]).sum() / total,
         "per_class_iou": iou,
         "per_class_accuracy": acc,
-        "pixel_share": share,
+        "pixel_share": gt / total,
         "gt_pixels": gt,
         "pred_pixels": pred,
     }
@@ -262,10 +242,8 @@ def segmentation_scores(
 ) -> dict[str, Any]:
     """The four FCN metrics plus per-class values as a JSON-serialisable dict (``None`` = n/a).
 
-    Values are fractions in ``[0, 1]``. A class absent from both ground truth and prediction has IoU and
-    accuracy ``None`` and is excluded from the means; a class absent from ground truth but predicted has
-    IoU 0 and accuracy ``None`` (excluded from mean accuracy only). ``fw_iou`` weights each class by its
-    ground-truth pixels, so classes absent from ground truth weigh nothing.
+    Values are fractions in ``[0, 1]``; n/a as in the module docstring. ``fw_iou`` weights each class by
+    its ground-truth pixels, so classes absent from ground truth weigh nothing.
 
     Keys: ``pixel_accuracy``, ``mean_accuracy``, ``mean_iou``, ``fw_iou``, ``per_class_iou``,
     ``per_class_accuracy``, ``pixel_share``, ``gt_pixels``, ``pred_pixels`` (lists, one per class),
@@ -273,24 +251,16 @@ def segmentation_scores(
     """
     t = score_tensors(confmat)
     num_classes = t["per_class_iou"].numel()
-    if class_names is None:
-        names = [str(i) for i in range(num_classes)]
-    else:
-        names = [str(n) for n in class_names]
-        if len(names) != num_classes:
-            raise ValueError(
-                f"{len(names)} class names given for a {num_classes}-class confusion matrix; "
-                "pass one name per class, in class-id order"
-            )
+    names = [str(n) for n in (range(num_classes) if class_names is None else class_names)]
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{len(names)} class names given for a {num_classes}-class confusion matrix; "
+            "pass one name per class, in class-id order"
+        )
     out: dict[str, Any] = {k: _to_py(t[k]) for k in SUMMARY_KEYS}
-    for key in ("per_class_iou", "per_class_accuracy", "pixel_share"):
-        out[key] = [_to_py(v) for v in t[key]]
-    out["gt_pixels"] = [int(v) for v in t["gt_pixels"]]
-    out["pred_pixels"] = [int(v) for v in t["pred_pixels"]]
-    out["class_names"] = names
-    out["num_classes"] = num_classes
-    out["num_pixels"] = int(sum(out["gt_pixels"]))
-    return out
+    out |= {k: [_to_py(v) for v in t[k]] for k in ("per_class_iou", "per_class_accuracy", "pixel_share")}
+    out |= {k: [int(v) for v in t[k]] for k in ("gt_pixels", "pred_pixels")}
+    return {**out, "class_names": names, "num_classes": num_classes, "num_pixels": sum(out["gt_pixels"])}
 
 
 def image_scores(
@@ -312,18 +282,3 @@ def image_scores(
     cm = confusion_matrix(p, t, num_classes=num_classes, ignore_index=ignore_index)
     scores = score_tensors(cm)
     return {"mean_iou": _to_py(scores["mean_iou"]), "pixel_accuracy": _to_py(scores["pixel_accuracy"])}
-
-
-def per_image_iou(
-    pred: Tensor | np.ndarray,
-    target: Tensor | np.ndarray,
-    *,
-    num_classes: int,
-    ignore_index: int | None = 255,
-) -> float:
-    """Mean IoU of one image over the classes present in its ground truth or prediction.
-
-    NaN when the image has no labelled pixel and nothing is predicted (see :func:`image_scores`).
-    """
-    miou = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)["mean_iou"]
-    return float("nan") if miou is None else miou

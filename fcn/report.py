@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from fcn.data.io import check_writable, colorize, encode_png, write_bytes_atomic
@@ -37,7 +36,6 @@ from fcn.palette import default_palette
 __all__ = [
     "ReportError",
     "compare_scores",
-    "default_palette",
     "format_summary_table",
     "write_report",
 ]
@@ -57,7 +55,7 @@ class ReportError(OSError):
 
 # -- small helpers ------------------------------------------------------------------------------------
 def _pct(x: float | None, digits: int = 2) -> str:
-    return NA if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:.{digits}f}"
+    return NA if x is None or math.isnan(x) else f"{100.0 * x:.{digits}f}"
 
 
 def _signed_pct(x: float | None) -> str:
@@ -69,7 +67,7 @@ def _signed_pct(x: float | None) -> str:
 
 def _num(x: float | None) -> str:
     """A CSV number: full precision, n/a for missing."""
-    return NA if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
+    return NA if x is None or math.isnan(x) else repr(float(x))
 
 
 def _md_escape(text: Any) -> str:
@@ -80,19 +78,13 @@ def _jsonable(obj: Any) -> Any:
     """Plain JSON types only: tensors/arrays to lists, NaN/inf to None, paths and the rest to str."""
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, Tensor | np.ndarray | np.generic):
         return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    return str(obj)
+    return obj if obj is None or isinstance(obj, bool | int | str) else str(obj)
 
 
 def _safe_name(name: str) -> str:
@@ -101,9 +93,7 @@ def _safe_name(name: str) -> str:
 
 
 def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
-    if palette is None:
-        palette = default_palette(num_classes)
-    arr = np.asarray(palette, dtype=np.int64)
+    arr = np.asarray(default_palette(num_classes) if palette is None else palette, dtype=np.int64)
     if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < num_classes:
         raise ValueError(
             f"palette must hold one RGB triple per class ({num_classes}), got shape {arr.shape}; "
@@ -118,36 +108,16 @@ def _to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
-def _rgb_uint8(image: Any) -> np.ndarray:
-    img = _to_numpy(image)
-    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
-        img = img.transpose(1, 2, 0)  # CHW -> HWC
-    if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"worst-image 'image' must be RGB (H, W, 3), got shape {img.shape}")
-    if img.dtype == np.uint8:
-        return img
-    img = img.astype(np.float64)
-    if np.issubdtype(_to_numpy(image).dtype, np.floating) and img.max(initial=0.0) <= 1.0:
-        img = img * 255.0  # float RGB in [0, 1]
-    return np.clip(img, 0.0, 255.0).round().astype(np.uint8)
-
-
-# -- atomic writes ------------------------------------------------------------------------------------
-def _unwritable(directory: Path, err: OSError) -> ReportError:
-    reason = err.strerror or str(err)
-    return ReportError(
-        f"cannot write the evaluation report to '{directory}': {reason}; "
-        "choose another output directory or make this one writable"
-    )
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """:func:`fcn.data.io.write_bytes_atomic` with fsync; an OSError becomes one "choose another
     directory" message."""
     try:
         write_bytes_atomic(path, data, fsync=True)
     except OSError as err:
-        raise _unwritable(path.parent, err) from err
+        raise ReportError(
+            f"cannot write the evaluation report to '{path.parent}': {err.strerror or err}; "
+            "choose another output directory or make this one writable"
+        ) from err
 
 
 # -- renderers ----------------------------------------------------------------------------------------
@@ -159,30 +129,23 @@ def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str
 
     cm = _to_numpy(confmat).astype(np.float64)
     n = cm.shape[0]
-    rows = cm.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.where(rows > 0, cm / np.where(rows > 0, rows, 1.0), np.nan)
+    with np.errstate(invalid="ignore"):
+        norm = cm / cm.sum(axis=1, keepdims=True)  # 0 / 0 = NaN: a class absent from the gt
     side = max(6.0, 0.5 * n + 3.0)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps["Blues"].with_extremes(bad="#dddddd")  # grey rows: classes absent from the gt
     im = ax.imshow(np.ma.masked_invalid(norm * 100.0), cmap=cmap, vmin=0.0, vmax=100.0)
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xticklabels(class_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
-    ax.set_yticklabels(class_names, fontsize=9)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_yticks(range(n), class_names, fontsize=9)
+    ax.set(xlabel="prediction", ylabel="ground truth")
     ax.set_title("Confusion matrix (% of each ground-truth class)")
-    if n <= 40:
-        size = 8 if n <= 20 else 6
-        for i in range(n):
-            for j in range(n):
-                v = norm[i, j]
-                if not np.isnan(v) and v >= 0.005:
-                    colour = "white" if v > 0.5 else "black"
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=size, color=colour)
+    size = 8 if n <= 20 else 6
+    for (i, j), v in np.ndenumerate(norm):
+        if n <= 40 and v >= 0.005:  # no numbers on large matrices; False for NaN
+            colour = "white" if v > 0.5 else "black"
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=size, color=colour)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="%")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -190,39 +153,31 @@ def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str
     return buf.getvalue()
 
 
-def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray, gap: int = 4) -> np.ndarray:
+def side_by_side(image: Any, target: Any, pred: Any, *, lut: np.ndarray) -> np.ndarray:
     """``image | ground-truth colours | prediction colours`` as one RGB uint8 array."""
-    img = _rgb_uint8(image)
-    gt, pr = _to_numpy(target), _to_numpy(pred)
+    img, gt, pr = _to_numpy(image), _to_numpy(target), _to_numpy(pred)
+    if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"worst-image 'image' must be RGB (H, W, 3) uint8, got {img.dtype} {img.shape}")
     if gt.shape != img.shape[:2] or pr.shape != img.shape[:2]:
         raise ValueError(
             f"worst-image arrays disagree: image {img.shape[:2]}, target {gt.shape}, pred {pr.shape}; "
             "pass prediction and ground truth at the image's resolution"
         )
-    sep = np.full((img.shape[0], gap, 3), 255, dtype=np.uint8)
+    sep = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)  # a 4-pixel white gap
     return np.concatenate([img, sep, colorize(gt, lut), sep, colorize(pr, lut)], axis=1)
 
 
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
     return buf.getvalue()
 
 
 def per_class_csv(scores: Mapping[str, Any]) -> str:
     """CSV text, one row per class: ``class_id,class,iou,accuracy,pixel_share,gt_pixels,pred_pixels``."""
+    fractions = ("per_class_iou", "per_class_accuracy", "pixel_share")
     rows = [
-        [
-            i,
-            name,
-            _num(scores["per_class_iou"][i]),
-            _num(scores["per_class_accuracy"][i]),
-            _num(scores["pixel_share"][i]),
-            scores["gt_pixels"][i],
-            scores["pred_pixels"][i],
-        ]
+        [i, name, *(_num(scores[k][i]) for k in fractions), scores["gt_pixels"][i], scores["pred_pixels"][i]]
         for i, name in enumerate(scores["class_names"])
     ]
     header = ["class_id", "class", "iou", "accuracy", "pixel_share", "gt_pixels", "pred_pixels"]
@@ -236,9 +191,7 @@ def per_image_csv(per_image: Sequence[Mapping[str, Any]]) -> str:
         keys += [k for k in row if k not in keys]
 
     def cell(v: Any) -> Any:
-        if v is None or isinstance(v, float | np.floating):
-            return _num(None if v is None else float(v))
-        return v
+        return _num(v) if v is None or isinstance(v, float | np.floating) else v
 
     return _csv_text(keys, [[cell(row.get(k)) for k in keys] for row in per_image])
 
@@ -255,7 +208,9 @@ def compare_scores(
     def pick(s: Mapping[str, Any]) -> dict[str, Any]:
         return {**{k: s[k] for k in SUMMARY_KEYS}, "per_class_iou": list(s["per_class_iou"])}
 
-    def diff(a: float | None, b: float | None) -> float | None:
+    def diff(a: Any, b: Any) -> Any:  # per-class lists element-wise
+        if isinstance(a, list):
+            return [diff(x, y) for x, y in zip(a, b)]
         return None if a is None or b is None else a - b
 
     models = {model_name: pick(main)}
@@ -264,9 +219,7 @@ def compare_scores(
         if name == model_name:
             raise ValueError(f"compare name {name!r} clashes with model_name; give the models distinct names")
         models[name] = pick(s)
-        d = {k: diff(main[k], s[k]) for k in SUMMARY_KEYS}
-        d["per_class_iou"] = [diff(a, b) for a, b in zip(main["per_class_iou"], s["per_class_iou"])]
-        delta[name] = d
+        delta[name] = {k: diff(v, models[name][k]) for k, v in models[model_name].items()}
     return {"model": model_name, "class_names": list(main["class_names"]), "models": models, "delta": delta}
 
 
@@ -277,11 +230,14 @@ def format_summary_table(scores: Mapping[str, Any], class_names: Sequence[str] |
     width = max([5, *(len(n) for n in names)])
     lines += ["", f"{'id':>3}  {'class':<{width}}  {'IoU %':>7}  {'acc %':>7}  {'share %':>7}"]
     for i, name in enumerate(names):
-        lines.append(
-            f"{i:>3}  {name:<{width}}  {_pct(scores['per_class_iou'][i]):>7}  "
-            f"{_pct(scores['per_class_accuracy'][i]):>7}  {_pct(scores['pixel_share'][i]):>7}"
-        )
+        iou, acc, share = _class_pcts(scores, i)
+        lines.append(f"{i:>3}  {name:<{width}}  {iou:>7}  {acc:>7}  {share:>7}")
     return "\n".join(lines)
+
+
+def _class_pcts(scores: Mapping[str, Any], i: int) -> list[str]:
+    """Class ``i``'s IoU, accuracy and pixel share in %."""
+    return [_pct(scores[key][i]) for key in ("per_class_iou", "per_class_accuracy", "pixel_share")]
 
 
 def _meta_value(v: Any) -> str:
@@ -324,10 +280,7 @@ def render_markdown(
         "| ---: | --- | ---: | ---: | ---: |",
     ]
     for i, name in enumerate(scores["class_names"]):
-        out.append(
-            f"| {i} | {_md_escape(name)} | {_pct(scores['per_class_iou'][i])} | "
-            f"{_pct(scores['per_class_accuracy'][i])} | {_pct(scores['pixel_share'][i])} |"
-        )
+        out.append(f"| {i} | {_md_escape(name)} | " + " | ".join(_class_pcts(scores, i)) + " |")
     out += [
         "",
         "IoU n/a: the class is neither in the ground truth nor predicted. "
@@ -368,8 +321,9 @@ def render_markdown(
     if worst:
         out += ["## Worst images", "", "Each: image | ground truth | prediction.", ""]
         for w in worst:
-            miou = w.get("mean_iou")
-            label = f"{_md_escape(w['name'])} (mIoU {_pct(miou)} %)" if "mean_iou" in w else w["name"]
+            label = (
+                f"{_md_escape(w['name'])} (mIoU {_pct(w['mean_iou'])} %)" if "mean_iou" in w else w["name"]
+            )
             out += [f"### {label}", "", f"![{_md_escape(w['name'])}]({w['file']})", ""]
     return "\n".join(out)
 
@@ -414,14 +368,13 @@ def write_report(
     """
     out_dir = Path(output_dir)
     scores = segmentation_scores(confmat, class_names)
-    cm_list = _jsonable(torch.as_tensor(_to_numpy(confmat)).long())
     comparison = None
     if compare:
         others = {}
         for name, other in compare.items():
-            if tuple(_to_numpy(other).shape) != (scores["num_classes"],) * 2:
+            if (shape := _to_numpy(other).shape) != (scores["num_classes"],) * 2:
                 raise ValueError(
-                    f"compare[{name!r}] has shape {tuple(_to_numpy(other).shape)} but the report has "
+                    f"compare[{name!r}] has shape {shape} but the report has "
                     f"{scores['num_classes']} classes; compare models evaluated on the same classes"
                 )
             others[str(name)] = segmentation_scores(other, class_names)
@@ -434,7 +387,7 @@ def write_report(
             raise ValueError(f"worst image #{rank} lacks {missing}; give name, image, target and pred")
         entry = {"name": str(w["name"]), "file": f"worst/{rank:02d}_{_safe_name(w['name'])}.png"}
         if "mean_iou" in w:
-            entry["mean_iou"] = _jsonable(None if w["mean_iou"] is None else float(w["mean_iou"]))
+            entry["mean_iou"] = _jsonable(w["mean_iou"])
         worst_rendered.append((entry, side_by_side(w["image"], w["target"], w["pred"], lut=lut)))
 
     files = ["report.md", "metrics.json", "per_class.csv", "confusion_matrix.png"]
@@ -447,8 +400,8 @@ def write_report(
     metrics: dict[str, Any] = {
         **scores,
         "model_name": model_name,
-        "meta": _jsonable(dict(meta or {})),
-        "confusion_matrix": cm_list,
+        "meta": dict(meta or {}),
+        "confusion_matrix": _to_numpy(confmat).astype(np.int64).tolist(),
         "comparison": comparison,
         "per_image": per_image_summary,
         "worst_images": [entry for entry, _ in worst_rendered],

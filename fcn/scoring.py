@@ -1,16 +1,14 @@
 """One evaluation pass: a predictor over a labelled data set, scored with the training metrics.
 
-:func:`evaluate_model` accumulates ONE :class:`fcn.metrics.ConfusionMatrix` on the model's device (the
-same accumulator as training validation), scores every image (:func:`fcn.metrics.image_scores`) and keeps
-the ``worst`` images for the report; :mod:`fcn.evaluate` is its command line. Under ``torchrun`` each
-rank scores its share (``indices``) and :func:`gather_pass` joins the shares into the result of one pass
-over all of them: the matrices summed (``all_reduce``), the per-image rows in data-set order, the worst
-images of all.
+:func:`evaluate_model` is the pass (:mod:`fcn.evaluate` is its command line); under ``torchrun`` each rank
+scores its share and :func:`gather_pass` joins the shares into the result of one pass over all of them.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
+import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +36,10 @@ class PredictOptions:
     stride: tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+
+    def strategy(self) -> dict[str, Any]:
+        """:func:`~fcn.predictor.predict_logits`'s keyword arguments."""
+        return {"crop": self.crop, "stride": self.stride, "scales": self.scales, "flip": self.flip}
 
     def describe(self) -> str:
         """One line for the report, e.g. ``sliding window 512x1024 / stride 341x683, flip``."""
@@ -104,35 +106,21 @@ class _Indexed(Dataset):
         return index, torch.as_tensor(image), torch.as_tensor(mask)
 
 
-def _collate(batch: list[tuple[int, Tensor, Tensor]]) -> list[tuple[int, Tensor, Tensor]]:
-    return batch  # images may differ in size; grouped by shape in the loop
-
-
-def _checked(batch: list[Any]) -> list[tuple[int, Tensor, Tensor]]:
-    """The batch, or the first :class:`DataError` a sample returned, raised."""
+def _same_shape_groups(batch: list[Any]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+    """Runs of consecutive same-size images of a batch; the first :class:`DataError` a sample returned,
+    raised."""
     for item in batch:
         if isinstance(item, DataError):
             raise item
-    return batch
-
-
-def _same_shape_groups(items: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
-    group: list[tuple[int, Tensor, Tensor]] = []
-    for item in items:
-        if group and item[1].shape != group[0][1].shape:
-            yield group
-            group = []
-        group.append(item)
-    if group:
-        yield group
+    for _, group in itertools.groupby(batch, key=lambda item: item[1].shape):
+        yield list(group)
 
 
 def _image_name(path: Any, root: Path) -> str:
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return p.name
+    """The image's path relative to the data root, or its file name when outside it."""
+    with contextlib.suppress(ValueError):
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    return Path(path).name
 
 
 def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -144,33 +132,31 @@ def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float])
 
 
 # -- one pass -----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that ``time.perf_counter`` measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+@dataclass
 class _Worst:
-    """The ``n`` images with the lowest mean IoU seen so far (ties: the earlier image is kept)."""
+    """The ``n`` images with the lowest mean IoU seen so far, worst first (ties: the lower index)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.heap: list[tuple[float, int]] = []  # (-miou, -index): the best of the worst on top
-        self.items: dict[int, dict[str, Any]] = {}
+    n: int
+    items: list[dict[str, Any]] = field(default_factory=list)
 
-    def wants(self, miou: float | None) -> bool:
+    def wants(self, miou: float | None, index: int) -> bool:
         if self.n == 0 or miou is None:
             return False
-        return len(self.heap) < self.n or -miou > self.heap[0][0]
+        return len(self.items) < self.n or (miou, index) < _rank(self.items[-1])
 
-    def add(self, index: int, miou: float, item: dict[str, Any]) -> None:
-        heapq.heappush(self.heap, (-miou, -index))
-        self.items[index] = item
-        if len(self.heap) > self.n:
-            _, neg_index = heapq.heappop(self.heap)
-            del self.items[-neg_index]
+    def add(self, item: dict[str, Any]) -> None:
+        bisect.insort(self.items, item, key=_rank)
+        del self.items[self.n :]
 
-    def result(self) -> list[dict[str, Any]]:
-        return sorted(self.items.values(), key=lambda d: (d["mean_iou"], d["index"]))
+
+def _rank(item: dict[str, Any]) -> tuple[float, int]:
+    return item["mean_iou"], item["index"]
 
 
 def evaluate_model(
@@ -207,25 +193,23 @@ def evaluate_model(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=list,  # images may differ in size: grouped by shape in the loop
         pin_memory=device.type == "cuda",
     )
     # this process's matrix: joined over the ranks explicitly, by gather_pass
-    confmat = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index, sync_on_compute=False)
-    confmat = confmat.to(device)
+    confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index, sync_on_compute=False).to(device)
     rows: list[dict[str, Any]] = []
     row_indices: list[int] = []
     keep = _Worst(worst if per_image else 0)
     per_image_needed = per_image or on_prediction is not None
     metric_s = per_image_s = 0.0
-    samples = dataset.samples
 
     def score_image(index: int, image: Tensor, pred: Tensor, target: Tensor) -> None:
-        name = _image_name(samples[index][0], data_root)
+        name = _image_name(dataset.samples[index][0], data_root)
         scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
         rows.append({"file": name, **scores})
         row_indices.append(index)
-        if keep.wants(scores["mean_iou"]):
+        if keep.wants(scores["mean_iou"], index):
             item = {
                 "index": index,
                 "name": name,
@@ -234,27 +218,20 @@ def evaluate_model(
                 "pred": pred.numpy().astype(np.uint8 if num_classes <= 256 else np.int32),
                 "mean_iou": scores["mean_iou"],
             }
-            keep.add(index, scores["mean_iou"], item)
+            keep.add(item)
 
     bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
-            for group in _same_shape_groups(_checked(batch)):
+            for group in _same_shape_groups(batch):
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
-                pred = predict_logits(
-                    predictor,
-                    x,
-                    crop=options.crop,
-                    stride=options.stride,
-                    scales=options.scales,
-                    flip=options.flip,
-                ).argmax(dim=1)
-                _sync(device)
+                pred = predict_logits(predictor, x, **options.strategy()).argmax(dim=1)
+                sync(device)
                 t0 = time.perf_counter()
                 confmat.update(pred, target)
-                _sync(device)
+                sync(device)
                 metric_s += time.perf_counter() - t0
                 if per_image_needed:
                     t0 = time.perf_counter()
@@ -267,14 +244,14 @@ def evaluate_model(
                 bar.update(len(group))
         t0 = time.perf_counter()
         cm = confmat.compute()
-        _sync(device)
+        sync(device)
         metric_s += time.perf_counter() - t0
     seconds = time.perf_counter() - start
     bar.close()
     return PassResult(
         confmat=cm.cpu(),
         per_image=rows,
-        worst=keep.result(),
+        worst=keep.items,
         images=len(data),
         seconds=seconds,
         metric_seconds=metric_s,
@@ -305,13 +282,13 @@ def gather_pass(result: PassResult, *, worst: int) -> PassResult:
     ordered = sorted(pairs, key=lambda pair: pair[0])
     keep = _Worst(worst)
     for item in sorted((w for s in shares for w in s["worst"]), key=lambda w: w["index"]):
-        if keep.wants(item["mean_iou"]):
-            keep.add(item["index"], item["mean_iou"], item)
+        if keep.wants(item["mean_iou"], item["index"]):
+            keep.add(item)
     seconds, metric_s, per_image_s = (max(s["seconds"][k] for s in shares) for k in range(3))
     return PassResult(
         confmat=confmat,
         per_image=[row for _, row in ordered],
-        worst=keep.result(),
+        worst=keep.items,
         images=sum(s["images"] for s in shares),
         seconds=seconds,
         metric_seconds=metric_s,

@@ -17,7 +17,6 @@ from fcn.metrics import (
     ConfusionMatrix,
     confusion_matrix,
     image_scores,
-    per_image_iou,
     score_tensors,
     segmentation_scores,
 )
@@ -247,9 +246,10 @@ def test_per_image_scores_match_a_one_image_matrix():
     c = logits.shape[1]
     cm = brute_confmat(logits.argmax(1).numpy(), target.numpy(), c, IGNORE)
     want = brute_scores(cm)
-    assert per_image_iou(logits[0].argmax(0), target[0], num_classes=c) == pytest.approx(want["mean_iou"])
+    got = image_scores(logits[0].argmax(0), target[0], num_classes=c)
+    assert got["mean_iou"] == pytest.approx(want["mean_iou"])
     # (C, H, W) logits, numpy input and a leading batch of one are all accepted
-    assert per_image_iou(logits[0], target[0], num_classes=c) == pytest.approx(want["mean_iou"])
+    assert image_scores(logits[0], target[0], num_classes=c)["mean_iou"] == pytest.approx(want["mean_iou"])
     got = image_scores(logits.argmax(1).numpy(), target.numpy(), num_classes=c)
     assert got["mean_iou"] == pytest.approx(want["mean_iou"])
     assert got["pixel_accuracy"] == pytest.approx(want["pixel_accuracy"])
@@ -257,7 +257,6 @@ def test_per_image_scores_match_a_one_image_matrix():
 
 def test_per_image_all_ignored_is_nan():
     target = torch.full((4, 4), IGNORE)
-    assert math.isnan(per_image_iou(torch.zeros(4, 4, dtype=torch.long), target, num_classes=3))
     assert image_scores(torch.zeros(4, 4, dtype=torch.long), target, num_classes=3) == {
         "mean_iou": None,
         "pixel_accuracy": None,

@@ -65,11 +65,9 @@ def epoch_seconds(ds: SegmentationDataset, *, batch_size: int = 8, num_workers: 
     return time.perf_counter() - t0
 
 
-def run(
-    root: Path, *, crop: Sequence[int], n: int, workers: int, batch_size: int, split: str = "train"
-) -> dict[str, float | int | str]:
+def run(root: Path, *, crop: Sequence[int], n: int, workers: int, batch_size: int) -> dict[str, float | int | str]:
     """All figures for the train split of a CamVid-layout data set at ``root``."""
-    ds = CamVid(root, split, transform=train_transform(crop_size=crop, scale_range=(0.5, 2.0)))
+    ds = CamVid(root, "train", transform=train_transform(crop_size=crop, scale_range=(0.5, 2.0)))
     h, w = ds.load(0)[0].shape[:2]
     stages = stage_milliseconds(ds, n=min(n, 50))
     ips = pipeline_images_per_second(ds, n=n)
