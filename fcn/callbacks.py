@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from fcn.data.io import colorize
+from fcn.data.io import colorize, write_bytes_atomic
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
 
@@ -151,15 +151,10 @@ def prediction_grid(
     m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     rgb = ((images.float().cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    rows = []
-    for image, mask, pred in zip(rgb, masks.cpu().numpy(), predictions.cpu().numpy()):
-        rows.append(
-            np.concatenate(
-                [image, colorize(np.where(mask == ignore_index, -1, mask), palette), colorize(pred, palette)],
-                axis=1,
-            )
-        )
-    return np.concatenate(rows, axis=0)
+    masks, predictions = masks.cpu().numpy(), predictions.cpu().numpy()
+    truth = colorize(np.where(masks == ignore_index, -1, masks), palette)
+    grid = np.concatenate([rgb, truth, colorize(predictions, palette)], axis=2)  # (N, H, 3W, 3)
+    return grid.reshape(-1, grid.shape[2], 3)
 
 
 class ValPredictionGrid(Callback):
@@ -232,9 +227,7 @@ class ValPredictionGrid(Callback):
         ok, data = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         if not ok:
             raise OSError(f"could not encode the prediction grid for {path}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data.tobytes())
-        tmp.replace(path)
+        write_bytes_atomic(path, data.tobytes())
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(

@@ -160,9 +160,9 @@ def _module_defaults() -> dict[str, Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
+    """Equal, a list equal to a tuple with the same items included."""
+    sequences = (list, tuple)
+    return list(a) == list(b) if isinstance(a, sequences) and isinstance(b, sequences) else a == b
 
 
 class FCNCLI(LightningCLI):
@@ -290,16 +290,11 @@ class FCNCLI(LightningCLI):
             message = f"stopped by {writer.stopped_by} before the first step (nothing saved)"
             return TrainingStopped(message, code, report=self.trainer.is_global_zero)
         step = self.trainer.global_step
-        cleaned, skip = [], False
-        for a in self.command:
-            if skip:
-                skip = False
-                continue
-            if a == "--ckpt_path":
-                skip = True
-                continue
-            if not a.startswith("--ckpt_path="):
-                cleaned.append(a)
+        cleaned = list(self.command)  # without the old --ckpt_path
+        while "--ckpt_path" in cleaned:
+            i = cleaned.index("--ckpt_path")
+            del cleaned[i : i + 2]
+        cleaned = [a for a in cleaned if not a.startswith("--ckpt_path=")]
         program = sys.argv[0] if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
         python = ["python"] if program.endswith(".py") else []
         command = shlex.join([*python, program, *cleaned, "--ckpt_path", str(writer.saved_on_stop)])
