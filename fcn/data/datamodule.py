@@ -419,13 +419,7 @@ class SegDataModule(L.LightningDataModule):
         return self._data[key]
 
     def _loader(
-        self,
-        ds: Dataset,
-        *,
-        batch_size: int,
-        shuffle: bool,
-        salt: int = 0,
-        num_samples: int | None = None,
+        self, ds: Dataset, *, batch_size: int, shuffle: bool, salt: int = 0, num_samples: int | None = None
     ) -> DataLoader:
         # one generator per loader and rank: shuffling and worker seeds are reproducible, and DDP ranks
         # do not draw the same augmentations
