@@ -324,11 +324,10 @@ class DistillationModule(SegmentationModule):
         )
         self.adapter = None
         if channel_weight > 0 and feature_key != "out":  # logits share the class channels: no adapter
-            t_ch = (teacher.backbone if teacher is not None else self.model.backbone).out_channels[
-                feature_key
-            ]
-            s_ch = self.model.backbone.out_channels[feature_key]
-            self.adapter = FeatureAdapter(s_ch, t_ch)
+            t_net = teacher if teacher is not None else self.model  # self mode: the student's own width
+            self.adapter = FeatureAdapter(
+                self.model.backbone.out_channels[feature_key], t_net.backbone.out_channels[feature_key]
+            )
 
     # -- teacher ---------------------------------------------------------------------------------------
     @property
