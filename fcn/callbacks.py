@@ -21,6 +21,7 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -181,15 +182,10 @@ class ValPredictionGrid(Callback):
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             ds = loader.dataset
             items = [ds[i] for i in range(min(self.num_images, len(ds)))]
-            size = tuple(items[0][0].shape[-2:])
-            images, masks = [], []
-            for image, mask in items:
-                if tuple(image.shape[-2:]) != size:
-                    image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")[0]
-                    mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size)[0, 0].long()
-                images.append(image)
-                masks.append(mask)
-            self._batch = torch.stack(images), torch.stack(masks)
+            size = tuple(items[0][0].shape[-2:])  # resizing to the same size changes nothing
+            images = torch.cat([F.interpolate(image[None], size=size, mode="bilinear") for image, _ in items])
+            masks = torch.cat([F.interpolate(mask[None, None].float(), size=size)[:, 0] for _, mask in items])
+            self._batch = images, masks.long()
         return self._batch
 
     def _due(self, trainer: L.Trainer) -> bool:

@@ -151,14 +151,6 @@ def last_checkpoints(dirpath: str | Path | None, *, every_minutes: float) -> lis
     return writers
 
 
-def _module_defaults() -> dict[str, Any]:
-    return {
-        name: p.default
-        for name, p in inspect.signature(SegmentationModule.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 def _same(a: Any, b: Any) -> bool:
     """Equal, a list equal to a tuple with the same items included."""
     sequences = (list, tuple)
@@ -232,10 +224,10 @@ class FCNCLI(LightningCLI):
     def _check_linked(self, sub: str) -> None:
         """A model argument that the data sets is refused unless it equals the module's default."""
         init = self.config[sub]["model"].get("init_args") or {}
-        defaults = _module_defaults()
+        params = inspect.signature(SegmentationModule.__init__).parameters  # every linked key has a default
         for key, flag in LINKED.items():
-            value = init.get(key, defaults.get(key))
-            if value is not None and not _same(value, defaults.get(key)):
+            value = init.get(key, params[key].default)
+            if value is not None and not _same(value, params[key].default):
                 raise SettingError(
                     f"--model.init_args.{key} is set by the data module and would be ignored; "
                     f"it comes from {flag}"
