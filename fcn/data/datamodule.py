@@ -359,8 +359,7 @@ class SegDataModule(L.LightningDataModule):
         return kw
 
     def _rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
+        return int(self.trainer.global_rank) if self.trainer is not None else 0
 
     def _train_transform(self) -> Any:
         tf = train_transform(
