@@ -21,11 +21,12 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from fcn.data.io import colorize
+from fcn.data.io import colorize, write_bytes_atomic
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
 
@@ -151,15 +152,10 @@ def prediction_grid(
     m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     rgb = ((images.float().cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    rows = []
-    for image, mask, pred in zip(rgb, masks.cpu().numpy(), predictions.cpu().numpy()):
-        rows.append(
-            np.concatenate(
-                [image, colorize(np.where(mask == ignore_index, -1, mask), palette), colorize(pred, palette)],
-                axis=1,
-            )
-        )
-    return np.concatenate(rows, axis=0)
+    masks, predictions = masks.cpu().numpy(), predictions.cpu().numpy()
+    truth = colorize(np.where(masks == ignore_index, -1, masks), palette)
+    grid = np.concatenate([rgb, truth, colorize(predictions, palette)], axis=2)  # (N, H, 3W, 3)
+    return grid.reshape(-1, grid.shape[2], 3)
 
 
 class ValPredictionGrid(Callback):
@@ -186,15 +182,10 @@ class ValPredictionGrid(Callback):
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             ds = loader.dataset
             items = [ds[i] for i in range(min(self.num_images, len(ds)))]
-            size = tuple(items[0][0].shape[-2:])
-            images, masks = [], []
-            for image, mask in items:
-                if tuple(image.shape[-2:]) != size:
-                    image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")[0]
-                    mask = torch.nn.functional.interpolate(mask[None, None].float(), size=size)[0, 0].long()
-                images.append(image)
-                masks.append(mask)
-            self._batch = torch.stack(images), torch.stack(masks)
+            size = tuple(items[0][0].shape[-2:])  # resizing to the same size changes nothing
+            images = torch.cat([F.interpolate(image[None], size=size, mode="bilinear") for image, _ in items])
+            masks = torch.cat([F.interpolate(mask[None, None].float(), size=size)[:, 0] for _, mask in items])
+            self._batch = images, masks.long()
         return self._batch
 
     def _due(self, trainer: L.Trainer) -> bool:
@@ -232,9 +223,7 @@ class ValPredictionGrid(Callback):
         ok, data = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         if not ok:
             raise OSError(f"could not encode the prediction grid for {path}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data.tobytes())
-        tmp.replace(path)
+        write_bytes_atomic(path, data.tobytes())
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(

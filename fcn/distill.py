@@ -17,11 +17,7 @@ from fcn.checkpoint import CheckpointError, load_model
 
 
 def pixel_kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    valid: Tensor | None = None,
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, valid: Tensor | None = None
 ) -> Tensor:
     """Pixel-wise KD: ``KL(softmax(t / T) || softmax(s / T)) * T**2`` averaged over valid pixels.
 

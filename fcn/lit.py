@@ -34,6 +34,13 @@ from fcn.models.fcn import transfer_weights
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 OPTIMIZERS = ("sgd", "adamw")
+# Logged name -> key of fcn.metrics.segmentation_scores.
+SCORE_LOGS = {
+    "mIoU": "mean_iou",
+    "pixel_acc": "pixel_accuracy",
+    "mean_acc": "mean_accuracy",
+    "fw_iou": "fw_iou",
+}
 
 
 class SettingError(ValueError):
@@ -132,9 +139,13 @@ class SegmentationModule(L.LightningModule):
         rank_zero_info(f"init_from {path}: copied {len(copied)} tensors from {info.model_name}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self.model, x)
+
+    def run(self, net: nn.Module, x: torch.Tensor, **kwargs: Any) -> Any:
+        """``net(x, **kwargs)`` with ``x`` in channels-last memory format when ``channels_last`` is set."""
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return net(x, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         theirs = checkpoint.get("hyper_parameters", {}).get("num_classes")
@@ -190,16 +201,10 @@ class SegmentationModule(L.LightningModule):
     def _log_scores(self, confmat: ConfusionMatrix, stage: str) -> dict[str, Any]:
         scores = segmentation_scores(confmat.compute(), self.hparams.class_names)  # synced across ranks
         confmat.reset()
-        summary = {
-            "mIoU": "mean_iou",
-            "pixel_acc": "pixel_accuracy",
-            "mean_acc": "mean_accuracy",
-            "fw_iou": "fw_iou",
-        }
         # The scores are already global (from the rank-synced confusion matrix), equal on every rank: a max
         # over ranks keeps them bit-exact, and every rank has them for callbacks (checkpointing, stopping).
         synced = {"sync_dist": True, "reduce_fx": "max"}
-        for short, key in summary.items():
+        for short, key in SCORE_LOGS.items():
             if scores[key] is not None:  # None: no labelled pixel at all (n/a)
                 self.log(f"{stage}/{short}", scores[key], prog_bar=short == "mIoU", **synced)
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
@@ -319,11 +324,10 @@ class DistillationModule(SegmentationModule):
         )
         self.adapter = None
         if channel_weight > 0 and feature_key != "out":  # logits share the class channels: no adapter
-            t_ch = (teacher.backbone if teacher is not None else self.model.backbone).out_channels[
-                feature_key
-            ]
-            s_ch = self.model.backbone.out_channels[feature_key]
-            self.adapter = FeatureAdapter(s_ch, t_ch)
+            t_net = teacher if teacher is not None else self.model  # self mode: the student's own width
+            self.adapter = FeatureAdapter(
+                self.model.backbone.out_channels[feature_key], t_net.backbone.out_channels[feature_key]
+            )
 
     # -- teacher ---------------------------------------------------------------------------------------
     @property
@@ -349,16 +353,12 @@ class DistillationModule(SegmentationModule):
             return self.teacher
         return self.ema
 
-    def _move_frozen(self) -> None:
+    def on_fit_start(self) -> None:
         for net in (self.teacher, self.ema):
             if net is not None:
                 net.to(self.device)
 
-    def on_fit_start(self) -> None:
-        self._move_frozen()
-
-    def on_validation_start(self) -> None:
-        self._move_frozen()
+    on_validation_start = on_fit_start
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -385,11 +385,6 @@ class DistillationModule(SegmentationModule):
         return [self.model] + ([self.adapter] if self.adapter is not None else [])
 
     # -- losses ----------------------------------------------------------------------------------------
-    def _features(self, net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return net(x, return_features=True)
-
     def distill_losses(
         self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
@@ -404,8 +399,7 @@ class DistillationModule(SegmentationModule):
                 s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
             losses["pairwise"] = pairwise_loss(s, t, pool_size=hp.pairwise_pool)
         if hp.channel_weight > 0:
-            t = teacher[key]
-            s = student[key]
+            s, t = student[key], teacher[key]
             if self.adapter is not None:
                 s = self.adapter(s, tuple(t.shape[-2:]))
             losses["channel"] = channel_wise_loss(s, t, temperature=hp.channel_temperature)
@@ -424,21 +418,21 @@ class DistillationModule(SegmentationModule):
             unlabeled = batch["unlabeled"][0] if batch.get("unlabeled") is not None else None
         else:
             images, masks = batch
-        student = self._features(self.model, images)
+        student = self.run(self.model, images, return_features=True)
         ce = self.loss(student["out"], masks)
         total = hp.ce_weight * ce
         logs = {"ce": ce}
         teacher = self.active_teacher()
         if teacher is not None:
             with torch.no_grad():
-                t_out = self._features(teacher, images)
+                t_out = self.run(teacher, images, return_features=True)
             losses = self.distill_losses(student, t_out, masks != hp.ignore_index)
             total = total + self._weighted(losses)
             logs.update(losses)
             if unlabeled is not None and hp.distill_mode == "semi":
-                s_u = self._features(self.model, unlabeled)
+                s_u = self.run(self.model, unlabeled, return_features=True)
                 with torch.no_grad():
-                    t_u = self._features(teacher, unlabeled)
+                    t_u = self.run(teacher, unlabeled, return_features=True)
                 labels = pseudo_labels(
                     t_u["out"], threshold=hp.pseudo_threshold, ignore_index=hp.ignore_index
                 )

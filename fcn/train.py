@@ -151,18 +151,10 @@ def last_checkpoints(dirpath: str | Path | None, *, every_minutes: float) -> lis
     return writers
 
 
-def _module_defaults() -> dict[str, Any]:
-    return {
-        name: p.default
-        for name, p in inspect.signature(SegmentationModule.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
+    """Equal, a list equal to a tuple with the same items included."""
+    sequences = (list, tuple)
+    return list(a) == list(b) if isinstance(a, sequences) and isinstance(b, sequences) else a == b
 
 
 class FCNCLI(LightningCLI):
@@ -232,10 +224,10 @@ class FCNCLI(LightningCLI):
     def _check_linked(self, sub: str) -> None:
         """A model argument that the data sets is refused unless it equals the module's default."""
         init = self.config[sub]["model"].get("init_args") or {}
-        defaults = _module_defaults()
+        params = inspect.signature(SegmentationModule.__init__).parameters  # every linked key has a default
         for key, flag in LINKED.items():
-            value = init.get(key, defaults.get(key))
-            if value is not None and not _same(value, defaults.get(key)):
+            value = init.get(key, params[key].default)
+            if value is not None and not _same(value, params[key].default):
                 raise SettingError(
                     f"--model.init_args.{key} is set by the data module and would be ignored; "
                     f"it comes from {flag}"
@@ -290,16 +282,11 @@ class FCNCLI(LightningCLI):
             message = f"stopped by {writer.stopped_by} before the first step (nothing saved)"
             return TrainingStopped(message, code, report=self.trainer.is_global_zero)
         step = self.trainer.global_step
-        cleaned, skip = [], False
-        for a in self.command:
-            if skip:
-                skip = False
-                continue
-            if a == "--ckpt_path":
-                skip = True
-                continue
-            if not a.startswith("--ckpt_path="):
-                cleaned.append(a)
+        cleaned = list(self.command)  # without the old --ckpt_path
+        while "--ckpt_path" in cleaned:
+            i = cleaned.index("--ckpt_path")
+            del cleaned[i : i + 2]
+        cleaned = [a for a in cleaned if not a.startswith("--ckpt_path=")]
         program = sys.argv[0] if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
         python = ["python"] if program.endswith(".py") else []
         command = shlex.join([*python, program, *cleaned, "--ckpt_path", str(writer.saved_on_stop)])

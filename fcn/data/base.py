@@ -39,38 +39,27 @@ def pair_by_stem(
 ) -> list[tuple[Path, Path]]:
     """Match images and labels by key (the file stem by default); unmatched or ambiguous files on either
     side raise one :class:`DataError` listing a few of them. Pairs come in the images' order."""
-    problems = []
-    by_key: dict[str, Path] = {}
-    duplicates = []
-    for m in masks:
-        key = mask_stem(m)
-        if key in by_key:
-            duplicates.append(f"{by_key[key]} / {m}")
-        by_key[key] = m
+    by_key: dict[str, Path] = {}  # masks
     image_keys: dict[str, Path] = {}
-    for img in images:
-        key = image_stem(img)
-        if key in image_keys:
-            duplicates.append(f"{image_keys[key]} / {img}")
-        image_keys[key] = img
-    if duplicates:
-        problems.append(f"{len(duplicates)} name(s) used twice, e.g. {duplicates[:3]}")
-    pairs, lonely = [], []
-    for key, img in image_keys.items():
-        if key in by_key:
-            pairs.append((img, by_key.pop(key)))
-        else:
-            lonely.append(img)
+    duplicates = []
+    for files, stem, keys in ((masks, mask_stem, by_key), (images, image_stem, image_keys)):
+        for path in files:
+            key = stem(path)
+            if key in keys:
+                duplicates.append(f"{keys[key]} / {path}")
+            keys[key] = path
+    problems = [f"{len(duplicates)} name(s) used twice, e.g. {duplicates[:3]}"] if duplicates else []
+    lonely = [str(p) for key, p in image_keys.items() if key not in by_key]
     if lonely:
-        problems.append(f"{len(lonely)} image(s) without a label, e.g. {[str(p) for p in lonely[:5]]}")
-    if by_key:
-        extra = sorted(by_key.values())
+        problems.append(f"{len(lonely)} image(s) without a label, e.g. {lonely[:5]}")
+    extra = sorted(p for key, p in by_key.items() if key not in image_keys)
+    if extra:
         problems.append(f"{len(extra)} label(s) without an image, e.g. {[str(p) for p in extra[:5]]}")
     if problems:
         raise DataError(
             f"{where}: " + "; ".join(problems) + ". Add the missing files, or rename / remove the strays."
         )
-    return pairs
+    return [(img, by_key[key]) for key, img in image_keys.items()]
 
 
 class SegmentationDataset(Dataset):
@@ -106,8 +95,7 @@ class SegmentationDataset(Dataset):
         self.unknown_labels = unknown_labels
         self.transform = transform
         self.name = name
-        lut = np.asarray(lut, dtype=np.int64)
-        self._lut = lut
+        self._lut = lut = np.asarray(lut, dtype=np.int64)
         known = lut != UNKNOWN
         # Masks stay uint8 through augmentation when every train id fits (faster resampling, 8x less
         # memory); the last step turns them into int64.
@@ -136,7 +124,8 @@ class SegmentationDataset(Dataset):
         return DataError(
             f"label file {path} has values {shown} that are not in the {self.name} class table "
             f"(known values: {known}); fix the labels, or map them to the ignore index with "
-            "unknown_labels='ignore' (train.py: --data.unknown_labels ignore; evaluate.py: --unknown-labels ignore)"
+            "unknown_labels='ignore' (train.py: --data.unknown_labels ignore; "
+            "evaluate.py: --unknown-labels ignore)"
         )
 
     def map_labels(self, raw: np.ndarray, path: Path | str = "?") -> np.ndarray:
@@ -169,18 +158,18 @@ class SegmentationDataset(Dataset):
         return image, self.map_labels(raw, mask_path)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        image, mask = self.load(index)
-        if self.transform is None:
-            return image, mask.astype(np.int64)
-        out = self.transform(image=image, mask=mask)
-        return out["image"], as_long_tensor(out["mask"])
+        return apply_transform(self.transform, *self.load(index))
 
 
-def as_long_tensor(mask: Any) -> torch.Tensor:
-    """An augmented mask (tensor or array) as an int64 tensor."""
-    if isinstance(mask, torch.Tensor):
-        return mask.long()
-    return torch.as_tensor(np.asarray(mask), dtype=torch.long)
+def apply_transform(
+    transform: Callable[..., dict[str, Any]] | None, image: np.ndarray, mask: np.ndarray
+) -> Any:
+    """``(image, int64 mask)`` arrays without a transform; else the transform's image and its mask (tensor or
+    array) as an int64 tensor."""
+    if transform is None:
+        return image, mask.astype(np.int64)
+    out = transform(image=image, mask=mask)
+    return out["image"], torch.as_tensor(out["mask"]).long()
 
 
 def require_dir(path: Path, *, what: str, layout: str) -> Path:

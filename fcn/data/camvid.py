@@ -11,7 +11,7 @@ import numpy as np
 
 from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
-from fcn.data.io import MASK_EXTENSIONS, list_images, read_mask
+from fcn.data.io import MASK_EXTENSIONS, list_images, read_mask, write_bytes_atomic
 
 CLASSES = (
     "Sky",
@@ -160,8 +160,5 @@ def write_subset_list(
             w('data/camvid', 'configs/camvid_cpu/train_quarter.txt')"
     """
     names = spread_subset([image.name for image, _ in camvid_pairs(root, split)], fraction)
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text("".join(f"{name}\n" for name in names))
-    tmp.replace(output)
+    write_bytes_atomic(output, "".join(f"{name}\n" for name in names).encode())
     return names

@@ -167,13 +167,15 @@ def collate(batch: list[Any]) -> Any:
         ) from err
 
 
-def _pair(value: Sequence[Any], name: str, kind: type) -> tuple[Any, Any]:
+def _pair(value: Sequence[Any], name: str, kind: type, *, ordered: bool = False) -> tuple[Any, Any]:
     try:
         a, b = (kind(v) for v in value)
     except (TypeError, ValueError) as err:
         raise DataError(f"{name} must be two numbers, got {value!r}") from err
     if a <= 0 or b <= 0:
         raise DataError(f"{name} must be positive, got {value!r}")
+    if ordered and a > b:
+        raise DataError(f"{name} must be (low, high) with low <= high, got {value!r}")
     return a, b
 
 
@@ -272,12 +274,8 @@ class SegDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.crop_size = _pair(crop_size, "crop_size", int)
-        self.scale_range = _pair(scale_range, "scale_range", float)
-        if self.scale_range[0] > self.scale_range[1]:
-            raise DataError(f"scale_range must be (low, high) with low <= high, got {scale_range!r}")
-        self.brightness_range = _pair(brightness_range, "brightness_range", float)
-        if self.brightness_range[0] > self.brightness_range[1]:
-            raise DataError(f"brightness_range must be (low, high) with low <= high, got {brightness_range!r}")
+        self.scale_range = _pair(scale_range, "scale_range", float, ordered=True)
+        self.brightness_range = _pair(brightness_range, "brightness_range", float, ordered=True)
         self.eval_size = _pair(eval_size, "eval_size", int) if eval_size else None
         self.unknown_labels = unknown_labels
         self.label_type = label_type
@@ -296,44 +294,24 @@ class SegDataModule(L.LightningDataModule):
             "size": _pair(demo_size, "demo_size", int),
             "seed": self.seed,
         }
+        # The description linked into the model.
         if dataset == "folder":
             meta = read_class_file(classes_file or self.data_root / "classes.yaml")
-            self._classes, self._palette = meta["classes"], meta["palette"]
+            classes, palette = meta["classes"], meta["palette"]
             # the YAML's ignore index unless one is given explicitly (255 is the default)
-            self._ignore = meta["ignore_index"] if ignore_index == 255 else ignore_index
-        elif dataset == "cityscapes":
-            self._classes, self._palette, self._ignore = cityscapes.CLASSES, cityscapes.PALETTE, ignore_index
+            ignore_index = meta["ignore_index"] if ignore_index == 255 else ignore_index
         else:
-            self._classes, self._palette, self._ignore = camvid.CLASSES, camvid.PALETTE, ignore_index
-        if 0 <= self._ignore < len(self._classes):
-            raise DataError(f"ignore_index {self._ignore} collides with class id {self._ignore}")
+            source = cityscapes if dataset == "cityscapes" else camvid
+            classes, palette = source.CLASSES, source.PALETTE
+        if 0 <= ignore_index < len(classes):
+            raise DataError(f"ignore_index {ignore_index} collides with class id {ignore_index}")
+        self.ignore_index = ignore_index
+        self.num_classes = len(classes)
+        self.class_names = list(classes)
+        self.palette = [list(map(int, c)) for c in palette]
+        self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         self._data: dict[str, Dataset] = {}
         self._class_weights: list[float] | None = None
-
-    # -- the description linked into the model ----------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return len(self._classes)
-
-    @property
-    def ignore_index(self) -> int:
-        return self._ignore
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._classes)
-
-    @property
-    def palette(self) -> list[list[int]]:
-        return [list(map(int, c)) for c in self._palette]
-
-    @property
-    def mean(self) -> list[float]:
-        return list(IMAGENET_MEAN)
-
-    @property
-    def std(self) -> list[float]:
-        return list(IMAGENET_STD)
 
     @property
     def class_weights(self) -> list[float] | None:
@@ -373,7 +351,7 @@ class SegDataModule(L.LightningDataModule):
             )
 
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"ignore_index": self._ignore, "unknown_labels": self.unknown_labels}
+        kw: dict[str, Any] = {"ignore_index": self.ignore_index, "unknown_labels": self.unknown_labels}
         if self.dataset == "cityscapes":
             kw["label_type"] = self.label_type
         if self.dataset == "folder":
@@ -381,15 +359,14 @@ class SegDataModule(L.LightningDataModule):
         return kw
 
     def _rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
+        return int(self.trainer.global_rank) if self.trainer is not None else 0
 
     def _train_transform(self) -> Any:
         tf = train_transform(
             crop_size=self.crop_size,
             scale_range=self.scale_range,
             brightness_range=self.brightness_range,
-            ignore_index=self._ignore,
+            ignore_index=self.ignore_index,
             mean=self.mean,
             std=self.std,
         )
@@ -415,7 +392,7 @@ class SegDataModule(L.LightningDataModule):
     def _unlabeled_pool(self) -> Dataset:
         if self.unlabeled_root:
             return UnlabeledImageFolder(
-                self.unlabeled_root, transform=self._train_transform(), ignore_index=self._ignore
+                self.unlabeled_root, transform=self._train_transform(), ignore_index=self.ignore_index
             )
         everything = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs())
         _, rest = select_frames(everything, self._train_frames, self.train_list)
@@ -424,16 +401,11 @@ class SegDataModule(L.LightningDataModule):
                 f"train_list {self.train_list} holds every training frame: nothing is left for the "
                 "unlabeled pool (unlabeled_from_train)"
             )
-        return unlabeled_images(rest, transform=self._train_transform(), ignore_index=self._ignore)
+        return unlabeled_images(rest, transform=self._train_transform(), ignore_index=self.ignore_index)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # no-op unless the demo data is missing (e.g. outside a Trainer)
-        wanted = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            None: ("train", "val"),
-        }
+        wanted = {"fit": ("train", "val"), None: ("train", "val"), "validate": ("val",), "test": ("test",)}
         for split in wanted.get(stage, ()):
             if split not in self._data:
                 self._data[split] = self.make_dataset(split)
@@ -446,13 +418,7 @@ class SegDataModule(L.LightningDataModule):
         return self._data[key]
 
     def _loader(
-        self,
-        ds: Dataset,
-        *,
-        batch_size: int,
-        shuffle: bool,
-        salt: int = 0,
-        num_samples: int | None = None,
+        self, ds: Dataset, *, batch_size: int, shuffle: bool, salt: int = 0, num_samples: int | None = None
     ) -> DataLoader:
         # one generator per loader and rank: shuffling and worker seeds are reproducible, and DDP ranks
         # do not draw the same augmentations

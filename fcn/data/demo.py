@@ -16,24 +16,13 @@ import numpy as np
 
 from fcn.data.camvid import CLASSES, VOID
 from fcn.data.errors import DataError
+from fcn.data.io import write_bytes_atomic
 
 VERSION = 1
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
 # CamVid class → Cityscapes labelId, for the Cityscapes layout (void → 0 "unlabeled").
-TO_CITYSCAPES = {
-    SKY: 23,
-    BUILDING: 11,
-    POLE: 17,
-    ROAD: 7,
-    PAVEMENT: 8,
-    TREE: 21,
-    SIGN: 20,
-    FENCE: 13,
-    CAR: 26,
-    PEDESTRIAN: 24,
-    BICYCLIST: 25,
-    VOID: 0,
-}
+TO_CITYSCAPES = {SKY: 23, BUILDING: 11, POLE: 17, ROAD: 7, PAVEMENT: 8, TREE: 21, SIGN: 20, FENCE: 13}
+TO_CITYSCAPES |= {CAR: 26, PEDESTRIAN: 24, BICYCLIST: 25, VOID: 0}
 
 
 def _noise(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
@@ -75,10 +64,8 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
         bw = int(rng.integers(w // 8, w // 3))
         top = int(horizon - rng.uniform(0.15, 0.9) * horizon)
         block = (xx >= x) & (xx < x + bw) & (yy >= top) & (yy < horizon + 2)
-        colour = _jitter(
-            rng, rng.choice([(150, 90, 70), (170, 160, 150), (120, 110, 100), (200, 180, 150)]), 20
-        )
-        _fill(img, lab, block, colour, BUILDING, rng, tex=6)
+        colour = rng.choice([(150, 90, 70), (170, 160, 150), (120, 110, 100), (200, 180, 150)])
+        _fill(img, lab, block, _jitter(rng, colour, 20), BUILDING, rng, tex=6)
         step_y, step_x = int(rng.integers(6, 11)), int(rng.integers(6, 11))
         windows = (
             block & ((yy - top) % step_y < step_y // 2) & ((xx - x) % step_x < step_x // 2) & (yy > top + 2)
@@ -133,15 +120,8 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
         if rng.random() < 0.8:
             s = rng.uniform(0.03, 0.06) * h
             sign = (np.abs(xx - px) < s) & (np.abs(yy - top - s) < s)
-            _fill(
-                img,
-                lab,
-                sign,
-                _jitter(rng, rng.choice([(210, 40, 40), (40, 80, 200), (230, 200, 40)]), 10),
-                SIGN,
-                rng,
-                tex=4,
-            )
+            colour = _jitter(rng, rng.choice([(210, 40, 40), (40, 80, 200), (230, 200, 40)]), 10)
+            _fill(img, lab, sign, colour, SIGN, rng, tex=4)
 
     # cars on the road, far ones first so near ones overlap them
     for depth_v in sorted(rng.uniform(0.15, 0.95, int(rng.integers(1, 4)))):
@@ -150,19 +130,8 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
         cw, ch = 0.28 * w * scale, 0.16 * h * scale + 3
         cx = vanish_x + rng.uniform(-0.8, 0.8) * (0.04 + 0.55 * depth_v) * w
         body = (np.abs(xx - cx) < cw / 2) & (yy > cy - ch) & (yy < cy)
-        _fill(
-            img,
-            lab,
-            body,
-            _jitter(
-                rng,
-                rng.choice([(180, 30, 30), (30, 60, 160), (220, 220, 220), (40, 40, 40), (200, 170, 40)]),
-                20,
-            ),
-            CAR,
-            rng,
-            tex=5,
-        )
+        paint = rng.choice([(180, 30, 30), (30, 60, 160), (220, 220, 220), (40, 40, 40), (200, 170, 40)])
+        _fill(img, lab, body, _jitter(rng, paint, 20), CAR, rng, tex=5)
         glass = body & (yy < cy - ch * 0.55) & (np.abs(xx - cx) < cw * 0.35)
         img[glass] = _jitter(rng, (50, 60, 80), 10)
         for wx in (cx - cw * 0.3, cx + cw * 0.3):
@@ -201,11 +170,10 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
 
 def _write(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    arr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
-    if not cv2.imwrite(str(tmp), arr):
-        raise OSError(f"could not write {path}; is the folder writable?")
-    tmp.replace(path)
+    ok, data = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    write_bytes_atomic(path, data.tobytes())
 
 
 def make_demo_dataset(
@@ -252,15 +220,10 @@ def make_demo_dataset(
         for old in root.glob("**/demo_*.png"):  # frames of the previous demo set
             old.unlink()
     lut = np.zeros(256, np.uint8)
-    for k, v in TO_CITYSCAPES.items():
-        lut[k] = v
-    for split, count, offset in (
-        ("train", n_train, 0),
-        ("val", n_val, 1_000_000),
-        ("test", n_test, 2_000_000),
-    ):
+    lut[list(TO_CITYSCAPES)] = list(TO_CITYSCAPES.values())
+    for k, (split, count) in enumerate(zip(("train", "val", "test"), (n_train, n_val, n_test))):
         for i in range(count):
-            rng = np.random.default_rng([seed, offset + i])
+            rng = np.random.default_rng([seed, 1_000_000 * k + i])
             image, label = render_scene(rng, size)
             name = f"demo_{i:05d}"
             if layout == "camvid":

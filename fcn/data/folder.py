@@ -21,10 +21,10 @@ import numpy as np
 import yaml
 from torch.utils.data import Dataset
 
-from fcn.data.base import SegmentationDataset, as_long_tensor, label_table, pair_by_stem, require_dir
+from fcn.data.base import SegmentationDataset, apply_transform, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
-from fcn.palette import default_palette
 from fcn.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, list_images, read_image
+from fcn.palette import default_palette
 
 LAYOUT = """  ROOT/classes.yaml                      (classes: [...], optional palette / ignore_index)
   ROOT/<split>/images/*.png|jpg          ROOT/<split>/masks/<same stem>.png   (or ROOT/images, ROOT/masks)"""
@@ -157,7 +157,4 @@ class UnlabeledImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image = read_image(self.paths[index])
         mask = np.full(image.shape[:2], self.ignore_index, dtype=self._dtype)
-        if self.transform is None:
-            return image, mask.astype(np.int64)
-        out = self.transform(image=image, mask=mask)
-        return out["image"], as_long_tensor(out["mask"])
+        return apply_transform(self.transform, image, mask)

@@ -33,15 +33,8 @@ def train_transform(
     h, w = int(crop_size[0]), int(crop_size[1])
     lo, hi = float(scale_range[0]), float(scale_range[1])
     ops: list[A.BasicTransform] = []
-    if (lo, hi) != (1.0, 1.0):
-        ops.append(
-            A.RandomScale(
-                scale_limit=(lo - 1.0, hi - 1.0),
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-                p=1.0,
-            )
-        )
+    if (lo, hi) != (1.0, 1.0):  # resizing: albumentations' defaults, bilinear image and nearest mask
+        ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
     ops += [
         A.PadIfNeeded(
             min_height=h,
@@ -68,15 +61,6 @@ def eval_transform(
     size: Sequence[int] | None = None,
 ) -> A.Compose:
     """Normalise (and optionally resize, mask nearest) → tensors. Keeps the size by default."""
-    ops: list[A.BasicTransform] = []
-    if size is not None:
-        ops.append(
-            A.Resize(
-                int(size[0]),
-                int(size[1]),
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-            )
-        )
+    ops: list[A.BasicTransform] = [A.Resize(int(size[0]), int(size[1]))] if size is not None else []
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
     return A.Compose(ops)

@@ -45,6 +45,9 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
         raise ModelError(f"model {name!r} takes no argument(s) {unknown}; it takes {sorted(params)}")
     if "num_classes" not in kwargs:
         raise ModelError(f"model {name!r} needs num_classes=<int>")
+    n = kwargs["num_classes"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ModelError(f"num_classes must be a positive int, got {n!r}")
     return builder(**kwargs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from fcn.models import register_model
@@ -13,21 +14,21 @@ from fcn.models.vgg import VGG16Backbone, load_vgg16_state_dict
 BACKBONES = ("vgg16", "vgg16_bn")
 
 
-def _fcn_vgg16(
+def fcn_vgg16(
     stride: int,
     *,
     num_classes: int,
-    weights: str | Path | None,
-    backbone: str,
-    mode: str,
-    learnable_upsampling: bool,
-    skip_scaling: bool,
-    fc_dim: int,
-    width_mult: float,
-    dropout: float,
+    weights: str | Path | None = None,
+    backbone: str = "vgg16",
+    mode: str = "aligned",
+    learnable_upsampling: bool = True,
+    skip_scaling: bool = False,
+    fc_dim: int = 4096,
+    width_mult: float = 1.0,
+    dropout: float = 0.5,
 ) -> FCN:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ModelError(f"num_classes must be a positive int, got {num_classes!r}")
+    """FCN-``stride``s on VGG16. ``weights``: None (random), 'imagenet' (torchvision enum) or the path of a
+    torchvision VGG16 state dict; fc6/fc7 get the classifier's weights reshaped."""
     if backbone not in BACKBONES:
         raise ModelError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     if mode not in MODES:
@@ -53,43 +54,9 @@ def _fcn_vgg16(
     )
 
 
-def _make_fcn_builder(stride: int):
-    def builder(
-        *,
-        num_classes: int,
-        weights: str | Path | None = None,
-        backbone: str = "vgg16",
-        mode: str = "aligned",
-        learnable_upsampling: bool = True,
-        skip_scaling: bool = False,
-        fc_dim: int = 4096,
-        width_mult: float = 1.0,
-        dropout: float = 0.5,
-    ) -> FCN:
-        return _fcn_vgg16(
-            stride,
-            num_classes=num_classes,
-            weights=weights,
-            backbone=backbone,
-            mode=mode,
-            learnable_upsampling=learnable_upsampling,
-            skip_scaling=skip_scaling,
-            fc_dim=fc_dim,
-            width_mult=width_mult,
-            dropout=dropout,
-        )
-
-    builder.__name__ = f"fcn{stride}s"
-    builder.__doc__ = (
-        f"FCN-{stride}s on VGG16. ``weights``: None (random), 'imagenet' (torchvision enum) or the "
-        "path of a torchvision VGG16 state dict; fc6/fc7 get the classifier's weights reshaped."
-    )
-    return builder
-
-
-fcn32s = register_model("fcn32s")(_make_fcn_builder(32))
-fcn16s = register_model("fcn16s")(_make_fcn_builder(16))
-fcn8s = register_model("fcn8s")(_make_fcn_builder(8))
+# build_model reads the builders' keyword arguments from their signatures (the stride is bound here).
+for _stride in (32, 16, 8):
+    register_model(f"fcn{_stride}s")(partial(fcn_vgg16, _stride))
 
 
 @register_model("student")
@@ -101,8 +68,6 @@ def student(
     learnable_upsampling: bool = True,
 ) -> FCN:
     """Light FCN-8s-style student on MobileNetV3-Large (``weights`` as for the FCNs)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ModelError(f"num_classes must be a positive int, got {num_classes!r}")
     trunk = MobileNetV3Backbone(width_mult=width_mult)
     if weights is not None:
         trunk.load_imagenet(weights)

@@ -18,10 +18,8 @@ def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
     center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
     og = torch.arange(kernel_size, dtype=torch.float64)
     filt_1d = 1 - (og - center).abs() / factor
-    filt = filt_1d[:, None] * filt_1d[None, :]
     weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=torch.float64)
-    idx = torch.arange(channels)
-    weight[idx, idx] = filt
+    weight[range(channels), range(channels)] = filt_1d[:, None] * filt_1d[None, :]
     return weight.float()
 
 

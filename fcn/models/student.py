@@ -8,7 +8,6 @@ c5: 960 ch at 1/32).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
 
 from fcn.models.errors import ModelError
+from fcn.models.vgg import load_torchvision_weights
 
 # torchvision ``features`` indices ending each stride: 1/8 after block 6, 1/16 after 12, 1/32 after 16.
 _STAGE_ENDS = (7, 13, 17)
@@ -50,24 +50,9 @@ class MobileNetV3Backbone(nn.Module):
         """Load ``"imagenet"`` (torchvision enum) or a local torchvision MobileNetV3-Large state dict."""
         if self.width_mult != 1.0:
             raise ModelError(f"pretrained weights need width_mult=1.0, got {self.width_mult}")
-        if isinstance(weights, str) and weights.lower() == "imagenet":
-            enum = MobileNet_V3_Large_Weights.IMAGENET1K_V1
-            try:
-                state: Mapping[str, torch.Tensor] = enum.get_state_dict(progress=True)
-            except Exception as err:  # network errors vary; re-raised with the fix
-                raise ModelError(
-                    f"could not load {enum} ({err}); download {enum.url} elsewhere and pass weights=PATH"
-                ) from err
-        else:
-            path = Path(str(weights)).expanduser()
-            if not path.is_file():
-                raise ModelError(
-                    f"weights file {path} does not exist; pass weights=None, 'imagenet' or a path"
-                )
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # pickle/zip errors vary by torch version
-                raise ModelError(f"could not read weights file {path} ({err})") from err
+        state = load_torchvision_weights(
+            weights, MobileNet_V3_Large_Weights.IMAGENET1K_V1, kind="MobileNetV3"
+        )
         feats = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         try:
             self.features.load_state_dict(feats, strict=True)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import VGG16_BN_Weights, VGG16_Weights
+from torchvision.models import VGG16_BN_Weights, VGG16_Weights, WeightsEnum
 from torchvision.models.vgg import cfgs, make_layers
 
 from fcn.models.errors import ModelError
-
-WeightsSpec = str | Path | None
 
 
 class VGG16Backbone(nn.Module):
@@ -99,15 +98,14 @@ class VGG16Backbone(nn.Module):
             ) from err
 
 
-def load_vgg16_state_dict(weights: WeightsSpec, *, batch_norm: bool = False) -> dict[str, torch.Tensor]:
-    """Return a torchvision-format VGG16 state dict from ``"imagenet"`` or a local file path.
+def load_torchvision_weights(weights: str | Path, enum: WeightsEnum, *, kind: str) -> Mapping[str, Any]:
+    """A torchvision state dict from ``"imagenet"`` or a local file path.
 
-    ``"imagenet"`` uses torchvision's weights enum (``VGG16_Weights.IMAGENET1K_V1`` or
-    ``VGG16_BN_Weights.IMAGENET1K_V1``): it reads ``$TORCH_HOME/hub/checkpoints`` and downloads only if the
-    file is not cached there. A path is read with ``torch.load(weights_only=True)`` and never downloads.
+    ``"imagenet"`` uses torchvision's weights ``enum``: it reads ``$TORCH_HOME/hub/checkpoints`` and
+    downloads only if the file is not cached there. A path is read with ``torch.load(weights_only=True)``
+    and never downloads. ``kind`` names the architecture in the messages.
     """
     if isinstance(weights, str) and weights.lower() == "imagenet":
-        enum = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
         try:
             return enum.get_state_dict(progress=True)
         except Exception as err:  # network errors come in many types; re-raised with the fix
@@ -119,7 +117,7 @@ def load_vgg16_state_dict(weights: WeightsSpec, *, batch_norm: bool = False) -> 
     if not path.is_file():
         raise ModelError(
             f"weights file {path} does not exist; pass weights=None (random init), "
-            "weights='imagenet', or the path of a torchvision VGG16 state dict"
+            f"weights='imagenet', or the path of a torchvision {kind} state dict"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,11 +125,18 @@ def load_vgg16_state_dict(weights: WeightsSpec, *, batch_norm: bool = False) -> 
         raise ModelError(
             f"could not read weights file {path} ({err}); it must be a torch.save()d state dict"
         ) from err
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
+    return state["state_dict"] if isinstance(state, Mapping) and "state_dict" in state else state
+
+
+def load_vgg16_state_dict(weights: str | Path, *, batch_norm: bool = False) -> dict[str, torch.Tensor]:
+    """A torchvision-format VGG16 state dict from ``"imagenet"`` (``VGG16_Weights.IMAGENET1K_V1`` or
+    ``VGG16_BN_Weights.IMAGENET1K_V1``) or a local file path (:func:`load_torchvision_weights`)."""
+    enum = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+    state = load_torchvision_weights(weights, enum, kind="VGG16")
     if not isinstance(state, Mapping) or "classifier.0.weight" not in state:
         raise ModelError(
-            f"{path} is not a torchvision VGG16 state dict (no 'classifier.0.weight'); "
+            f"{Path(str(weights)).expanduser()} is not a torchvision VGG16 state dict "
+            "(no 'classifier.0.weight'); "
             "save one with torch.save(torchvision.models.vgg16(weights=...).state_dict(), path)"
         )
     return dict(state)
