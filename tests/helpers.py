@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -53,8 +54,18 @@ def signal_when_ready(
     cmd: list[str], ready: Callable[[], bool], signum: int, *, wait: float, env: dict[str, str] | None = None
 ) -> tuple[bool, int, str]:
     """Start ``cmd``, send it ``signum`` once ``ready()`` holds (or after ``wait`` seconds), wait for it to
-    end; returns (whether it was still running when signalled, exit code, stderr). Never leaves it running."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    end; returns (whether it was still running when signalled, exit code, stderr). Never leaves it running.
+
+    The child starts with SIGINT's default action: a shell without job control starts background jobs
+    (e.g. ``pytest &``) with SIGINT ignored, the child would inherit that and Ctrl-C tests would fail."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and proc.poll() is None and not ready():

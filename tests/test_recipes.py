@@ -71,7 +71,10 @@ def test_recipe_settings_and_header(config: Path) -> None:
     text = config.read_text()
     cfg = yaml.safe_load(text)
     trainer, model, data = cfg["trainer"], cfg["model"]["init_args"], cfg["data"]
-    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("cpu", 1, 32)
+    is_teacher = model["model"] != "student"
+    precision = "bf16-mixed" if is_teacher else 32  # bf16 pays for VGG's convolutions only
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("cpu", 1, precision)
+    assert data["brightness_range"] == [0.4, 1.4] and data["class_weighting"] == "median_frequency"
     assert data["num_workers"] == 2 and data["data_root"] == "data/camvid" and data["dataset"] == "camvid"
     assert data["crop_size"] == [240, 320] and "eval_size" not in data  # validation on full frames
     out = f"outputs/camvid_cpu/{name}"
@@ -79,7 +82,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
     assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {out}
     callbacks = [c["class_path"] for c in trainer["callbacks"]]
     assert callbacks == ["fcn.callbacks.ProgressLine", "fcn.callbacks.ValPredictionGrid"]
-    if model["model"] == "student":
+    if not is_teacher:
         assert model["model_kwargs"] == {"weights": None}
     else:
         assert model["model"] == "fcn8s" and model["model_kwargs"]["backbone"] == "vgg16_bn"
