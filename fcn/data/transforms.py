@@ -11,6 +11,9 @@ from albumentations.pytorch import ToTensorV2
 
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
+# Stated, not left to albumentations' defaults: a mask must never be interpolated (labels are ids).
+_RESIZE = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST}
+
 
 def train_transform(
     *,
@@ -33,8 +36,8 @@ def train_transform(
     h, w = int(crop_size[0]), int(crop_size[1])
     lo, hi = float(scale_range[0]), float(scale_range[1])
     ops: list[A.BasicTransform] = []
-    if (lo, hi) != (1.0, 1.0):  # resizing: albumentations' defaults, bilinear image and nearest mask
-        ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0))
+    if (lo, hi) != (1.0, 1.0):
+        ops.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0, **_RESIZE))
     ops += [
         A.PadIfNeeded(
             min_height=h,
@@ -61,6 +64,6 @@ def eval_transform(
     size: Sequence[int] | None = None,
 ) -> A.Compose:
     """Normalise (and optionally resize, mask nearest) → tensors. Keeps the size by default."""
-    ops: list[A.BasicTransform] = [A.Resize(int(size[0]), int(size[1]))] if size is not None else []
+    ops: list[A.BasicTransform] = [A.Resize(int(size[0]), int(size[1]), **_RESIZE)] if size is not None else []
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
     return A.Compose(ops)
