@@ -257,6 +257,7 @@ class SegmentationModule(L.LightningModule):
 
 DISTILL_MODES = ("offline", "semi", "self")
 SELF_TEACHERS = ("ema", "snapshot")
+TEACHER_PRECISIONS = ("32", "bf16")
 FEATURE_KEYS = ("c3", "c4", "c5", "out")
 
 
@@ -275,6 +276,9 @@ class DistillationModule(SegmentationModule):
     ``temperature``, void pixels ignored) + ``pairwise_weight`` x affinity distillation on
     ``feature_key`` + ``channel_weight`` x channel-wise distillation (backbone features ``c3``/``c4``/``c5``
     go through a learned 1x1 adapter to the teacher's width; ``out``, the logits, need none).
+    ``teacher_precision="bf16"`` runs the teacher's forward pass under bf16 autocast and hands its outputs
+    to the losses in fp32, whatever the trainer's precision: the frozen teacher's forward is most of a
+    step when it is a VGG16 FCN (docs/RESULTS.md section 8).
     The teacher is never a submodule: it is not optimised, not wrapped by DDP and not saved.
     """
 
@@ -295,9 +299,14 @@ class DistillationModule(SegmentationModule):
         self_start_epoch: int = 1,
         self_teacher: str = "ema",
         ema_decay: float = 0.99,
+        teacher_precision: str = "32",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if teacher_precision not in TEACHER_PRECISIONS:
+            raise SettingError(
+                f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}"
+            )
         if distill_mode not in DISTILL_MODES:
             raise SettingError(f"distill_mode must be one of {DISTILL_MODES}, got {distill_mode!r}")
         if self_teacher not in SELF_TEACHERS:
@@ -352,6 +361,15 @@ class DistillationModule(SegmentationModule):
                 self.frozen.teacher = make_ema(self.model)
             return self.teacher
         return self.ema
+
+    @torch.no_grad()
+    def run_teacher(self, teacher: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's outputs and features for ``x``, in ``teacher_precision``; never differentiated."""
+        if self.hparams.teacher_precision == "32":
+            return self.run(teacher, x, return_features=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.run(teacher, x, return_features=True)
+        return {k: v.float() for k, v in out.items()}
 
     def on_fit_start(self) -> None:
         for net in (self.teacher, self.ema):
@@ -424,15 +442,13 @@ class DistillationModule(SegmentationModule):
         logs = {"ce": ce}
         teacher = self.active_teacher()
         if teacher is not None:
-            with torch.no_grad():
-                t_out = self.run(teacher, images, return_features=True)
+            t_out = self.run_teacher(teacher, images)
             losses = self.distill_losses(student, t_out, masks != hp.ignore_index)
             total = total + self._weighted(losses)
             logs.update(losses)
             if unlabeled is not None and hp.distill_mode == "semi":
                 s_u = self.run(self.model, unlabeled, return_features=True)
-                with torch.no_grad():
-                    t_u = self.run(teacher, unlabeled, return_features=True)
+                t_u = self.run_teacher(teacher, unlabeled)
                 labels = pseudo_labels(
                     t_u["out"], threshold=hp.pseudo_threshold, ignore_index=hp.ignore_index
                 )

@@ -17,6 +17,7 @@ import shlex
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -203,7 +204,11 @@ class FCNCLI(LightningCLI):
         show = any(a == "--print_config" or a.startswith("--print_config=") for a in argv)
         if show:
             args = [a for a in argv if not a.startswith("--print_config")]
-        super().parse_arguments(parser, args)
+        with (
+            warnings.catch_warnings()
+        ):  # args given and sys.argv set: expected when --print_config is cut out
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         if not sub:
             return

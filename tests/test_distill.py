@@ -235,6 +235,27 @@ def test_logit_maps_distil_without_an_adapter(demo) -> None:
         _module(teacher_checkpoint=str(ckpt), feature_key="c6")
 
 
+def test_bf16_teacher_gives_fp32_targets_close_to_the_fp32_teacher(demo) -> None:
+    """teacher_precision='bf16': the teacher runs under bf16 autocast, the losses get fp32 tensors whose
+    KD loss is within bf16 rounding of the fp32 teacher's; the teacher's weights stay fp32."""
+    _, ckpt = demo
+    exact, fast = (
+        _module(teacher_checkpoint=str(ckpt)),
+        _module(teacher_checkpoint=str(ckpt), teacher_precision="bf16"),
+    )
+    x = torch.randn(2, 3, 48, 64)
+    t32, t16 = exact.run_teacher(exact.teacher, x), fast.run_teacher(fast.teacher, x)
+    assert set(t16) == set(t32) and all(v.dtype == torch.float32 for v in t16.values())
+    assert not all(torch.equal(t16[k], t32[k]) for k in t32)  # it did run in bf16
+    student = torch.randn_like(t32["out"])
+    kd32 = pixel_kd_loss(student, t32["out"], temperature=1.0)
+    kd16 = pixel_kd_loss(student, t16["out"], temperature=1.0)
+    assert abs(kd16.item() - kd32.item()) < 0.02 * kd32.item()
+    assert all(p.dtype == torch.float32 for p in fast.teacher.parameters())
+    with pytest.raises(ValueError, match="teacher_precision must be one of"):
+        _module(teacher_checkpoint=str(ckpt), teacher_precision="fp16")
+
+
 def test_distill_bad_configuration(demo) -> None:
     _, ckpt = demo
     with pytest.raises(CheckpointError, match="needs teacher_checkpoint"):

@@ -370,6 +370,11 @@ def test_train_script_prints_no_args_and_command_line_warning(demo_root, tmp_pat
     assert run.returncode == 0, run.stderr
     assert "val mIoU: " in run.stdout
     assert "not recommended to provide both args and command line" not in run.stderr
+    shown = subprocess.run(
+        [sys.executable, str(script), *args, "--print_config"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "max_epochs: 1" in shown.stdout, shown.stderr
+    assert "not recommended to provide both args and command line" not in shown.stderr
 
 
 def test_a_bad_image_in_a_loader_worker_is_one_line(tmp_path, capsys) -> None:
