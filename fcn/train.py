@@ -204,9 +204,8 @@ class FCNCLI(LightningCLI):
         show = any(a == "--print_config" or a.startswith("--print_config=") for a in argv)
         if show:
             args = [a for a in argv if not a.startswith("--print_config")]
-        with (
-            warnings.catch_warnings()
-        ):  # args given and sys.argv set: expected when --print_config is cut out
+        # args given while sys.argv is set: expected here (--print_config was cut out of the arguments)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
