@@ -61,7 +61,9 @@ class ProgressLine(Callback):
 
     ``img/s`` counts the images of the epoch's training batches (labelled + unlabeled) over the time spent
     in training steps, validation excluded; the ETA is the mean epoch time (validation included) times the
-    epochs left to ``max_epochs``. The best value survives a resume (it is saved in the checkpoint).
+    epochs left to ``max_epochs``. The best value survives a resume (it is saved in the checkpoint); an
+    epoch without training batches (a resume from a checkpoint written after the epoch's last batch) prints
+    nothing and does not count towards the ETA.
     Lines go through Lightning's ``rank_zero_info`` (the ``lightning.fabric`` logger, to stderr).
 
     Args:
@@ -77,7 +79,7 @@ class ProgressLine(Callback):
         self.best: float | None = None
         self.last: float | None = None
         self._start = self._epoch_start = self._last_batch = time.monotonic()
-        self._images = 0
+        self._images = self._batches = 0
         self._epoch_seconds: list[float] = []
 
     def line(self, trainer: L.Trainer) -> str:
@@ -105,12 +107,13 @@ class ProgressLine(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_batch = time.monotonic()
-        self._images = 0
+        self._images = self._batches = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._images += count_images(batch)
+        self._batches += 1
         self._last_batch = time.monotonic()
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             rank_zero_info(self.line(trainer))
@@ -123,6 +126,8 @@ class ProgressLine(Callback):
         self.best = self.last if self.best is None else max(self.best, self.last)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._batches:
+            return
         self._epoch_seconds.append(time.monotonic() - self._epoch_start)  # validation runs before this hook
         rank_zero_info(self.line(trainer))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import cv2
@@ -20,6 +22,7 @@ from fcn.data.camvid import PALETTE
 from fcn.data.datamodule import SegDataModule
 from fcn.data.demo import make_demo_dataset
 from fcn.lit import SegmentationModule
+from fcn.train import last_checkpoints
 
 SIZE = (48, 64)
 TINY = {"width_mult": 0.125, "fc_dim": 32, "dropout": 0.0}
@@ -72,6 +75,46 @@ def test_tiny_fit_writes_grids_and_prints_progress(demo_root, tmp_path, caplog) 
         ends[-1],
     )
     assert lines[0].startswith("epoch 1/2  step 1  ") and "val mIoU -" in lines[0]  # sanity check ignored
+
+
+class _SigtermInValidation(L.Callback):
+    """Stop the run as ``kill <pid>`` would, while the first epoch validates (its training batches done)."""
+
+    def on_validation_batch_end(self, *args) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_progress_line_after_a_resume_from_a_stop_in_validation(demo_root, tmp_path, caplog) -> None:
+    # last.ckpt then holds the first epoch with all its batches run: the resumed run starts with an empty
+    # epoch, which must neither print a line ("train - img/s") nor halve the ETA's mean epoch time.
+    def fit(callbacks: list, ckpt_path: str | None = None) -> None:
+        dm = SegDataModule(
+            dataset="camvid", data_root=str(demo_root), batch_size=2, num_workers=0, crop_size=(32, 48)
+        )
+        module = SegmentationModule(
+            model="fcn8s", model_kwargs=TINY, palette=dm.palette, class_names=dm.class_names
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=3,
+            default_root_dir=tmp_path,
+            logger=False,
+            callbacks=[ProgressLine(), *last_checkpoints(tmp_path / "ckpt", every_minutes=0), *callbacks],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    with pytest.raises(SystemExit):
+        fit([_SigtermInValidation()])
+    caplog.clear()
+    fit([], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 2/3", "epoch 3/3"]
+    assert all(" - img/s" not in line for line in lines)
+    eta = re.search(r"elapsed (\d+)s  ETA (\d+)s", lines[0])
+    assert eta and int(eta[2]) >= 0.7 * int(eta[1])  # one epoch left, timed from one full epoch
 
 
 def test_progress_line_keeps_the_best_across_a_resume() -> None:
