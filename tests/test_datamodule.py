@@ -182,6 +182,9 @@ def test_class_weights(demo) -> None:
     assert _dm(demo).class_weights is None
     w = _dm(demo, class_weighting="median_frequency").class_weights
     assert len(w) == 11 and all(v >= 0 for v in w) and max(w) > 1 > min(v for v in w if v > 0)
+    soft = _dm(demo, class_weighting="sqrt_median_frequency").class_weights
+    assert soft == pytest.approx([v**0.5 for v in w])  # same order of classes, a narrower range
+    assert max(soft) / min(v for v in soft if v > 0) < max(w) / min(v for v in w if v > 0)
     with pytest.raises(DataError, match="class_weighting"):
         _dm(demo, class_weighting="inverse")
 

@@ -28,6 +28,7 @@ from fcn.data.transforms import eval_transform, train_transform
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 DATASETS = ("demo", "camvid", "cityscapes", "folder")
+CLASS_WEIGHTINGS = (None, "median_frequency", "sqrt_median_frequency")
 
 
 class PermutationStream(Sampler[int]):
@@ -195,7 +196,8 @@ class SegDataModule(L.LightningDataModule):
         ignore_index: void label; unknown_labels: ``error`` or ``ignore`` for values outside the table.
         label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``; classes_file: folder data's YAML
             (default ``<data_root>/classes.yaml``).
-        class_weighting: None or ``median_frequency`` (CamVid/demo; computed from the training labels).
+        class_weighting: None, ``median_frequency`` (CamVid/demo; computed from the training labels) or
+            ``sqrt_median_frequency`` (their square roots: a softer push towards the rare classes).
         unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation;
             the train loader then yields ``{"labeled": ..., "unlabeled": ...}`` (unlabeled batches of
             ``round(batch_size * unlabeled_ratio)`` random crops). The labelled set sets the epoch's length:
@@ -247,8 +249,8 @@ class SegDataModule(L.LightningDataModule):
             raise DataError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
         if unknown_labels not in UNKNOWN_LABELS:
             raise DataError(f"unknown_labels must be one of {UNKNOWN_LABELS}, got {unknown_labels!r}")
-        if class_weighting not in (None, "median_frequency"):
-            raise DataError(f"class_weighting must be null or 'median_frequency', got {class_weighting!r}")
+        if class_weighting not in CLASS_WEIGHTINGS:
+            raise DataError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {class_weighting!r}")
         if label_type not in cityscapes.LABEL_TYPES:
             raise DataError(f"label_type must be one of {cityscapes.LABEL_TYPES}, got {label_type!r}")
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
@@ -315,17 +317,19 @@ class SegDataModule(L.LightningDataModule):
 
     @property
     def class_weights(self) -> list[float] | None:
-        """Median-frequency weights from the training labels when ``class_weighting`` asks for them."""
+        """Median-frequency weights (or their square roots) from the training labels when ``class_weighting``
+        asks for them."""
         if self.class_weighting is None:
             return None
         if self.dataset not in ("camvid", "demo"):
-            raise DataError("class_weighting='median_frequency' is implemented for CamVid-layout data")
+            raise DataError(f"class_weighting={self.class_weighting!r} is implemented for CamVid-layout data")
         if self._class_weights is None:
             self.prepare_data()
             frames = set(self._train_frames) if self._train_frames else None
-            self._class_weights = camvid.median_frequency_weights(
-                self.data_root, self.splits["train"], frames=frames
-            )
+            weights = camvid.median_frequency_weights(self.data_root, self.splits["train"], frames=frames)
+            if self.class_weighting == "sqrt_median_frequency":
+                weights = [w**0.5 for w in weights]
+            self._class_weights = weights
         return self._class_weights
 
     # -- data sets -----------------------------------------------------------------------------------------
