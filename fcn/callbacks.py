@@ -79,7 +79,7 @@ class ProgressLine(Callback):
         self.best: float | None = None
         self.last: float | None = None
         self._start = self._epoch_start = self._last_batch = time.monotonic()
-        self._images = self._batches = 0
+        self._images = 0
         self._epoch_seconds: list[float] = []
 
     def line(self, trainer: L.Trainer) -> str:
@@ -107,13 +107,12 @@ class ProgressLine(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = self._last_batch = time.monotonic()
-        self._images = self._batches = 0
+        self._images = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._images += count_images(batch)
-        self._batches += 1
         self._last_batch = time.monotonic()
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             rank_zero_info(self.line(trainer))
@@ -126,7 +125,7 @@ class ProgressLine(Callback):
         self.best = self.last if self.best is None else max(self.best, self.last)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._batches:
+        if not self._images:  # no training batch ran in this epoch (every batch holds images)
             return
         self._epoch_seconds.append(time.monotonic() - self._epoch_start)  # validation runs before this hook
         rank_zero_info(self.line(trainer))
