@@ -57,6 +57,7 @@ def _check_settings(values: dict[str, Any]) -> None:
         ("poly_power", lambda v: v >= 0, "0 or more, e.g. 0.9"),
         ("warmup_steps", lambda v: v >= 0, "0 or more"),
         ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("ohem_fraction", lambda v: 0 < v <= 1, "in (0, 1], e.g. 0.25 (1 keeps every pixel)"),
     )
     for name, ok, hint in checks:
         value = values[name]
@@ -78,6 +79,8 @@ class SegmentationModule(L.LightningModule):
         poly_power, warmup_steps: ``lr * (1 - step / total) ** poly_power`` after a linear warm-up.
         class_weights: per-class loss weights (length ``num_classes``) or None.
         label_smoothing: cross-entropy label smoothing.
+        ohem_fraction: online hard example mining: the share of the batch's labelled pixels, those with
+            the highest loss, that the cross entropy averages over (1: every pixel).
         init_from: checkpoint of a coarser model to start from (FCN-16s from FCN-32s, 8s from 16s).
         channels_last: run the model in channels-last memory format.
         compile: ``torch.compile`` the model (``nn.Module.compile``; checkpoint keys are unchanged).
@@ -102,6 +105,7 @@ class SegmentationModule(L.LightningModule):
         warmup_steps: int = 0,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
+        ohem_fraction: float = 1.0,
         init_from: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -163,6 +167,7 @@ class SegmentationModule(L.LightningModule):
             ignore_index=self.hparams.ignore_index,
             class_weights=self.class_weights,
             label_smoothing=self.hparams.label_smoothing,
+            ohem_fraction=self.hparams.ohem_fraction,
         )
 
     def check_finite(self, loss: torch.Tensor) -> None:

@@ -1,6 +1,9 @@
-"""The supervised segmentation loss: pixel-wise cross entropy with an ignore index and class weights."""
+"""The supervised segmentation loss: pixel-wise cross entropy with an ignore index, class weights and
+online hard-pixel mining."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,7 @@ def segmentation_loss(
     ignore_index: int = 255,
     class_weights: Tensor | None = None,
     label_smoothing: float = 0.0,
+    ohem_fraction: float = 1.0,
 ) -> Tensor:
     """Cross entropy averaged over the non-ignored pixels of the batch.
 
@@ -23,6 +27,10 @@ def segmentation_loss(
     are all ignored gives 0 (connected to ``logits``, so ``backward`` works and yields zero gradients)
     instead of the NaN of ``F.cross_entropy``. Targets outside ``[0, C)`` other than ``ignore_index``
     are an error (PyTorch raises on CPU and asserts on CUDA).
+
+    ``ohem_fraction < 1`` is online hard example mining over pixels (the bootstrapped cross entropy of
+    Wu, Shen & van den Hengel 2016): only the ``ceil(ohem_fraction * valid pixels)`` pixels of the batch
+    with the highest (weighted) loss count, averaged as above over the kept pixels. ``1`` keeps them all.
     """
     if logits.ndim < 2 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
@@ -31,6 +39,8 @@ def segmentation_loss(
         )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 < ohem_fraction <= 1.0:
+        raise ValueError(f"ohem_fraction must be in (0, 1] (1 keeps every pixel), got {ohem_fraction}")
     num_classes = logits.shape[1]
     logits = logits.float()
     target = target.long()
@@ -52,8 +62,13 @@ def segmentation_loss(
     )
     valid = target != ignore_index
     if weight is None:
-        denom = valid.sum().to(per_pixel.dtype)
+        pixel_weight = valid.to(per_pixel.dtype)
     else:
-        denom = torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0.0).sum()
-    # Ignored pixels contribute 0 to the sum; clamping the denominator turns 0/0 into 0 without a host sync.
-    return per_pixel.sum() / denom.clamp(min=torch.finfo(per_pixel.dtype).tiny)
+        pixel_weight = torch.where(valid, weight[target.clamp(0, num_classes - 1)], 0.0)
+    if ohem_fraction < 1.0:
+        # The hardest pixels only (ignored ones have loss 0 and weight 0); k needs one host sync.
+        kept = math.ceil(ohem_fraction * int(valid.sum()))
+        per_pixel, hardest = per_pixel.flatten().topk(max(kept, 1))
+        pixel_weight = pixel_weight.flatten()[hardest]
+    # Clamping the denominator turns 0/0 (every pixel ignored) into 0 without a host sync.
+    return per_pixel.sum() / pixel_weight.sum().clamp(min=torch.finfo(per_pixel.dtype).tiny)

@@ -89,3 +89,47 @@ def test_bad_shapes_raise():
         segmentation_loss(
             torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), label_smoothing=1.5
         )
+
+
+def test_ohem_keeps_the_hardest_pixels():
+    # the hand example above: pixel b (-ln 1/5) is harder than pixel a (-ln 3/4); half of the two
+    # labelled pixels is one pixel, so only b counts, and the ignored pixel c is never picked
+    logits = torch.tensor([[0.0, math.log(4.0), 100.0], [math.log(3.0), 0.0, -100.0]]).reshape(1, 2, 1, 3)
+    logits.requires_grad_(True)
+    target = torch.tensor([[[1, 1, IGNORE]]])
+    loss = segmentation_loss(logits, target, ohem_fraction=0.5)
+    assert loss.item() == pytest.approx(-math.log(1 / 5), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, :, 0, 1].abs().sum() > 0  # b is trained ...
+    assert grad[0, :, 0, 0].abs().sum() == 0 and grad[0, :, 0, 2].abs().sum() == 0  # ... a and c are not
+    # fraction 1 is the plain loss
+    assert segmentation_loss(logits, target, ohem_fraction=1.0).item() == pytest.approx(
+        segmentation_loss(logits, target).item()
+    )
+
+
+def test_ohem_matches_a_sorted_reference_with_weights():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 6, 7, generator=g)
+    target = torch.randint(0, 5, (2, 6, 7), generator=g)
+    target[:, :2] = IGNORE
+    weights = torch.rand(5, generator=g) + 0.5
+    valid = target != IGNORE
+    for w in (None, weights):
+        pixel_w = torch.ones(5)[target.clamp(0, 4)] if w is None else w[target.clamp(0, 4)]
+        per_pixel = F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE, reduction="none")
+        for fraction in (0.1, 0.3, 0.75):
+            k = math.ceil(fraction * int(valid.sum()))
+            order = per_pixel[valid].argsort(descending=True)[:k]
+            ref = per_pixel[valid][order].sum() / pixel_w[valid][order].sum()
+            ours = segmentation_loss(logits, target, class_weights=w, ohem_fraction=fraction)
+            assert ours.item() == pytest.approx(ref.item(), rel=1e-5), (w, fraction)
+            assert ours.item() > segmentation_loss(logits, target, class_weights=w).item()
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_bad_ohem_fraction_raises(fraction):
+    with pytest.raises(ValueError, match="ohem_fraction"):
+        segmentation_loss(
+            torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), ohem_fraction=fraction
+        )

@@ -340,6 +340,8 @@ def test_bad_settings_and_resume_files_are_one_line(demo_root, tmp_path, capsys)
     assert err.count("\n") == 1 and "--model.init_args.lr" in err
     assert train_main(_args(demo_root, tmp_path, "--model.init_args.momentum", "1.5")) == 2
     assert "momentum" in capsys.readouterr().err
+    assert train_main(_args(demo_root, tmp_path, "--model.init_args.ohem_fraction", "0")) == 2
+    assert "--model.init_args.ohem_fraction 0" in capsys.readouterr().err
     truncated = tmp_path / "truncated.ckpt"
     good = save_checkpoint(
         tmp_path / "good.ckpt",
