@@ -282,7 +282,8 @@ class DistillationModule(SegmentationModule):
     ``feature_key`` + ``channel_weight`` x channel-wise distillation (backbone features ``c3``/``c4``/``c5``
     go through a learned 1x1 adapter to the teacher's width; ``out``, the logits, need none).
     ``teacher_precision="bf16"`` runs the teacher's forward pass under bf16 autocast and hands its outputs
-    to the losses in fp32, whatever the trainer's precision: the frozen teacher's forward is most of a
+    to the losses in fp32, whatever the trainer's precision (``"32"`` runs it in fp32, also under a
+    ``bf16-mixed`` trainer): the frozen teacher's forward is most of a
     step when it is a VGG16 FCN (docs/RESULTS.md section 8).
     The teacher is never a submodule: it is not optimised, not wrapped by DDP and not saved.
     """
@@ -369,10 +370,10 @@ class DistillationModule(SegmentationModule):
 
     @torch.no_grad()
     def run_teacher(self, teacher: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The teacher's outputs and features for ``x``, in ``teacher_precision``; never differentiated."""
-        if self.hparams.teacher_precision == "32":
-            return self.run(teacher, x, return_features=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        """The teacher's outputs and features for ``x``, in ``teacher_precision`` whatever the trainer's
+        (``"32"`` turns a ``bf16-mixed`` trainer's autocast off); fp32 tensors, never differentiated."""
+        bf16 = self.hparams.teacher_precision == "bf16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = self.run(teacher, x, return_features=True)
         return {k: v.float() for k, v in out.items()}
 

@@ -252,6 +252,11 @@ def test_bf16_teacher_gives_fp32_targets_close_to_the_fp32_teacher(demo) -> None
     kd16 = pixel_kd_loss(student, t16["out"], temperature=1.0)
     assert abs(kd16.item() - kd32.item()) < 0.02 * kd32.item()
     assert all(p.dtype == torch.float32 for p in fast.teacher.parameters())
+    # under a bf16-mixed trainer's autocast, "32" still runs the teacher in fp32 and "bf16" in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t32_mixed, t16_mixed = exact.run_teacher(exact.teacher, x), fast.run_teacher(fast.teacher, x)
+    assert all(torch.equal(t32_mixed[k], t32[k]) for k in t32)
+    assert all(torch.equal(t16_mixed[k], t16[k]) for k in t16)
     with pytest.raises(ValueError, match="teacher_precision must be one of"):
         _module(teacher_checkpoint=str(ckpt), teacher_precision="fp16")
 
