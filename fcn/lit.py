@@ -283,8 +283,8 @@ class DistillationModule(SegmentationModule):
     go through a learned 1x1 adapter to the teacher's width; ``out``, the logits, need none).
     ``teacher_precision="bf16"`` runs the teacher's forward pass under bf16 autocast and hands its outputs
     to the losses in fp32, whatever the trainer's precision (``"32"`` runs it in fp32, also under a
-    ``bf16-mixed`` trainer): the frozen teacher's forward is most of a
-    step when it is a VGG16 FCN (docs/RESULTS.md section 8).
+    ``bf16-mixed`` trainer): the frozen teacher's forward is most of a step when it is a VGG16 FCN
+    (docs/RESULTS.md section 8).
     The teacher is never a submodule: it is not optimised, not wrapped by DDP and not saved.
     """
 
