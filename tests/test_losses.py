@@ -35,12 +35,17 @@ def test_matches_a_hand_computation():
     assert segmentation_loss(logits, target_b0).item() != pytest.approx(weighted, rel=1e-3)
 
 
-def test_matches_torch_mean_with_weights_and_smoothing():
-    g = torch.Generator().manual_seed(0)
+def _random_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (2, 5, 6, 7), a target whose first two rows are ignored, and 5 class weights in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 5, 6, 7, generator=g)
     target = torch.randint(0, 5, (2, 6, 7), generator=g)
     target[:, :2] = IGNORE
-    weights = torch.rand(5, generator=g) + 0.5
+    return logits, target, torch.rand(5, generator=g) + 0.5
+
+
+def test_matches_torch_mean_with_weights_and_smoothing():
+    logits, target, weights = _random_batch(0)
     for w, eps in [(None, 0.0), (weights, 0.0), (None, 0.1), (weights, 0.2)]:
         ours = segmentation_loss(logits, target, class_weights=w, label_smoothing=eps)
         ref = F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE, label_smoothing=eps)
@@ -109,11 +114,7 @@ def test_ohem_keeps_the_hardest_pixels():
 
 
 def test_ohem_matches_a_sorted_reference_with_weights():
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(2, 5, 6, 7, generator=g)
-    target = torch.randint(0, 5, (2, 6, 7), generator=g)
-    target[:, :2] = IGNORE
-    weights = torch.rand(5, generator=g) + 0.5
+    logits, target, weights = _random_batch(2)
     valid = target != IGNORE
     for w in (None, weights):
         pixel_w = torch.ones(5)[target.clamp(0, 4)] if w is None else w[target.clamp(0, 4)]
