@@ -75,9 +75,9 @@ def test_recipe_settings_and_header(config: Path) -> None:
     precision = "bf16-mixed" if is_teacher else 32  # bf16 pays for VGG's convolutions only
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("cpu", 1, precision)
     assert data["brightness_range"] == [0.4, 1.4]
-    # the student-alone recipes and the teacher moved to the softer weights (RESULTS 8); the quarter
-    # teacher and the distillation recipes keep the full weights they were measured with
-    softer = name in ("student", "student_loso", "student_quarter", "fcn8s")
+    # the student-alone recipes and the teachers moved to the softer weights (RESULTS 8); the
+    # distillation recipes keep the full weights they were measured with
+    softer = name in ("student", "student_loso", "student_quarter", "fcn8s", "fcn8s_quarter")
     assert data["class_weighting"] == ("sqrt_median_frequency" if softer else "median_frequency")
     assert data["num_workers"] == 2 and data["data_root"] == "data/camvid" and data["dataset"] == "camvid"
     assert data["crop_size"] == [240, 320] and "eval_size" not in data  # validation on full frames
