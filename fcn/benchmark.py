@@ -42,7 +42,7 @@ from fcn.models import ModelError, build_model, list_models
 from fcn.pipeline import PredictError, PredictOptions, run_predict
 from fcn.predictor import PRECISIONS, InferenceError, Predictor, predict_logits, resolve_device
 from fcn.scoring import sync
-from fcn.tuning import keeps_freed_memory, release_freed_memory
+from fcn.tuning import cpu_has_native_bf16, keeps_freed_memory, release_freed_memory
 
 PEERS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")
 DEFAULT_MODELS = ("fcn32s", "fcn16s", "fcn8s", "fcn8s:paper", "student", *PEERS)
@@ -92,14 +92,6 @@ def _check_spec(spec: str) -> str:
             f"unknown model {spec!r}; choose from {list_models() + list(PEERS)} (fcn*s:paper too)"
         )
     return spec
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX); else bf16 is emulated and slow."""
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:

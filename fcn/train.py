@@ -24,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from fcn.checkpoint import CheckpointError, read_checkpoint
 from fcn.data.datamodule import SegDataModule
 from fcn.data.errors import DataError
 from fcn.data.io import check_writable
 from fcn.lit import SegmentationModule, SettingError
+from fcn.tuning import cpu_has_native_bf16
 
 # Model arguments that the data module sets (linked at instantiation), with the flag that sets them.
 LINKED = {
@@ -278,6 +281,8 @@ class FCNCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_outputs()
+        for advice in emulated_bf16(self.trainer, self.model, native=cpu_has_native_bf16()):
+            rank_zero_warn(advice)
 
     # -- stops -------------------------------------------------------------------------------------------
     def _stopped(self, writer: LastCheckpoint) -> TrainingStopped:
@@ -300,6 +305,25 @@ class FCNCLI(LightningCLI):
             code,
             report=self.trainer.is_global_zero,
         )
+
+
+def emulated_bf16(trainer: Trainer, model: LightningModule, *, native: bool) -> list[str]:
+    """One line per bf16 setting of this run that a CPU without native bf16 (``native`` False, see
+    :func:`fcn.tuning.cpu_has_native_bf16`) emulates, ~14x slower than fp32, with the flag that fixes it."""
+    if native or not isinstance(trainer.accelerator, CPUAccelerator):
+        return []
+    why = (
+        "this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated: "
+        "~14x slower than fp32 (docs/RESULTS.md section 8)"
+    )
+    found = []
+    if "bf16" in str(trainer.precision):
+        found.append(f"--trainer.precision {trainer.precision}: {why}; add --trainer.precision 32")
+    if getattr(model.hparams, "teacher_precision", None) == "bf16":
+        found.append(
+            f"--model.init_args.teacher_precision bf16: {why}; add --model.init_args.teacher_precision 32"
+        )
+    return found
 
 
 def run_cli(args: Sequence[str] | None) -> FCNCLI:

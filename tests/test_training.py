@@ -389,3 +389,38 @@ def test_a_bad_image_in_a_loader_worker_is_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err  # not the worker's traceback
     assert bad.name in err
+
+
+def _bf16_advice(args: list[str]) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert train_main(args) == 0
+    return [str(w.message) for w in seen if "no native bf16" in str(w.message)]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(demo_root, tmp_path, monkeypatch) -> None:
+    """On a CPU without AVX512-BF16 / AMX, bf16 is emulated (~14x slower): fit names the flag and its fix."""
+    from types import SimpleNamespace
+
+    import fcn.train
+    from fcn.tuning import cpu_has_native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    args = _args(demo_root, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    bf16 = [*args, "--trainer.precision", "bf16-mixed"]
+    monkeypatch.setattr(fcn.train, "cpu_has_native_bf16", lambda: False)  # the CPU's flags, not a component
+    advice = _bf16_advice(bf16)
+    assert len(advice) == 1 and "--trainer.precision bf16-mixed" in advice[0], advice
+    assert "add --trainer.precision 32" in advice[0]
+    assert _bf16_advice(args) == []  # fp32 (the demo's precision): nothing to say
+    monkeypatch.setattr(fcn.train, "cpu_has_native_bf16", lambda: True)
+    assert _bf16_advice(bf16) == []
+    # a distillation teacher in bf16 under an fp32 trainer
+    teacher = SimpleNamespace(hparams=SimpleNamespace(teacher_precision="bf16"))
+    trainer = L.Trainer(accelerator="cpu", precision="32", logger=False)
+    (line,) = fcn.train.emulated_bf16(trainer, teacher, native=False)
+    assert "add --model.init_args.teacher_precision 32" in line
+    assert fcn.train.emulated_bf16(trainer, teacher, native=True) == []
