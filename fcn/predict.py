@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sliding-window", action="store_true", help="infer on overlapping crops")
     parser.add_argument("--crop", **hw, default=(512, 512), help="window size")
     parser.add_argument("--stride", **hw, help="default: half the crop")
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="horizontal-flip TTA")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
+    parser.add_argument("--flip", action="store_true", help="add horizontally flipped predictions (TTA)")
+    # older commands: `--tta flip` is now --flip (the spelling of scripts/evaluate.py)
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument(
@@ -187,7 +189,7 @@ def _main(args: argparse.Namespace, world: distributed.World) -> int:
         crop=tuple(args.crop) if args.sliding_window else None,
         stride=tuple(args.stride) if (args.sliding_window and args.stride) else None,
         scales=tuple(args.scales),
-        flip=args.tta == "flip",
+        flip=args.flip or args.tta == "flip",
         progress=not args.quiet and world.main,
         **{name: getattr(args, name) for name in (*same, "start", "end", "smooth")},  # flag = field
     )

@@ -291,8 +291,7 @@ def test_resize_sliding_tta_and_16bit_confidence(data: dict[str, Path], tmp_path
         "resize": ["--resize", 32, 40, "--outputs", "label,overlay"],
         "sliding": ["--sliding-window", "--crop", 32, 32, "--stride", 16, 16],
         "tta": [
-            "--tta",
-            "flip",
+            "--flip",
             "--scales",
             0.75,
             1.0,
@@ -311,6 +310,18 @@ def test_resize_sliding_tta_and_16bit_confidence(data: dict[str, Path], tmp_path
     conf = _read(tmp_path / "tta" / "confidence" / "day" / "c.png")
     assert conf.dtype == np.uint16 and conf.min() >= 65535 // len(PALETTE)
     assert not np.array_equal(results["resize"], results["sliding"])
+
+
+def test_flip_old_spelling(data: dict[str, Path], tmp_path: Path) -> None:
+    """``--tta flip`` of older commands is ``--flip``: the same confidences, which differ without a flip."""
+    base = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--scales", 0.75, 1.0]
+    base += ["--outputs", "confidence", "--confidence-bits", 16]
+    conf = {}
+    for name, extra in {"flip": ["--flip"], "tta_flip": ["--tta", "flip"], "none": []}.items():
+        assert _run(*base, *extra, "--output", tmp_path / name) == 0, name
+        conf[name] = _read(tmp_path / name / "confidence" / "day" / "c.png")
+    assert np.array_equal(conf["flip"], conf["tta_flip"])
+    assert not np.array_equal(conf["flip"], conf["none"])
 
 
 def test_skip_existing_resumes(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -453,7 +464,7 @@ def _slow_run(tmp_path: Path, n: int, *extra: str) -> tuple[Path, list[str], dic
     out = tmp_path / "out"
     cmd = [
         sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(ckpt), "--input", str(src),
-        "--output", str(out), *extra, "--batch-size", "1", "--num-workers", "1", "--tta", "flip",
+        "--output", str(out), *extra, "--batch-size", "1", "--num-workers", "1", "--flip",
         "--scales", "1.0", "1.5", "--quiet",
     ]  # fmt: skip
     return out, cmd, {**os.environ, "OMP_NUM_THREADS": "1"}
