@@ -37,6 +37,18 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def first_stage(tmp_path_factory) -> Path:
+    """A student checkpoint for the second-stage recipes (``init_from``)."""
+    net = build_model("student", num_classes=len(CLASSES), weights=None)
+    path = tmp_path_factory.mktemp("first_stage") / "best.ckpt"
+    palette = [list(c) for c in PALETTE]
+    kwargs = {"weights": None}
+    return save_checkpoint(
+        path, model=net, model_name="student", model_kwargs=kwargs, class_names=list(CLASSES), palette=palette
+    )
+
+
+@pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     net = build_model("fcn8s", num_classes=len(CLASSES), **TINY_TEACHER)
     path = tmp_path_factory.mktemp("teacher") / "best.ckpt"
@@ -62,6 +74,8 @@ def test_the_recipes_are_all_there() -> None:
         "fcn8s_quarter",
         "distill_semi_quarter",
         "student_loso",
+        "student_ft",
+        "student_loso_ft",
     }
 
 
@@ -77,10 +91,18 @@ def test_recipe_settings_and_header(config: Path) -> None:
     assert data["brightness_range"] == [0.4, 1.4]
     # the student-alone recipes and the teachers moved to the softer weights (RESULTS 8); the
     # distillation recipes keep the full weights they were measured with
-    softer = name in ("student", "student_loso", "student_quarter", "fcn8s", "fcn8s_quarter")
+    second_stage = name.endswith("_ft")  # whole frames from the first stage's best.ckpt
+    first = name.removesuffix("_ft")
+    softer = first in ("student", "student_loso", "student_quarter", "fcn8s", "fcn8s_quarter")
     assert data["class_weighting"] == ("sqrt_median_frequency" if softer else "median_frequency")
     assert data["num_workers"] == 2 and data["data_root"] == "data/camvid" and data["dataset"] == "camvid"
-    assert data["crop_size"] == [240, 320] and "eval_size" not in data  # validation on full frames
+    assert data["crop_size"] == ([360, 480] if second_stage else [240, 320])
+    assert "eval_size" not in data  # validation on full frames
+    if second_stage:
+        assert model["init_from"] == f"outputs/camvid_cpu/{first}/checkpoints/best.ckpt"
+        assert model["lr"] < 0.002 and trainer["max_epochs"] == 10
+    else:
+        assert "init_from" not in model
     out = f"outputs/camvid_cpu/{name}"
     assert trainer["default_root_dir"] == out and cfg["checkpoint"]["dirpath"] == f"{out}/checkpoints"
     assert {lg["init_args"]["save_dir"] for lg in trainer["logger"]} == {out}
@@ -90,7 +112,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
         assert model["model_kwargs"] == {"weights": None}
     else:
         assert model["model"] == "fcn8s" and model["model_kwargs"]["backbone"] == "vgg16_bn"
-    assert ("train_list" in data) == (name.endswith("_quarter") or name == "student_loso")
+    assert ("train_list" in data) == (name.endswith("_quarter") or first == "student_loso")
     assert data.get("unlabeled_from_train", False) == (name == "distill_semi_quarter")
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert f"python scripts/train.py fit --config configs/camvid_cpu/{name}.yaml" in header
@@ -103,7 +125,9 @@ def test_recipe_settings_and_header(config: Path) -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
-def test_recipe_trains_one_tiny_epoch(config, demo_root, teacher, tmp_path, monkeypatch, caplog) -> None:
+def test_recipe_trains_one_tiny_epoch(
+    config, demo_root, teacher, first_stage, tmp_path, monkeypatch, caplog
+) -> None:
     monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/ land here
     text = config.read_text()
     args = [
@@ -122,6 +146,8 @@ def test_recipe_trains_one_tiny_epoch(config, demo_root, teacher, tmp_path, monk
         args += ["--model.init_args.model_kwargs", json.dumps(TINY_TEACHER)]
     if "teacher_checkpoint:" in text:
         args += ["--model.init_args.teacher_checkpoint", str(teacher)]
+    if "init_from:" in text:
+        args += ["--model.init_args.init_from", str(first_stage)]
     if "train_list:" in text:
         args += ["--data.train_list", str(demo_root / "quarter.txt")]
     assert train_main(args) == 0
