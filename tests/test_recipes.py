@@ -36,31 +36,29 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
+def _camvid_checkpoint(folder: Path, model_name: str, kwargs: dict) -> Path:
+    """A freshly initialised ``model_name`` with CamVid's classes, saved as ``folder/best.ckpt``."""
+    net = build_model(model_name, num_classes=len(CLASSES), **kwargs)
+    palette = [list(c) for c in PALETTE]
+    return save_checkpoint(
+        folder / "best.ckpt",
+        model=net,
+        model_name=model_name,
+        model_kwargs=kwargs,
+        class_names=list(CLASSES),
+        palette=palette,
+    )
+
+
 @pytest.fixture(scope="module")
 def first_stage(tmp_path_factory) -> Path:
     """A student checkpoint for the second-stage recipes (``init_from``)."""
-    net = build_model("student", num_classes=len(CLASSES), weights=None)
-    path = tmp_path_factory.mktemp("first_stage") / "best.ckpt"
-    palette = [list(c) for c in PALETTE]
-    kwargs = {"weights": None}
-    return save_checkpoint(
-        path, model=net, model_name="student", model_kwargs=kwargs, class_names=list(CLASSES), palette=palette
-    )
+    return _camvid_checkpoint(tmp_path_factory.mktemp("first_stage"), "student", {"weights": None})
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    net = build_model("fcn8s", num_classes=len(CLASSES), **TINY_TEACHER)
-    path = tmp_path_factory.mktemp("teacher") / "best.ckpt"
-    palette = [list(c) for c in PALETTE]
-    return save_checkpoint(
-        path,
-        model=net,
-        model_name="fcn8s",
-        model_kwargs=TINY_TEACHER,
-        class_names=list(CLASSES),
-        palette=palette,
-    )
+    return _camvid_checkpoint(tmp_path_factory.mktemp("teacher"), "fcn8s", TINY_TEACHER)
 
 
 def test_the_recipes_are_all_there() -> None:
