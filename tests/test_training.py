@@ -143,6 +143,8 @@ def _validate(root: Path, ckpt: Path, devices: int, out: Path) -> float:
 
 
 def test_ddp_two_processes_report_the_single_process_metric(demo_root, tmp_path, monkeypatch) -> None:
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
     torch.manual_seed(0)
     module = SegmentationModule(model="fcn8s", model_kwargs=TINY, num_classes=11)
     for layer in (module.model.score_fr, module.model.score_pool4, module.model.score_pool3):
@@ -155,6 +157,8 @@ def test_ddp_two_processes_report_the_single_process_metric(demo_root, tmp_path,
     # differ by ~1e-5, and another thread count may sum a convolution in another order and flip one of
     # them (one pixel moves this mIoU by ~1e-3); equal threads give bit-identical logits.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # Lightning's launcher would leave MASTER_PORT in this process's environment; set here, it is undone.
+    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -255,26 +259,33 @@ def _signal_run(
 
     args = _args(demo_root, out, "--trainer.max_epochs", "1000", "--data.num_workers", "2", *extra)
     script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest may run in background
-    )
+    # A DDP rendezvous port left in this process's environment by an in-process run must not be reused.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    log = out / "stderr.txt"  # a file, not a pipe: a pipe nobody reads can fill and block the run
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest may run in background
+        )
     last = out / "ckpt" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    before = _step(last)[1]
-    os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
     try:
-        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 300
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        if not last.exists():
+            pytest.fail(f"no {last} (exit code {proc.poll()}); stderr ends:\n{log.read_text()[-3000:]}")
+        before = _step(last)[1]
+        os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    err = log.read_text()
     time.sleep(0.5)
     leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not leftovers, f"processes left behind: {leftovers}"
