@@ -5,7 +5,8 @@
 
 - ``best.ckpt``: the best epoch on val mIoU (the ``--checkpoint.*`` options);
 - ``last.ckpt``: the newest step, written at every training-epoch end (after validation, whatever it
-  scored), every ``--checkpoint_every`` minutes inside an epoch, and when SIGTERM or Ctrl-C stops the run.
+  scored; every N-th with ``--last_every_n_epochs N``), every ``--checkpoint_every`` minutes inside an
+  epoch, and when SIGTERM or Ctrl-C stops the run.
   Lightning writes both atomically (a temporary file, then a rename). ``--ckpt_path last.ckpt`` resumes at
   the saved global step with the same learning-rate schedule.
 """
@@ -71,6 +72,7 @@ class LastCheckpoint(ModelCheckpoint):
         dirpath: str | Path | None,
         *,
         train_time_interval: timedelta | None = None,
+        every_n_epochs: int = 1,
         stop_saver: bool = False,
     ) -> None:
         super().__init__(
@@ -80,7 +82,7 @@ class LastCheckpoint(ModelCheckpoint):
             save_top_k=1,
             save_on_train_epoch_end=True,
             enable_version_counter=False,
-            every_n_epochs=None if train_time_interval is not None else 1,
+            every_n_epochs=None if train_time_interval is not None else every_n_epochs,
             train_time_interval=train_time_interval,
         )
         self.stop_saver = stop_saver
@@ -146,10 +148,12 @@ class LastCheckpoint(ModelCheckpoint):
         self.saved_on_stop = path
 
 
-def last_checkpoints(dirpath: str | Path | None, *, every_minutes: float) -> list[LastCheckpoint]:
-    """The ``last.ckpt`` writers: at every training-epoch end and on stop, and every ``every_minutes``
-    minutes of training (none when ``every_minutes`` is 0)."""
-    writers = [LastCheckpoint(dirpath, stop_saver=True)]
+def last_checkpoints(
+    dirpath: str | Path | None, *, every_minutes: float, every_n_epochs: int = 1
+) -> list[LastCheckpoint]:
+    """The ``last.ckpt`` writers: at the end of every ``every_n_epochs``-th training epoch and on stop,
+    and every ``every_minutes`` minutes of training (none when ``every_minutes`` is 0)."""
+    writers = [LastCheckpoint(dirpath, every_n_epochs=every_n_epochs, stop_saver=True)]
     if every_minutes > 0:
         writers.append(LastCheckpoint(dirpath, train_time_interval=timedelta(minutes=every_minutes)))
     return writers
@@ -194,6 +198,13 @@ class FCNCLI(LightningCLI):
             default=10.0,
             help="minutes of training between two writes of last.ckpt inside an epoch (0: epoch ends only); "
             "last.ckpt is also written at every epoch end and on SIGTERM / Ctrl-C",
+        )
+        parser.add_argument(
+            "--last_every_n_epochs",
+            type=int,
+            default=1,
+            help="write last.ckpt at the end of every N-th training epoch (default 1: every epoch); more "
+            "for models whose checkpoint takes longer to write than an epoch to train (FCN-8s on a GPU)",
         )
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
@@ -247,7 +258,10 @@ class FCNCLI(LightningCLI):
             every = float(self.config[self.subcommand].get("checkpoint_every") or 0)
             if every < 0:
                 raise SettingError(f"--checkpoint_every must be 0 or more minutes, got {every}")
-            self.last_writers = last_checkpoints(best.dirpath, every_minutes=every)
+            n = int(self.config[self.subcommand].get("last_every_n_epochs", 1))
+            if n < 1:
+                raise SettingError(f"--last_every_n_epochs must be 1 or more, got {n}")
+            self.last_writers = last_checkpoints(best.dirpath, every_minutes=every, every_n_epochs=n)
             trainer.callbacks.extend(self.last_writers)
         return trainer
 

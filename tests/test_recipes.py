@@ -197,3 +197,42 @@ def test_quarter_list_regenerates_from_real_camvid_and_the_pool_is_the_rest(tmp_
     pool = {p.name for p in dm.train_dataloader()["unlabeled"].dataset.paths}
     every = {image.name for image, _ in camvid_pairs(CAMVID, "train")}
     assert len(labelled) == 92 and len(pool) == 275 and not labelled & pool and labelled | pool == every
+
+
+# -- the GPU recipes (configs/camvid_gpu/): full resolution, staged FCN-32s -> 16s -> 8s -------------------
+GPU_CONFIGS = sorted((REPO / "configs" / "camvid_gpu").glob("*.yaml"))
+COARSER = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}
+
+
+def test_the_gpu_recipes_are_the_staged_fcns_the_student_and_its_distillation() -> None:
+    assert {c.stem for c in GPU_CONFIGS} == {"fcn32s", "fcn16s", "fcn8s", "student", "distill_offline"}
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: c.stem)
+def test_gpu_recipe_trains_one_tiny_epoch_on_cpu(config, demo_root, teacher, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/ land here
+    cfg = yaml.safe_load(config.read_text())
+    model, data = cfg["model"]["init_args"], cfg["data"]
+    assert (cfg["trainer"]["accelerator"], cfg["trainer"]["precision"]) == ("gpu", "bf16-mixed")
+    assert data["crop_size"] == [360, 480] and model["model_kwargs"]["weights"] is None
+    out = f"outputs/camvid_gpu/{config.stem}"
+    assert cfg["checkpoint"]["dirpath"] == f"{out}/checkpoints"
+    args = ["fit", "--config", str(config), "--data.data_root", str(demo_root)]
+    args += ["--data.crop_size", "[32, 48]"]
+    args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32", "--data.num_workers", "0"]
+    args += ["--data.batch_size", "2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    args += ["--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1"]
+    if model["model"] != "student":
+        assert model["model_kwargs"]["backbone"] == "vgg16_bn" and "fc_dim" not in model["model_kwargs"]
+        args += ["--model.init_args.model_kwargs", json.dumps({**TINY_TEACHER, "weights": None})]
+    if model["model"] in COARSER:  # stages 2 and 3 start from the coarser stage's best.ckpt
+        coarser = COARSER[model["model"]]
+        assert model["init_from"] == f"outputs/camvid_gpu/{coarser}/checkpoints/best.ckpt"
+        (tmp_path / "init").mkdir()
+        init = _camvid_checkpoint(tmp_path / "init", coarser, TINY_TEACHER)
+        args += ["--model.init_args.init_from", str(init)]
+    if "teacher_checkpoint" in model:
+        assert model["teacher_checkpoint"] == "outputs/camvid_gpu/fcn8s/checkpoints/best.ckpt"
+        args += ["--model.init_args.teacher_checkpoint", str(teacher)]
+    assert train_main(args) == 0
+    assert (tmp_path / out / "checkpoints" / "best.ckpt").is_file()

@@ -218,6 +218,13 @@ def test_last_ckpt_is_the_last_step_and_resume_continues(demo_root, tmp_path) ->
     assert _step(tmp_path / "ckpt" / "last.ckpt") == (5, 6 * steps_per_epoch)
 
 
+def test_last_every_n_epochs_writes_last_ckpt_every_nth_epoch(demo_root, tmp_path) -> None:
+    args = _args(demo_root, tmp_path, "--trainer.max_epochs", "3", "--last_every_n_epochs", "2")
+    assert train_main(args) == 0
+    assert _step(tmp_path / "ckpt" / "last.ckpt") == (1, 2 * 2)  # epoch 1 (the 2nd), 2 steps an epoch
+    assert train_main([*args[:-2], "--last_every_n_epochs", "0"]) != 0  # refused in one line
+
+
 def test_last_ckpt_is_written_inside_an_epoch_every_interval(demo_root, tmp_path) -> None:
     from fcn.train import last_checkpoints
 
