@@ -197,7 +197,7 @@ class FCNCLI(LightningCLI):
             type=float,
             default=10.0,
             help="minutes of training between two writes of last.ckpt inside an epoch (0: epoch ends only); "
-            "last.ckpt is also written at every epoch end and on SIGTERM / Ctrl-C",
+            "last.ckpt is also written at epoch ends (--last_every_n_epochs) and on SIGTERM / Ctrl-C",
         )
         parser.add_argument(
             "--last_every_n_epochs",

@@ -122,24 +122,22 @@ def test_recipe_settings_and_header(config: Path) -> None:
             assert model[key] == f"outputs/camvid_cpu/{teacher}/checkpoints/best.ckpt"
 
 
+def _tiny_epoch_args(config: Path, demo_root: Path) -> list[str]:
+    """``fit`` with ``config`` on the demo data: one epoch of 2 batches of 2 tiny crops, one val batch."""
+    args = ["fit", "--config", str(config), "--data.data_root", str(demo_root)]
+    args += ["--data.crop_size", "[32, 48]", "--data.batch_size", "2", "--data.num_workers", "0"]
+    args += ["--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    return [*args, "--trainer.check_val_every_n_epoch", "1"]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_recipe_trains_one_tiny_epoch(
     config, demo_root, teacher, first_stage, tmp_path, monkeypatch, caplog
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/ land here
     text = config.read_text()
-    args = [
-        "fit",
-        "--config",
-        str(config),
-        "--data.data_root",
-        str(demo_root),
-        "--data.crop_size",
-        "[32, 48]",
-    ]
-    args += ["--data.batch_size", "2", "--data.num_workers", "0", "--trainer.max_epochs", "1"]
-    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
-    args += ["--trainer.check_val_every_n_epoch", "1"]
+    args = _tiny_epoch_args(config, demo_root)
     if "model: fcn8s" in text:
         args += ["--model.init_args.model_kwargs", json.dumps(TINY_TEACHER)]
     if "teacher_checkpoint:" in text:
@@ -217,11 +215,7 @@ def test_gpu_recipe_trains_one_tiny_epoch_on_cpu(config, demo_root, teacher, tmp
     assert data["crop_size"] == [360, 480] and model["model_kwargs"]["weights"] is None
     out = f"outputs/camvid_gpu/{config.stem}"
     assert cfg["checkpoint"]["dirpath"] == f"{out}/checkpoints"
-    args = ["fit", "--config", str(config), "--data.data_root", str(demo_root)]
-    args += ["--data.crop_size", "[32, 48]"]
-    args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32", "--data.num_workers", "0"]
-    args += ["--data.batch_size", "2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
-    args += ["--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1"]
+    args = [*_tiny_epoch_args(config, demo_root), "--trainer.accelerator", "cpu", "--trainer.precision", "32"]
     if model["model"] != "student":
         assert model["model_kwargs"]["backbone"] == "vgg16_bn" and "fc_dim" not in model["model_kwargs"]
         args += ["--model.init_args.model_kwargs", json.dumps({**TINY_TEACHER, "weights": None})]
