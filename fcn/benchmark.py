@@ -1,13 +1,9 @@
 """Speed, FLOPs and memory of the registered models (and torchvision peers), side by side in one run.
 
 ``python scripts/benchmark.py --models fcn8s fcn8s:paper student --size 360 480`` prints a Markdown table
-and writes JSON. A model spec is a registry name with an optional ``:paper`` / ``:aligned`` mode suffix,
-or a torchvision peer (``fcn_resnet50``, ``lraspp_mobilenet_v3_large``, random init). Figures:
-parameters, forward GFLOPs (``torch.utils.flop_counter``), batch-1 latency (median and p90 after warm-up),
-throughput at ``--batch``, one training step (forward + backward + SGD), peak memory (CUDA max allocated,
-or the process's peak RSS on CPU, reset per model through ``/proc/self/clear_refs`` after giving freed
-memory back to the OS), and achieved GFLOP/s as a share of a matmul peak measured on the same machine, so
-results compare across machines.
+(parameters, GFLOPs, batch-1 latency, throughput, a training step, peak memory, GFLOP/s as a share of a
+matmul peak measured on the same machine) and writes JSON. Also ``predict --benchmark`` (the pipeline
+against the bare forward pass).
 """
 
 from __future__ import annotations
@@ -142,12 +138,8 @@ def count_gflops(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def matmul_peak_gflops(device: torch.device, *, precision: str = "fp32") -> float:
-    """Best GFLOP/s of a large square matrix product on this machine and dtype: the reference 'peak'.
-
-    Two GEMM back-ends are tried and the faster one counts: ``torch.matmul`` (MKL/cuBLAS) and the same
-    product as a channels-last 1x1 convolution (oneDNN/cuDNN). On AMD CPUs MKL's sgemm reaches only about
-    half of what oneDNN's GEMM does, and a 'peak' below what the convolutions achieve would mean nothing.
-    """
+    """Best GFLOP/s of a large matrix product on this machine and dtype, the reference 'peak': the faster of
+    ``torch.matmul`` and the same product as a 1x1 convolution (on AMD CPUs MKL reaches half of oneDNN)."""
     n, iters = (8192 if device.type == "cuda" else 4096), 10
     dtype = PRECISIONS[precision]
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -155,9 +147,7 @@ def matmul_peak_gflops(device: torch.device, *, precision: str = "fp32") -> floa
     best = min(_timeit(lambda: a @ b, device, warmup=2, iters=iters))
     side = int(n**0.5)  # (1, n, side, side) activations x (n, n) weights = an n x n x side^2 GEMM
     conv = nn.Conv2d(n, n, 1, bias=False).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    x = torch.randn(1, n, side, side, device=device, dtype=dtype).contiguous(
-        memory_format=torch.channels_last
-    )
+    x = torch.randn(1, n, side, side, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         conv_best = min(_timeit(lambda: conv(x), device, warmup=2, iters=iters))
     return max(2 * n**3 / best, 2 * n * n * side * side / conv_best) / 1e9
@@ -177,7 +167,8 @@ def bench_model(
     train: bool = True,
     peak_gflops: float,
 ) -> Result:
-    """Measure one model at one size; see the module docstring for the figures."""
+    """Measure one model (a ``spec`` of :func:`make_model`) at one size: the figures of a :class:`Result`.
+    Peak memory is CUDA's max allocated, or on CPU the peak RSS, reset per model."""
     torch.manual_seed(0)
     _reset_peak(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -189,7 +180,6 @@ def bench_model(
     model.eval()
     gflops = count_gflops(model, x1)
     run = torch.compile(model) if compile else model
-
     with torch.inference_mode(), _autocast(device, precision):
         lat = _timeit(lambda: run(x1), device, warmup=2, iters=iters)
         thr = _timeit(lambda: run(xb), device, warmup=1, iters=max(2, iters // 2))
@@ -248,18 +238,16 @@ def ratio_lines(results: Sequence[Result]) -> list[str]:
     by = {(r.model, r.size): r for r in results}
     lines = []
     for (name, size), r in by.items():
-        if name == "fcn8s" and ("fcn8s:paper", size) in by:
-            p = by[("fcn8s:paper", size)]
+        at = f"at {size[0]}x{size[1]}"
+        if name == "fcn8s" and (p := by.get(("fcn8s:paper", size))):
             lines.append(
-                f"fcn8s aligned vs paper at {size[0]}x{size[1]}: {r.throughput_ips / p.throughput_ips:.2f}x "
-                f"throughput, {p.gflops / r.gflops:.2f}x fewer GFLOPs"
+                f"fcn8s aligned vs paper {at}: {r.throughput_ips / p.throughput_ips:.2f}x throughput, "
+                f"{p.gflops / r.gflops:.2f}x fewer GFLOPs"
             )
-        if name == "student" and ("fcn8s", size) in by:
-            t = by[("fcn8s", size)]
+        if name == "student" and (t := by.get(("fcn8s", size))):
             lines.append(
-                f"student vs fcn8s at {size[0]}x{size[1]}: 1/{t.gflops / r.gflops:.0f} GFLOPs, "
-                f"1/{t.params_m / r.params_m:.0f} params, {t.latency_ms_median / r.latency_ms_median:.1f}x "
-                "lower latency"
+                f"student vs fcn8s {at}: 1/{t.gflops / r.gflops:.0f} GFLOPs, 1/{t.params_m / r.params_m:.0f} "
+                f"params, {t.latency_ms_median / r.latency_ms_median:.1f}x lower latency"
             )
     return lines
 
@@ -276,17 +264,6 @@ def backbone_conv_efficiency(
     with torch.inference_mode():
         sec = min(_timeit(lambda: net(x), device, warmup=1, iters=iters))
     return {"gflops": gflops, "gflops_s": gflops / sec, "share_of_peak": gflops / sec / peak_gflops}
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,12 +296,14 @@ def main(argv: Sequence[str]) -> int:
         _check_spec(spec)
     if device.type == "cpu" and args.precision == "bf16" and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 is emulated and much slower")
-    with _threads(args.threads):
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
         peak = matmul_peak_gflops(device, precision=args.precision)
+        cpu = platform.processor() or platform.machine()
         env = {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "precision": args.precision,
@@ -335,26 +314,18 @@ def main(argv: Sequence[str]) -> int:
             "malloc_keeps_freed_memory": keeps_freed_memory(),  # fcn.tuning.keep_freed_memory
         }
         print(f"# {json.dumps(env)}")
+        flags = ("num_classes", "precision", "batch", "channels_last", "compile", "iters")
+        options = {flag: getattr(args, flag) for flag in flags}
+        options.update(device=device, train=not args.no_train, peak_gflops=peak)
         results = []
         for size, spec in itertools.product(sizes, args.models):
-            r = bench_model(
-                spec,
-                size=size,
-                num_classes=args.num_classes,
-                device=device,
-                precision=args.precision,
-                batch=args.batch,
-                channels_last=args.channels_last,
-                compile=args.compile,
-                iters=args.iters,
-                train=not args.no_train,
-                peak_gflops=peak,
-            )
-            results.append(r)
+            results.append(r := bench_model(spec, size=size, **options))
             print(f"  measured {spec} at {size[0]}x{size[1]}: {r.throughput_ips:.2f} images/s", flush=True)
         extra = {}
         if args.backbone_efficiency:
             extra = backbone_conv_efficiency(size=sizes[0], device=device, batch=args.batch, peak_gflops=peak)
+    finally:
+        torch.set_num_threads(threads)
     print(markdown_table(results))
     for line in ratio_lines(results):
         print(line)
@@ -371,16 +342,11 @@ def main(argv: Sequence[str]) -> int:
 
 
 # -- predict --benchmark: the pipeline against the bare forward pass ------------------------------------
-
-
 class StageTimes:
-    """The ``timer`` of :func:`fcn.pipeline.run_predict`: CPU time per stage of the per-image work, summed
-    over the threads that did it, and the forward passes' wall time (printed by ``predict --benchmark``).
-
-    Stages: ``decode`` (read + decode a file), ``normalise`` (``cv2.LUT`` into the batch buffer),
-    ``arg-max``, ``encode`` (the label/colour PNGs), ``write`` (folders, temporary file, rename), ``other
-    outputs`` (overlay, confidence: encode + write).
-    """
+    """The ``timer`` of :func:`fcn.pipeline.run_predict`: the forward passes' wall time and the CPU time,
+    summed over threads, of each stage: ``decode`` (read + decode), ``normalise`` (``cv2.LUT`` into the
+    batch), ``arg-max``, ``encode`` (label/colour PNGs), ``write`` (temporary file, rename), ``other
+    outputs`` (overlay, confidence)."""
 
     def __init__(self) -> None:
         self.cpu: dict[str, float] = defaultdict(float)
@@ -399,18 +365,20 @@ class StageTimes:
 
 
 def benchmark_predict(
-    predictor: Predictor, items: Sequence[InputItem], options: PredictOptions, *, repeats: int = 3,
+    predictor: Predictor,
+    items: Sequence[InputItem],
+    options: PredictOptions,
+    *,
+    repeats: int = 3,
     rewrite: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """Predict throughput against the bare forward pass, in one process.
+) -> dict[str, Any]:
+    """Predict throughput against the bare forward pass, in one process: ``repeats`` full runs of
+    :func:`~fcn.pipeline.run_predict` (warm-up included) alternating with :func:`benchmark_forward`.
 
-    Alternates ``repeats`` full runs of :func:`~fcn.pipeline.run_predict` (no skipping) with
-    :func:`benchmark_forward` at the same batch size and strategy, and returns the medians (``predict_ips``,
-    ``forward_ips``, ``share`` = median of the per-repeat ratios), the per-repeat ``runs`` and page
-    ``faults`` per image, the ``stages`` (ms per image) and the ``failed`` count of the first run. Each run
-    counts the first batch's warm-up, the bare forward does not (``share`` is conservative). The first run
-    writes into ``options.output``; the others write new files, as a first run does, into a temporary folder
-    inside it that is removed afterwards (untimed), or with ``rewrite`` replace the first run's files.
+    Returns the medians ``predict_ips``, ``forward_ips`` and ``share`` (of the per-repeat ratios), the
+    per-repeat ``runs`` and page ``faults`` per image, ``stages`` (ms per image), ``forward_wall``,
+    ``overlap`` and the first run's ``failed`` count. Later runs write into a temporary folder inside
+    ``options.output`` (removed), or with ``rewrite`` over the first run's files.
     """
     if repeats < 1:
         raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
@@ -418,9 +386,10 @@ def benchmark_predict(
     faults: list[tuple[float, float]] = []
     stages = StageTimes()
     done = failed = 0
+    forward_images = (_forward_batches(items, options.batch_size) + 1) * options.batch_size  # + warm-up
     for i in range(repeats):
         fresh = (
-            None if (i == 0 or rewrite) else Path(tempfile.mkdtemp(prefix=".benchmark-", dir=options.output))
+            None if i == 0 or rewrite else Path(tempfile.mkdtemp(prefix=".benchmark-", dir=options.output))
         )
         run = replace(options, output=fresh or options.output, skip_existing=False, progress=False)
         start = _page_faults()
@@ -435,9 +404,7 @@ def benchmark_predict(
             raise PredictError("--benchmark: no image could be predicted")
         print(summary.line())
         middle = _page_faults()
-        forward_ips = benchmark_forward(predictor, items, options)
-        runs.append((summary.images_per_second, forward_ips))
-        forward_images = (_forward_batches(items, options.batch_size) + 1) * options.batch_size  # + warm-up
+        runs.append((summary.images_per_second, benchmark_forward(predictor, items, options)))
         faults.append(((middle - start) / len(items), (_page_faults() - middle) / forward_images))
     return {
         "predict_ips": statistics.median(p for p, _ in runs),

@@ -1,14 +1,4 @@
-"""Lightning callbacks for watching training: a one-line progress report and validation prediction grids.
-
-Both are plain ``lightning.pytorch.callbacks.Callback`` s; the configs under ``configs/camvid_cpu/`` add them
-through ``trainer.callbacks``::
-
-    trainer:
-      callbacks:
-        - class_path: fcn.callbacks.ProgressLine
-        - class_path: fcn.callbacks.ValPredictionGrid
-          init_args: {every_n_epochs: 5, num_images: 4}
-"""
+"""Callbacks for watching training (``trainer.callbacks``): a one-line progress report, val grids."""
 
 from __future__ import annotations
 
@@ -17,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -26,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from fcn.data.io import colorize, write_bytes_atomic
+from fcn.data.io import colorize, write_png_atomic
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
 
@@ -35,16 +24,13 @@ def format_duration(seconds: float, *, precise: bool = True) -> str:
     seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
-    if seconds < 3600:
-        minutes, rest = divmod(seconds, 60)
-        return f"{minutes}m{rest:02d}s" if precise else f"{round(seconds / 60)}m"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if precise else f"{round(seconds / 60)}m"
 
 
 def count_images(batch: Any) -> int:
-    """Images in a training batch: ``(images, masks)``, or the semi-supervised dict of such pairs (labelled
-    and unlabeled images both count)."""
+    """Images in a training batch ``(images, masks)`` or a semi-supervised dict of such pairs (all count)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     if isinstance(batch, dict):
@@ -55,21 +41,13 @@ def count_images(batch: Any) -> int:
 
 
 class ProgressLine(Callback):
-    """Print one line per training epoch (and every ``every_n_steps`` steps when > 0), on rank 0 only::
+    """Log one line per training epoch (and every ``every_n_steps`` steps when > 0) with ``rank_zero_info``::
 
         epoch 3/40  step 138  train 12.3 img/s  val mIoU 0.512 (best 0.530)  elapsed 5m12s  ETA 31m
 
-    ``img/s`` counts the images of the epoch's training batches (labelled + unlabeled) over the time spent
-    in training steps, validation excluded; the ETA is the mean epoch time (validation included) times the
-    epochs left to ``max_epochs``. The best value survives a resume (it is saved in the checkpoint); an
-    epoch without training batches (a resume from a checkpoint written after the epoch's last batch) prints
-    nothing and does not count towards the ETA.
-    Lines go through Lightning's ``rank_zero_info`` (the ``lightning.fabric`` logger, to stderr).
-
-    Args:
-        every_n_steps: also print every this many optimiser steps (0: only at epoch ends).
-        monitor: the validation metric shown (``val/mIoU``); mode ``max``.
-    """
+    ``img/s``: the epoch's training images over its training-step time; ETA: the mean epoch time times the
+    epochs left. ``monitor`` (mode max) and its best value are kept in the checkpoint. An epoch without
+    training batches (resumed after its last batch) prints nothing and does not count towards the ETA."""
 
     def __init__(self, every_n_steps: int = 0, monitor: str = "val/mIoU") -> None:
         if every_n_steps < 0:
@@ -134,8 +112,7 @@ class ProgressLine(Callback):
         return {"best": self.best, "last": self.last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = state_dict.get("best")
-        self.last = state_dict.get("last")
+        self.best, self.last = state_dict.get("best"), state_dict.get("last")
 
 
 def prediction_grid(
@@ -148,11 +125,8 @@ def prediction_grid(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """One row per image: ``image | ground truth | prediction``, RGB uint8 ``(N*H, 3*W, 3)``.
-
-    ``images`` are normalised ``(N, 3, H, W)`` (undone with ``mean``/``std``), ``masks`` and
-    ``predictions`` train ids ``(N, H, W)``; void (``ignore_index``) is black.
-    """
+    """One row per image, ``image | ground truth | prediction``: RGB uint8 ``(N*H, 3*W, 3)`` from normalised
+    ``(N, 3, H, W)`` images (undone with ``mean``/``std``) and ``(N, H, W)`` train ids; void is black."""
     m = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     rgb = ((images.float().cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -163,12 +137,9 @@ def prediction_grid(
 
 
 class ValPredictionGrid(Callback):
-    """Every ``every_n_epochs`` epochs (and at the last), predict the first ``num_images`` validation images
-    and write a grid (one row each: image | ground truth | prediction, the model's palette, void black) to
-    ``dirpath/epoch_XXX.png`` (``XXX`` the 0-based epoch, as in ``metrics.csv``; default ``dirpath``:
-    ``<trainer.default_root_dir>/val_grids``) and to TensorBoard (``val/predictions``) when a
-    ``TensorBoardLogger`` is attached. Rank 0 only; images of other sizes are resized to the first's.
-    """
+    """Every ``every_n_epochs`` epochs (and at the last), write the :func:`prediction_grid` of the first
+    ``num_images`` validation images (resized to the first's size) to ``dirpath/epoch_XXX.png`` (0-based
+    epoch; default ``<default_root_dir>/val_grids``) and to TensorBoard (``val/predictions``). Rank 0 only."""
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 4, dirpath: str | None = None) -> None:
         if every_n_epochs < 1 or num_images < 1:
@@ -182,9 +153,8 @@ class ValPredictionGrid(Callback):
 
     def _samples(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batch is None:
-            loaders = trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            ds = loader.dataset
+            loader = trainer.val_dataloaders
+            ds = (loader[0] if isinstance(loader, (list, tuple)) else loader).dataset
             items = [ds[i] for i in range(min(self.num_images, len(ds)))]
             size = tuple(items[0][0].shape[-2:])  # resizing to the same size changes nothing
             images = torch.cat([F.interpolate(image[None], size=size, mode="bilinear") for image, _ in items])
@@ -192,13 +162,10 @@ class ValPredictionGrid(Callback):
             self._batch = images, masks.long()
         return self._batch
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        epoch = trainer.current_epoch
-        last = trainer.max_epochs is not None and epoch + 1 == trainer.max_epochs
-        return (epoch + 1) % self.every_n_epochs == 0 or last
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not self._due(trainer):
+        epoch = trainer.current_epoch + 1
+        due = epoch % self.every_n_epochs == 0 or epoch == trainer.max_epochs
+        if trainer.sanity_checking or not trainer.is_global_zero or not due:
             return
         images, masks = self._samples(trainer)
         hp = pl_module.hparams
@@ -208,29 +175,14 @@ class ValPredictionGrid(Callback):
             preds = pl_module(images.to(pl_module.device)).argmax(1)
         pl_module.train(was_training)
         num_classes = int(hp.get("num_classes", preds.max().item() + 1))
-        grid = prediction_grid(
-            images,
-            masks,
-            preds,
-            palette=hp.get("palette") or default_palette(num_classes),
-            ignore_index=int(hp.get("ignore_index", 255)),
-            mean=hp.get("mean", IMAGENET_MEAN),
-            std=hp.get("std", IMAGENET_STD),
-        )
-        self.write(grid, trainer)
-
-    def write(self, grid: np.ndarray, trainer: L.Trainer) -> Path:
-        """Write ``grid`` as this epoch's PNG (atomically) and to TensorBoard; returns the PNG's path."""
+        palette, ignore = hp.get("palette") or default_palette(num_classes), int(hp.get("ignore_index", 255))
+        stats = {k: hp[k] for k in ("mean", "std") if k in hp}  # else ImageNet's
+        grid = prediction_grid(images, masks, preds, palette=palette, ignore_index=ignore, **stats)
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "val_grids")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch_{trainer.current_epoch:03d}.png"
-        ok, data = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise OSError(f"could not encode the prediction grid for {path}")
-        write_bytes_atomic(path, data.tobytes())
+        write_png_atomic(folder / f"epoch_{trainer.current_epoch:03d}.png", grid)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(
                     "val/predictions", grid, global_step=trainer.global_step, dataformats="HWC"
                 )
-        return path

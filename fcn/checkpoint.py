@@ -1,14 +1,11 @@
 """Reading training checkpoints as untrusted input: ``weights_only`` loading, validation, model rebuild.
-
-A checkpoint written by :class:`fcn.lit.SegmentationModule` is self-describing: its ``hyper_parameters``
-hold the model name and keyword arguments, ``num_classes``, class names, palette, ignore index and the
-normalisation. :func:`load_model` rebuilds the model from the file alone.
-"""
+Their ``hyper_parameters`` (from :class:`fcn.lit.SegmentationModule`) describe the model and the data."""
 
 from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fcn.data.io import atomic_path
 from fcn.models import ModelError, build_model, list_models
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
@@ -57,9 +55,7 @@ class ModelMeta:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str | Path) -> ModelMeta:
         """Validate decoded export metadata; :class:`CheckpointError` naming ``source`` when unusable."""
-        missing = [
-            k for k in ("model_name", "num_classes", "class_names", "palette", "mean", "std") if k not in data
-        ]
+        missing = sorted({"model_name", "num_classes", "class_names", "palette", "mean", "std"} - set(data))
         if missing:
             raise CheckpointError(
                 f"{source} lacks the fcn metadata {missing}; export it with `python scripts/export.py`"
@@ -99,11 +95,8 @@ def require_file(path: Path, *, what: str, fix: str) -> None:
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
     """Return the model's state dict (``model.`` prefix removed) and the validated description."""
     path = Path(path).expanduser()
-    require_file(
-        path,
-        what="checkpoint",
-        fix="pass the .ckpt written by `python scripts/train.py` (see the 'best checkpoint:' line it prints)",
-    )
+    fix = "pass the .ckpt written by `python scripts/train.py` (see the 'best checkpoint:' line it prints)"
+    require_file(path, what="checkpoint", fix=fix)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip/pickle/unpickler errors vary by torch version
@@ -117,11 +110,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMet
             f"{path} is not a Lightning checkpoint (no 'state_dict'); use a .ckpt from training"
         )
     hp = ckpt.get("hyper_parameters")
-    if not isinstance(hp, dict):
-        raise CheckpointError(f"{path} has no hyper_parameters; it was not written by fcn's training module")
-    missing = [k for k in ("model", "num_classes") if k not in hp]
-    if missing:
-        raise CheckpointError(f"{path} hyper_parameters lack {missing}; it was not written by fcn's training")
+    if not isinstance(hp, dict) or "model" not in hp or "num_classes" not in hp:
+        raise CheckpointError(
+            f"{path} has no hyper_parameters 'model' and 'num_classes'; it was not written by fcn's training"
+        )
     name = hp["model"]
     if not isinstance(name, str) or name not in list_models():
         raise CheckpointError(f"{path} names model {name!r}, which is not one of {list_models()}")
@@ -136,13 +128,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMet
 
 
 def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) -> dict[str, Any]:
-    """Validate the data description of a checkpoint or an export's metadata: ``num_classes`` (int >= 1),
-    ``class_names`` (that many strings), ``palette`` (that many RGB triples in 0..255), ``ignore_index``
-    (int), ``mean`` / ``std`` (3 finite numbers; std non-zero), ``model_kwargs`` (a mapping).
-
-    Missing optional fields get defaults. Returns those fields, normalised (lists of int / float / str);
-    raises one :class:`CheckpointError` naming the field and ``source``, ending with ``fix``.
-    """
+    """Validate and normalise the data description of a checkpoint or an export's metadata (defaults for
+    missing optional fields): ``num_classes``, ``class_names``, ``palette``, ``ignore_index``, ``mean``,
+    ``std``, ``model_kwargs``. Raises one :class:`CheckpointError` naming the field and ``source``, ending
+    with ``fix``."""
 
     def bad(name: str, problem: str) -> CheckpointError:
         return CheckpointError(f"{source}: {name} {problem}; {fix}")
@@ -169,9 +158,7 @@ def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) 
         values = data.get(name, default)
         if not isinstance(values, (list, tuple)) or len(values) != 3:
             raise bad(name, f"must be 3 numbers (R, G, B), got {_short(values)}")
-        if not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
-        ):
+        if not all((_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in values):
             raise bad(name, f"must be finite numbers, got {list(values)}")
         if name == "std" and not all(v > 0 for v in values):
             raise bad(name, f"must be positive (images are divided by it), got {list(values)}")
@@ -198,9 +185,17 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
-    """Rebuild the model described by a checkpoint and load its weights (eval mode)."""
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", num_classes: int | None = None
+) -> tuple[nn.Module, ModelMeta]:
+    """Rebuild the model described by a checkpoint and load its weights (eval mode); with ``num_classes``,
+    refuse a checkpoint trained on another number of classes."""
     state, info = read_checkpoint(path)
+    if num_classes is not None and info.num_classes != num_classes:
+        raise CheckpointError(
+            f"{path} has {info.num_classes} classes but the data has {num_classes}; "
+            "use a checkpoint trained on the same classes"
+        )
     try:
         model = build_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
     except ModelError as err:
@@ -208,8 +203,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # e.g. num_classes differs from the score layers' outputs
-        detail = " ".join(str(err).split())  # PyTorch lists every mismatch on its own line
-        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        detail = textwrap.shorten(str(err), 300, placeholder=" ...")  # PyTorch lists mismatches one a line
         raise CheckpointError(
             f"{path}: weights do not fit {info.model_name} with num_classes {info.num_classes} ({detail})"
         ) from err
@@ -228,24 +222,15 @@ def save_checkpoint(
     mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
     std: tuple[float, ...] | list[float] = IMAGENET_STD,
 ) -> Path:
-    """Write a minimal self-describing checkpoint (the fields :func:`read_checkpoint` needs).
-
-    Training writes full Lightning checkpoints; this is for models made elsewhere (tests, conversions).
-    """
-    num_classes = int(model.num_classes)
+    """Write a minimal self-describing checkpoint (what :func:`read_checkpoint` needs) for a model not
+    trained by ``scripts/train.py`` (tests, conversions)."""
+    description = {"num_classes": int(model.num_classes), "class_names": class_names, "palette": palette}
+    description.update(ignore_index=ignore_index, mean=mean, std=std, model_kwargs=model_kwargs)
     hp = {
         "model": model_name,
-        "model_kwargs": dict(model_kwargs or {}),
-        "num_classes": num_classes,
-        "class_names": list(class_names or [f"class_{i}" for i in range(num_classes)]),
-        "palette": [list(map(int, c)) for c in (palette or default_palette(num_classes))],
-        "ignore_index": ignore_index,
-        "mean": list(mean),
-        "std": list(std),
+        **check_description(description, source=path, fix="pass a valid data description"),
     }
     state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": state, "hyper_parameters": hp}, tmp)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, "hyper_parameters": hp}, tmp)
+    return Path(path)

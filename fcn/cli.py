@@ -1,25 +1,22 @@
-"""Entry points behind ``scripts/*.py`` and the ``fcn-*`` console commands.
-
-``train_main`` is a LightningCLI (``fit`` / ``validate`` / ``test`` with YAML configs from
-``configs/``); with no arguments it runs the demo. The other commands are argparse front-ends whose
-work lives in :mod:`fcn.evaluate`, :mod:`fcn.predict`, :mod:`fcn.export` and :mod:`fcn.benchmark`.
-Known user errors end in one ``error: ...`` line and exit code 2, never a traceback. Run as the process's
-command (``argv`` None) they first apply the process settings of :mod:`fcn.tuning`.
-"""
+"""Entry points behind ``scripts/*.py`` and the ``fcn-*`` console commands: the ``main(argv)`` of
+:mod:`fcn.train`, :mod:`fcn.evaluate`, :mod:`fcn.predict` ... Known user errors end in one ``error: ...``
+line and exit code 2; run as the process's command (``argv`` None) they first apply :mod:`fcn.tuning`."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from fcn import tuning  # no torch: its settings come before torch loads
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 def _user_error(err: BaseException) -> BaseException | None:
-    """The first known user error in an exception's cause/context chain (jsonargparse and Lightning wrap
-    the errors raised while they instantiate classes or run hooks)."""
+    """The first known user error in ``err``'s cause/context chain (jsonargparse and Lightning wrap them)."""
     from fcn.checkpoint import CheckpointError  # here: importing this module must not load torch
     from fcn.data.errors import DataError
     from fcn.models import ModelError
@@ -51,8 +48,7 @@ def _guard(fn: Callable[[], int | None]) -> int:
 
 
 def _one_line(err: BaseException) -> str:
-    """An error's message; for one raised in a DataLoader worker, which PyTorch re-raises in the main
-    process with the worker's whole traceback in the message, the original message alone."""
+    """An error's message, without the worker's traceback that PyTorch adds to a DataLoader worker's."""
     text = str(err)
     if "\nOriginal Traceback" not in text:
         return text
@@ -61,58 +57,12 @@ def _one_line(err: BaseException) -> str:
     return last.removeprefix(prefix).removeprefix(f"{type(err).__qualname__}: ")
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """``python scripts/train.py [fit|validate|test] --config FILE ...``; no arguments: the demo."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    given = args if argv is not None else None  # None: LightningCLI reads sys.argv itself (no warning)
-    if not args:
-        given = ["fit", "--config", str(DEMO_CONFIG)]
-    if argv is None:  # the process's own command line: its settings (fcn.tuning)
-        from fcn.tuning import apply
-
-        apply("train")
-
-    def run() -> int:
-        from fcn.train import TrainingStopped, run_cli, summarise_fit
-
-        try:
-            cli = run_cli(given)
-        except TrainingStopped as stop:
-            if stop.report:
-                print(stop, file=sys.stderr)
-            _end_loader_workers()
-            return stop.exit_code
-        if cli.subcommand == "fit" and cli.trainer.is_global_zero:
-            summarise_fit(cli)
-        return 0
-
-    return _guard(run)
-
-
-def _end_loader_workers() -> None:
-    """After a stop: end the DataLoader workers that the stopped run left (they ignore the process group's
-    first SIGTERM, see ``fcn.data.datamodule.seed_worker``), without PyTorch's SIGCHLD handler turning each
-    exit into a traceback."""
-    import multiprocessing
-    import signal
-
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join(timeout=10)
-
-
 def _delegate(module: str) -> Callable[[Sequence[str] | None], int]:
     command = module.rsplit(".", 1)[-1]
 
     def main(argv: Sequence[str] | None = None) -> int:
-        import importlib
-
         if argv is None:  # the process's own command line (not an in-process call): its settings
-            from fcn.tuning import apply
-
-            apply(command)
-
+            tuning.apply(command)
         mod = importlib.import_module(module)
         return _guard(lambda: mod.main(list(sys.argv[1:] if argv is None else argv)))
 
@@ -120,6 +70,7 @@ def _delegate(module: str) -> Callable[[Sequence[str] | None], int]:
     return main
 
 
+train_main = _delegate("fcn.train")
 evaluate_main = _delegate("fcn.evaluate")
 predict_main = _delegate("fcn.predict")
 export_main = _delegate("fcn.export")

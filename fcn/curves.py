@@ -3,8 +3,8 @@
 ``python scripts/plot_curves.py outputs/camvid_cpu/student outputs/camvid_cpu/distill_offline \\
     --labels student offline --output curves.png``
 
-A run is a ``metrics.csv`` file or a folder: every ``metrics.csv`` below it is read, in version order
-(``logs/version_0``, ``version_1`` ... of a resumed run), a later file's epochs replacing an earlier one's.
+A run is a ``metrics.csv`` or a folder: every ``metrics.csv`` below it is read in version order
+(``version_0``, ``version_1`` ... of a resumed run), a later file's epochs replacing an earlier one's.
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ class Curves:
     loss: dict[int, float] = field(default_factory=dict)
 
 
-def _version_key(path: Path) -> tuple:
-    """Natural order of the path's parts (``version_10`` after ``version_9``)."""
-    return tuple(tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", part)) for part in path.parts)
-
-
 def metrics_files(run: str | Path) -> list[Path]:
     """The ``metrics.csv`` files of a run (a file, or every one below a folder, in version order)."""
     path = Path(run)
@@ -43,14 +38,21 @@ def metrics_files(run: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"run {path} does not exist; pass a metrics.csv or a run folder")
-    found = sorted(path.rglob("metrics.csv"), key=_version_key)
+
+    def natural(p: Path) -> tuple:  # version_10 after version_9
+        return tuple(
+            tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", part)) for part in p.parts
+        )
+
+    found = sorted(path.rglob("metrics.csv"), key=natural)
     if not found:
         raise FileNotFoundError(f"no metrics.csv below {path}; is it a run folder with a CSVLogger?")
     return found
 
 
 def _number(text: str | None) -> float | None:
-    with contextlib.suppress(TypeError, ValueError):  # None, "" or not a number
+    """A finite float, or None (for None, "" and anything else)."""
+    with contextlib.suppress(TypeError, ValueError):
         value = float(text)
         return value if math.isfinite(value) else None
     return None
@@ -66,18 +68,15 @@ def read_curves(
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "epoch" not in reader.fieldnames:
                 raise DataError(f"{path} is not a CSVLogger metrics file (no 'epoch' column)")
-            loss_values: dict[int, list[float]] = {}  # a later file's epoch replaces the earlier one
+            losses: dict[int, list[float]] = {}  # this file's: they replace an earlier file's epochs
             for row in reader:
-                epoch = _number(row.get("epoch"))
-                if epoch is None:
+                if (epoch := _number(row.get("epoch"))) is None:
                     continue
-                value = _number(row.get(metric))
-                if value is not None:
-                    curves.metric[int(epoch)] = value  # the epoch's last value, of the latest file
-                value = _number(row.get(loss))
-                if value is not None:
-                    loss_values.setdefault(int(epoch), []).append(value)
-        curves.loss.update({e: sum(v) / len(v) for e, v in loss_values.items()})
+                if (value := _number(row.get(metric))) is not None:
+                    curves.metric[int(epoch)] = value
+                if (value := _number(row.get(loss))) is not None:
+                    losses.setdefault(int(epoch), []).append(value)
+        curves.loss.update({e: sum(v) / len(v) for e, v in losses.items()})
     if not curves.metric and not curves.loss:
         raise DataError(
             f"run {run} logged neither {metric!r} nor {loss!r}; choose the columns with --metric/--loss"
@@ -96,16 +95,12 @@ def plot_curves(
     FigureCanvasAgg(fig)
     ax_metric, ax_loss = fig.subplots(1, 2)
     for i, run in enumerate(runs):
-        colour = f"C{i % 10}"
-        if run.metric:
-            epochs = sorted(run.metric)
-            ax_metric.plot(epochs, [run.metric[e] for e in epochs], "o-", ms=3, color=colour, label=run.label)
-        if run.loss:
-            epochs = sorted(run.loss)
-            ax_loss.plot(epochs, [run.loss[e] for e in epochs], "-", color=colour, label=run.label)
+        for ax, values, style in ((ax_metric, run.metric, "o-"), (ax_loss, run.loss, "-")):
+            if values:
+                epochs = sorted(values)
+                ax.plot(epochs, [values[e] for e in epochs], style, ms=3, color=f"C{i % 10}", label=run.label)
     for ax, name in ((ax_metric, metric), (ax_loss, f"{loss} (epoch mean)")):
-        ax.set_xlabel("epoch")
-        ax.set_title(name)
+        ax.set(xlabel="epoch", title=name)
         ax.grid(alpha=0.3)
     ax_metric.legend(loc="best", fontsize="small")
     output = Path(output)
@@ -128,10 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.labels and len(args.labels) != len(args.runs):
         parser.error(f"--labels has {len(args.labels)} names for {len(args.runs)} runs")
     labels = args.labels or [None] * len(args.runs)
-    runs = [
-        read_curves(run, label=label, metric=args.metric, loss=args.loss)
-        for run, label in zip(args.runs, labels)
-    ]
+    runs = [read_curves(r, label=lb, metric=args.metric, loss=args.loss) for r, lb in zip(args.runs, labels)]
     path = plot_curves(runs, args.output, metric=args.metric, loss=args.loss)
     print(f"wrote {path}")
     return 0

@@ -1,9 +1,4 @@
-"""Distillation: losses between a student and a frozen teacher, teacher loading, EMA, pseudo-labels.
-
-All losses are pure tensor functions. Teacher and student features differ in width and stride, so the
-feature losses take the student map through a learned 1x1 :class:`FeatureAdapter` to the teacher's
-channels and resize it bilinearly to the teacher's spatial size before comparing.
-"""
+"""Distillation: student-teacher losses (pure tensor functions), teacher loading, EMA, pseudo-labels."""
 
 from __future__ import annotations
 
@@ -13,17 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcn.checkpoint import CheckpointError, load_model
+from fcn.checkpoint import load_model
 
 
 def pixel_kd_loss(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, valid: Tensor | None = None
 ) -> Tensor:
-    """Pixel-wise KD: ``KL(softmax(t / T) || softmax(s / T)) * T**2`` averaged over valid pixels.
-
-    Logits are ``(N, C, H, W)``; ``valid`` is an optional ``(N, H, W)`` bool mask (False for void pixels).
-    An empty mask gives 0 connected to the graph.
-    """
+    """Pixel-wise KD of ``(N, C, H, W)`` logits: ``KL(softmax(t / T) || softmax(s / T)) * T**2`` averaged
+    over the ``valid`` pixels (optional ``(N, H, W)`` bool mask; an empty one gives 0, still in the graph)."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -40,7 +32,8 @@ def pixel_kd_loss(
 
 
 class FeatureAdapter(nn.Module):
-    """1x1 convolution from the student's feature width to the teacher's (bias-free, trainable)."""
+    """Trainable bias-free 1x1 convolution from the student's feature width to the teacher's, then a
+    bilinear resize to the teacher's ``size``."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -54,18 +47,13 @@ class FeatureAdapter(nn.Module):
 
 
 def _affinity(feat: Tensor) -> Tensor:
-    """Cosine similarity between all spatial positions: ``(N, HW, HW)``."""
     f = F.normalize(feat.flatten(2).float(), dim=1)  # (N, C, HW)
-    return f.transpose(1, 2) @ f
+    return f.transpose(1, 2) @ f  # cosine similarity of all positions, (N, HW, HW)
 
 
 def pairwise_loss(student_feat: Tensor, teacher_feat: Tensor, *, pool_size: int | None = None) -> Tensor:
-    """Pair-wise (affinity) distillation: mean squared difference of the spatial similarity matrices.
-
-    Both maps are ``(N, *, H, W)`` at the same ``H x W`` (channels may differ: the affinity is
-    channel-agnostic). ``pool_size`` average-pools both to ``pool_size x pool_size`` first to bound the
-    ``(HW)^2`` cost.
-    """
+    """Pair-wise distillation: mean squared difference of the spatial cosine-similarity matrices of two
+    ``(N, *, H, W)`` maps (channels may differ), average-pooled to ``pool_size`` squared first if given."""
     if pool_size is not None:
         student_feat = F.adaptive_avg_pool2d(student_feat, pool_size)
         teacher_feat = F.adaptive_avg_pool2d(teacher_feat, pool_size)
@@ -73,11 +61,8 @@ def pairwise_loss(student_feat: Tensor, teacher_feat: Tensor, *, pool_size: int 
 
 
 def channel_wise_loss(student_feat: Tensor, teacher_feat: Tensor, *, temperature: float = 4.0) -> Tensor:
-    """Channel-wise distillation: each channel's spatial softmax (temperature ``T``) of the teacher
-    supervises the student's, ``KL * T**2`` summed over positions and averaged over channels and images.
-
-    Both maps must have the same shape ``(N, C, H, W)`` (use a :class:`FeatureAdapter` first).
-    """
+    """Channel-wise distillation: ``KL * T**2`` between each channel's spatial softmax (temperature ``T``)
+    of teacher and student, averaged over channels and images; equal ``(N, C, H, W)`` shapes."""
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(
             f"channel-wise distillation needs equal shapes, got {tuple(student_feat.shape)} and "
@@ -97,21 +82,12 @@ def pseudo_labels(teacher_logits: Tensor, *, threshold: float, ignore_index: int
 
 def freeze(model: nn.Module) -> nn.Module:
     """Put a teacher in eval mode and stop every gradient to it."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 def load_teacher(path: str, *, num_classes: int) -> nn.Module:
     """Load a frozen teacher from a training checkpoint; its classes must be the student's."""
-    model, info = load_model(path)
-    if info.num_classes != num_classes:
-        raise CheckpointError(
-            f"teacher {path} has {info.num_classes} classes but the student/data has {num_classes}; "
-            "distil from a teacher trained on the same data set"
-        )
-    return freeze(model)
+    return freeze(load_model(path, num_classes=num_classes)[0])
 
 
 def make_ema(model: nn.Module) -> nn.Module:

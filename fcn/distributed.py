@@ -1,11 +1,8 @@
 """Predict and evaluate on many processes, GPUs and nodes: ``torchrun`` starts them, this module joins them.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the predict and evaluate commands open one
-``torch.distributed`` process group (:func:`process_group`: NCCL on CUDA with the device
-``cuda:LOCAL_RANK``, gloo on the CPU), give each rank its share of the inputs (:func:`split_balanced`:
-the same deterministic, size-balanced split on every rank) and gather the counts and results with
-:func:`all_gather` / :func:`all_reduce_sum`. Without ``torchrun`` nothing here changes anything: one
-process, one share, gathering returns the process's own result.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the predict and evaluate commands open one process group
+(:func:`process_group`), give each rank its share of the inputs (:func:`split_balanced`, the same on every
+rank) and gather the results (:func:`all_gather`). Without ``torchrun`` nothing here changes anything.
 """
 
 from __future__ import annotations
@@ -44,19 +41,19 @@ class World:
 
 
 def world_from_env(environ: Mapping[str, str] | None = None) -> World:
-    """The :class:`World` that ``torchrun`` describes in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``
-    (one process when ``WORLD_SIZE`` is unset or 1)."""
+    """The :class:`World` of ``torchrun``'s ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (one process when
+    ``WORLD_SIZE`` is unset or 1)."""
     env = os.environ if environ is None else environ
-    values = {}
+    values = []
     for name, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
-        text = env.get(name)
         try:
-            values[name] = default if text in (None, "") else int(text)
+            values.append(int(env.get(name) or default))  # unset or empty: the default
         except ValueError as err:
             raise DistributedError(
-                f"environment variable {name}={text!r} is not an integer; start the processes with torchrun"
+                f"environment variable {name}={env[name]!r} is not an integer; "
+                "start the processes with torchrun"
             ) from err
-    size, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    size, rank, local = values
     if size < 1 or not 0 <= rank < size or local < 0:
         raise DistributedError(
             f"RANK={rank}, WORLD_SIZE={size}, LOCAL_RANK={local} do not describe a process of a group; "
@@ -66,8 +63,7 @@ def world_from_env(environ: Mapping[str, str] | None = None) -> World:
 
 
 def rank_device(device: str, world: World) -> str:
-    """The ``--device`` of this rank: ``auto`` / ``cuda`` become ``cuda:LOCAL_RANK`` under torchrun when
-    CUDA is there (one GPU per process), anything else is kept."""
+    """This rank's ``--device``: ``auto`` / ``cuda`` become ``cuda:LOCAL_RANK`` under torchrun with CUDA."""
     if world.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         if world.local_rank >= torch.cuda.device_count():
             raise DistributedError(
@@ -80,9 +76,9 @@ def rank_device(device: str, world: World) -> str:
 
 @contextmanager
 def process_group(device: torch.device, world: World) -> Iterator[World]:
-    """Join the ranks for the ``with`` block (NCCL for a CUDA ``device``, which becomes the current one;
-    gloo otherwise) and leave the group at its end; for one process, nothing."""
-    if not world.distributed or dist.is_initialized():  # is_initialized: the caller's own group, left open
+    """Join the ranks for the ``with`` block: NCCL for a CUDA ``device`` (made the current one), else gloo.
+    Nothing for one process, or when the caller opened a group already (it stays open)."""
+    if not world.distributed or dist.is_initialized():
         yield world
         return
     if device.type == "cuda":
@@ -95,12 +91,9 @@ def process_group(device: torch.device, world: World) -> Iterator[World]:
 
 
 def split_balanced(weights: Sequence[int], parts: int) -> list[list[int]]:
-    """Indices of ``weights`` dealt into ``parts`` shares of nearly equal total weight.
-
-    The heaviest first, each to the share with the least total so far (ties: the lower index, the lower
-    share), so every rank computes the same split; each share lists its indices in increasing order (the
-    input order). Weights are integers, so no rounding can differ between machines.
-    """
+    """Indices of ``weights`` dealt into ``parts`` shares of nearly equal total weight, each in increasing
+    order: the heaviest first, to the lightest share (ties: the lower index, the lower share). Integer
+    weights, so every rank computes the same split."""
     if parts < 1:
         raise ValueError(f"parts must be at least 1, got {parts}")
     order = sorted(range(len(weights)), key=lambda i: (-int(weights[i]), i))
@@ -120,13 +113,3 @@ def all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of ``tensor`` over the ranks (on ``tensor``'s device); ``tensor`` itself without a group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    nccl = dist.get_backend() == "nccl"
-    work = tensor.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu").clone()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(tensor.device)

@@ -1,23 +1,13 @@
-"""Evaluate a checkpoint on a labelled split: the FCN metrics, a report directory, optional labelId PNGs.
-
-``python scripts/evaluate.py --checkpoint CKPT --dataset camvid --data-root DIR --split val --output DIR``
-runs the model at full resolution over every image of the split (whole image by default, or
-``--sliding-window --crop H W --stride H W``, with optional ``--scales`` / ``--flip`` test-time
-augmentation) with :func:`fcn.scoring.evaluate_model`, keeps the ``--worst N`` images and writes the report
-with :func:`fcn.report.write_report`; ``--compare CKPT2`` puts a second checkpoint in the same report. The
-report's meta holds the timing: seconds of the pass, images per second, and the share spent in the
-accumulator (``update`` + ``compute``, the "metric overhead").
-
-Under ``torchrun`` each rank scores its share of the images (:func:`fcn.distributed.split_balanced`, the
-same on every rank), :func:`fcn.scoring.gather_pass` joins the shares and rank 0 writes the report: the
-single-process report, apart from the timing (the slowest rank's seconds).
+"""``scripts/evaluate.py``: score a checkpoint on a labelled split at full resolution
+(:func:`fcn.scoring.evaluate_model`) and write the report directory (:func:`fcn.report.write_report`),
+optionally Cityscapes labelId PNGs. Under ``torchrun`` each rank scores its share and rank 0 writes the
+single-process report (timing: the slowest rank's).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -64,8 +54,7 @@ def _number(cast: type, low: float, what: str) -> Callable[[str], Any]:
 
     def parse(text: str) -> Any:
         with contextlib.suppress(ValueError):
-            value = cast(text)
-            if low <= value < float("inf"):
+            if low <= (value := cast(text)) < float("inf"):
                 return value
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
 
@@ -84,12 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint on a labelled split and write a report directory "
         "(report.md, metrics.json, per_class.csv, per_image.csv, confusion_matrix.png, worst/).",
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="the .ckpt to evaluate (an exported .onnx / TorchScript file works too)",
-    )
+    p.add_argument("--checkpoint", required=True, type=Path, help=".ckpt, or .onnx / .pt from export")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="data set layout")
     p.add_argument("--data-root", required=True, type=Path, help="data set root directory")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
@@ -108,19 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="label values outside the class table: stop with an error, or ignore those pixels",
     )
     g = p.add_argument_group("prediction")
-    g.add_argument(
-        "--sliding-window",
-        action="store_true",
-        help="predict crops of --crop H W every --stride H W and average them (for large images)",
-    )
-    g.add_argument("--crop", nargs=2, type=_positive_int, metavar=("H", "W"), help="sliding-window crop")
-    g.add_argument(
-        "--stride",
-        nargs=2,
-        type=_positive_int,
-        metavar=("H", "W"),
-        help="sliding-window stride, <= crop (default: half the crop)",
-    )
+    g.add_argument("--sliding-window", action="store_true", help="average --crop windows every --stride")
+    size: dict[str, Any] = {"nargs": 2, "type": _positive_int, "metavar": ("H", "W")}
+    g.add_argument("--crop", **size, help="sliding-window crop")
+    g.add_argument("--stride", **size, help="sliding-window stride, <= crop (default: half the crop)")
     g.add_argument(
         "--scales",
         nargs="+",
@@ -133,20 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default 1)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast precision")
-    g.add_argument(
-        "--num-workers", type=_non_negative_int, default=2, help="data loading processes (default 2)"
-    )
+    g.add_argument("--num-workers", type=_non_negative_int, default=2, help="loader processes (default 2)")
     g.add_argument("--limit", type=_positive_int, help="evaluate only the first N images of the split")
     r = p.add_argument_group("report")
     r.add_argument("--worst", type=_non_negative_int, default=5, help="overlays of the N worst images")
     r.add_argument("--compare", type=Path, metavar="CKPT2", help="also evaluate this checkpoint and compare")
     r.add_argument("--compare-name", help="name of the --compare model in the report")
-    r.add_argument(
-        "--write-labelids",
-        type=Path,
-        metavar="DIR",
-        help="cityscapes: write predictions as *_leftImg8bit.png labelId images for the official server",
-    )
+    r.add_argument("--write-labelids", type=Path, metavar="DIR", help="labelId PNGs for Cityscapes' server")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -169,7 +137,6 @@ def _predict_options(args: argparse.Namespace) -> PredictOptions:
     return replace(tta, sliding_window=True, crop=crop, stride=stride)
 
 
-# -- checks -------------------------------------------------------------------------------------------
 def class_mismatch(
     expected: Sequence[str], actual: Sequence[str], *, expected_label: str, actual_label: str
 ) -> str | None:
@@ -177,16 +144,20 @@ def class_mismatch(
     a, b = [str(n) for n in expected], [str(n) for n in actual]
     if a == b:
         return None
+
+    def short(items: Sequence[str], limit: int = 8) -> str:
+        return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
     if len(a) == len(b):
         diffs = [f"{i}: {x!r} vs {y!r}" for i, (x, y) in enumerate(zip(a, b)) if x != y]
         return (
             f"{expected_label} and {actual_label} both have {len(a)} classes but the names differ at "
-            f"class id {_short_list(diffs)}"
+            f"class id {short(diffs)}"
         )
     text = f"{expected_label} has {len(a)} classes but {actual_label} has {len(b)}"
     for label, mine, theirs in ((expected_label, a, b), (actual_label, b, a)):
         only = [repr(n) for n in mine if n not in theirs]
-        text += f"; only in {label}: {_short_list(only)}" if only else ""
+        text += f"; only in {label}: {short(only)}" if only else ""
     return text
 
 
@@ -194,23 +165,16 @@ def _require_classes(
     args: argparse.Namespace, meta: ModelMeta, classes: Sequence[str], label: str, fix: str
 ) -> None:
     """:class:`EvaluationError` (the difference, then ``fix``) unless ``classes`` are the checkpoint's."""
-    problem = class_mismatch(
-        meta.class_names, list(classes), expected_label=f"checkpoint {args.checkpoint}", actual_label=label
-    )
-    if problem:
+    checkpoint = f"checkpoint {args.checkpoint}"
+    if problem := class_mismatch(meta.class_names, classes, expected_label=checkpoint, actual_label=label):
         raise EvaluationError(f"{problem}; {fix}")
-
-
-def _short_list(items: Sequence[str], *, limit: int = 8) -> str:
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
     kwargs: dict[str, Any] = {"unknown_labels": args.unknown_labels}
     if args.dataset == "cityscapes":
         kwargs["label_type"] = args.label_type
-    if args.dataset == "folder" and args.classes_file is not None:
+    if args.classes_file is not None:  # a folder data set (checked in main)
         kwargs["classes_file"] = args.classes_file
     transform = eval_transform(mean=info.mean, std=info.std)
     dataset = build_dataset(args.dataset, args.data_root, args.split, transform=transform, **kwargs)
@@ -222,31 +186,35 @@ def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
     return dataset
 
 
-# -- labelId export -----------------------------------------------------------------------------------
 def labelid_filename(image_path: str | os.PathLike[str]) -> str:
     """``frankfurt_000000_000294_leftImg8bit.png`` for a Cityscapes image (any extension)."""
-    stem = Path(image_path).stem
-    return f"{stem if stem.endswith('_leftImg8bit') else stem + '_leftImg8bit'}.png"
+    return f"{Path(image_path).stem.removesuffix('_leftImg8bit')}_leftImg8bit.png"
 
 
-def _write_labelid(directory: Path, samples: Sequence[Any], index: int, pred: Tensor) -> None:
-    """Write image ``index``'s prediction as a labelId PNG (atomically) for the Cityscapes server."""
-    write_png_atomic(directory / labelid_filename(samples[index][0]), train_ids_to_label_ids(pred.numpy()))
-
-
-# -- entry point --------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
-    """``scripts/evaluate.py``; returns the exit code (2 with one ``error:`` line for bad input).
-
-    Data and checkpoint problems (``DataError``, ``CheckpointError``) propagate to :mod:`fcn.cli`, which
-    prints them the same way. A failed run removes the (empty) output folders it created.
-    """
+    """Returns the exit code: 2 with one ``error:`` line for bad input (data and checkpoint errors reach
+    :mod:`fcn.cli`, which prints them so). A failed run removes the empty folders it created."""
     args = build_parser().parse_args(argv)
     created = missing_dirs(args.output)
     if args.write_labelids is not None:
         created = missing_dirs(args.write_labelids) + created
     try:
-        return _run(args)
+        options = _predict_options(args)
+        world = world_from_env()
+        device = resolve_device(rank_device(args.device, world))
+        if args.write_labelids is not None and args.dataset != "cityscapes":
+            raise EvaluationError(
+                "--write-labelids writes Cityscapes labelIds; use it with --dataset cityscapes"
+            )
+        if args.classes_file is not None and args.dataset != "folder":
+            raise EvaluationError("--classes-file describes a folder data set; use it with --dataset folder")
+        if args.compare is None and args.compare_name is not None:
+            raise EvaluationError("--compare-name names the --compare model; add --compare CKPT2")
+        check_writable(args.output, "--output", error=ReportError)
+        if args.write_labelids is not None:
+            check_writable(args.write_labelids, "--write-labelids", error=ReportError)
+        with process_group(device, world):
+            return _evaluate(args, options, device, world)
     except (EvaluationError, InferenceError, ReportError, DistributedError) as err:
         remove_empty_dirs(created)
         print(f"error: {err}", file=sys.stderr)
@@ -254,23 +222,6 @@ def main(argv: list[str]) -> int:
     except BaseException:
         remove_empty_dirs(created)
         raise
-
-
-def _run(args: argparse.Namespace) -> int:
-    options = _predict_options(args)
-    world = world_from_env()
-    device = resolve_device(rank_device(args.device, world))
-    if args.write_labelids is not None and args.dataset != "cityscapes":
-        raise EvaluationError("--write-labelids writes Cityscapes labelIds; use it with --dataset cityscapes")
-    if args.classes_file is not None and args.dataset != "folder":
-        raise EvaluationError("--classes-file describes a folder data set; use it with --dataset folder")
-    if args.compare is None and args.compare_name is not None:
-        raise EvaluationError("--compare-name names the --compare model; add --compare CKPT2")
-    check_writable(args.output, "--output", error=ReportError)
-    if args.write_labelids is not None:
-        check_writable(args.write_labelids, "--write-labelids", error=ReportError)
-    with process_group(device, world):
-        return _evaluate(args, options, device, world)
 
 
 def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.device, world: World) -> int:
@@ -293,26 +244,51 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "limit": args.limit,
+        "worst": args.worst,
         "progress": not args.no_progress and world.main,
         "indices": _share(dataset, args.limit, world),
     }
     writer = None
     if args.write_labelids is not None:
-        writer = functools.partial(_write_labelid, args.write_labelids, dataset.samples)
-    result = evaluate_model(
-        predictor, dataset, worst=args.worst, on_prediction=writer, desc=names[0], **common
-    )
+
+        def writer(index: int, pred: Tensor) -> None:  # labelId PNGs for the Cityscapes server
+            path = args.write_labelids / labelid_filename(dataset.samples[index][0])
+            write_png_atomic(path, train_ids_to_label_ids(pred.numpy()))
+
+    result = evaluate_model(predictor, dataset, on_prediction=writer, desc=names[0], **common)
     result = gather_pass(result, worst=args.worst)
     del predictor
     compare_result = None
     if other is not None:
         same_norm = (other.meta.mean, other.meta.std) == (meta.mean, meta.std)
         other_data = dataset if same_norm else _build_dataset(args, other.meta)
-        compare_result = evaluate_model(other, other_data, worst=0, per_image=False, desc=names[1], **common)
+        compare_result = evaluate_model(other, other_data, per_image=False, desc=names[1], **common)
         compare_result = gather_pass(compare_result, worst=0)
     if not world.main:  # rank 0 writes the report
         return 0
-    report_meta = _meta(args, meta, options, device, result, compare_result)
+    report_meta: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "model": meta.model_name,
+        "dataset": args.dataset,
+        "data_root": str(args.data_root),
+        "split": args.split,
+        "images": result.images,
+        "prediction": options.describe(),
+        "options": {
+            **asdict(options),  # sliding_window, crop, stride, scales, flip
+            "batch_size": args.batch_size,
+            "device": str(device),
+            **{flag: getattr(args, flag) for flag in ("precision", "num_workers", "limit", "worst")},
+        },
+        **result.timing(),
+    }
+    if args.write_labelids is not None:
+        report_meta["labelids"] = str(args.write_labelids)
+    if compare_result is not None:
+        report_meta["compare_checkpoint"] = str(args.compare)
+        timing = compare_result.timing()
+        for key in ("seconds", "images_per_second", "metric_overhead"):
+            report_meta[f"compare_{key}"] = timing[key]
     metrics = write_report(
         args.output,
         confmat=result.confmat,
@@ -342,49 +318,12 @@ def _model_names(args: argparse.Namespace, meta: ModelMeta, other: ModelMeta | N
     main_name = meta.model_name
     if other is None:
         return [main_name]
+    if args.compare_name == main_name:
+        raise EvaluationError(f"--compare-name {main_name!r} is the evaluated model's name; choose another")
     if args.compare_name is not None:
-        if args.compare_name == main_name:
-            raise EvaluationError(
-                f"--compare-name {args.compare_name!r} is the evaluated model's name; choose another"
-            )
         return [main_name, args.compare_name]
     name = other.model_name
-    if name == main_name:
-        name = f"{name} ({Path(args.compare).stem})"
-    return [main_name, name]
-
-
-def _meta(
-    args: argparse.Namespace,
-    meta: ModelMeta,
-    options: PredictOptions,
-    device: torch.device,
-    result: PassResult,
-    compare: PassResult | None,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "checkpoint": str(args.checkpoint),
-        "model": meta.model_name,
-        "dataset": args.dataset,
-        "data_root": str(args.data_root),
-        "split": args.split,
-        "images": result.images,
-        "prediction": options.describe(),
-        "options": {
-            **asdict(options),  # sliding_window, crop, stride, scales, flip
-            "batch_size": args.batch_size,
-            "device": str(device),
-            **{flag: getattr(args, flag) for flag in ("precision", "num_workers", "limit", "worst")},
-        },
-        **result.timing(),
-    }
-    if args.write_labelids is not None:
-        out["labelids"] = str(args.write_labelids)
-    if compare is not None:
-        out["compare_checkpoint"] = str(args.compare)
-        timing = compare.timing()
-        out.update({f"compare_{k}": timing[k] for k in ("seconds", "images_per_second", "metric_overhead")})
-    return out
+    return [main_name, f"{name} ({Path(args.compare).stem})" if name == main_name else name]
 
 
 def _print_summary(metrics: dict[str, Any], result: PassResult, args: argparse.Namespace) -> None:

@@ -1,26 +1,21 @@
 """Export a training checkpoint to ONNX or TorchScript, with the metadata predict needs and a parity check.
 
-``python scripts/export.py --checkpoint CKPT --format onnx --output model.onnx`` writes an ONNX graph with
-dynamic batch / height / width axes (the TorchScript-based exporter, ``dynamo=False``: the FCN crops are
-traced from the input shape, not baked in) and stores class names, palette, mean, std, ignore index and
-model name as ``metadata_props``. ``--format torchscript`` traces the model and stores the same metadata
-as the extra file ``fcn_meta.json``. Either file alone drives ``scripts/predict.py --checkpoint FILE``.
-
-After writing (atomically: a hidden temporary file in the same folder, then ``os.replace``), the file is
-loaded back and compared with the PyTorch model on random input at the export size and at a second, odd
-size with batch 2 (onnxruntime for ONNX); the maximum absolute logit difference is printed and a
-difference above ``--atol + --rtol * max|logit|`` exits with code 1.
+``python scripts/export.py --checkpoint CKPT --format onnx|torchscript --output FILE`` writes the model with
+dynamic batch / height / width and its :class:`~fcn.checkpoint.ModelMeta` embedded (ONNX ``metadata_props``,
+TorchScript ``fcn_meta.json``), atomically; the file alone drives predict. It is then run as predict runs it
+and compared with PyTorch at two sizes: above ``--atol + --rtol * max|logit|`` the command exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +27,8 @@ from fcn.data.io import atomic_path
 from fcn.predictor import OnnxPredictor, Predictor, load_predictor
 
 FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
-# file name endings --output may have per format (predict tells ONNX files by their .onnx ending)
-ALLOWED_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript", ".jit")}
+# the endings --output may have, the default first (predict tells ONNX files by their .onnx ending)
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript", ".jit")}
 MIN_OPSET = 17
 
 
@@ -66,7 +60,7 @@ def export_onnx(
     size: tuple[int, int] = (360, 480),
     opset: int = 17,
 ) -> Path:
-    """Write ``model`` as ONNX (``input`` -> ``logits``, dynamic N, H, W) with ``meta`` embedded."""
+    """Write ``model`` as ONNX (``input`` -> ``logits``, dynamic N, H, W; traced at ``size``), ``meta`` in."""
     if opset < MIN_OPSET:
         raise ExportError(f"--opset must be at least {MIN_OPSET}, got {opset}")
     try:
@@ -90,13 +84,9 @@ def export_onnx(
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes={"input": axes, "logits": axes},
-                do_constant_folding=True,
             )
         proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        for key, value in meta.to_onnx_props().items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+        onnx.helper.set_model_props(proto, meta.to_onnx_props())
         proto.producer_name = "fcn"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
@@ -106,7 +96,7 @@ def export_onnx(
 def export_torchscript(
     model: nn.Module, meta: ModelMeta, path: str | Path, *, size: tuple[int, int] = (360, 480)
 ) -> Path:
-    """Write ``model`` traced with TorchScript (shapes stay dynamic) and ``meta`` as ``fcn_meta.json``."""
+    """Write ``model`` traced at ``size`` with TorchScript (shapes stay dynamic), ``meta`` in."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -119,12 +109,6 @@ def export_torchscript(
     return path
 
 
-def parity_sizes(size: tuple[int, int]) -> list[tuple[int, int, int]]:
-    """``(batch, H, W)`` checks: the export size at batch 1 and a smaller odd size at batch 2."""
-    h, w = size
-    return [(1, h, w), (2, max(33, h * 2 // 3) | 1, max(33, w * 2 // 3 + 2) | 1)]
-
-
 def check_parity(
     model: nn.Module,
     path: str | Path,
@@ -135,11 +119,8 @@ def check_parity(
     rtol: float = 1e-4,
     seed: int = 0,
 ) -> list[ParityResult] | None:
-    """Compare the exported file, run as predict runs it (:mod:`fcn.predictor`, fp32, on the CPU), with
-    ``model`` on random input for each ``(batch, H, W)``.
-
-    Returns None for ONNX when onnxruntime is not installed (nothing to run the file with).
-    """
+    """Compare the exported file, run as predict runs it (fp32, CPU), with ``model`` on random input for
+    each ``(batch, H, W)``; None for ONNX without onnxruntime."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
@@ -167,9 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="export", description="Export a checkpoint to ONNX or TorchScript.")
     parser.add_argument("--checkpoint", required=True, help="training .ckpt")
     parser.add_argument("--format", choices=FORMATS, default="onnx")
-    parser.add_argument(
-        "--output", type=Path, help="output file (default: the checkpoint's name, .onnx / .pt)"
-    )
+    parser.add_argument("--output", type=Path, help="output file (default: the checkpoint's, .onnx / .pt)")
     parser.add_argument(
         "--size", type=int, nargs=2, metavar=("H", "W"), default=(360, 480), help="trace size"
     )
@@ -180,54 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """While the export runs, SIGTERM raises ``SystemExit(143)`` in the main thread instead of killing the
-    process on the spot, so the temporary file is removed (:func:`atomic_path`) as on Ctrl-C. The
-    command's one process-wide setting, restored on exit; a no-op outside the main thread."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def unwind(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _unwind(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
     """The export command: 0 on success, 1 when the parity check fails, 2 for a user error."""
     args = build_parser().parse_args(argv)
+    # SIGTERM (main thread only) exits like Ctrl-C, so atomic_path removes the temporary file
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _unwind) if main_thread else None
     try:
-        with sigterm_unwinds():
-            return _main(args)
+        return _main(args)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def check_output(output: Path, checkpoint: Path, fmt: str) -> None:
     """Refuse an ``output`` that is a folder, is the checkpoint itself (also through a link) or whose
-    ending does not match ``fmt`` (an ONNX graph named ``.pt`` or a TorchScript file named ``.onnx``)."""
+    ending does not match ``fmt``."""
     if output.is_dir():
         raise ExportError(f"--output {output} is a folder; give a file name")
-    allowed = ALLOWED_SUFFIXES[fmt]
+    allowed = SUFFIXES[fmt]
     if output.suffix.lower() not in allowed:
         raise ExportError(
             f"--output {output} does not end in {' / '.join(allowed)}, the ending of --format {fmt}; "
-            f"e.g. --output {output.with_suffix(SUFFIXES[fmt])}"
+            f"e.g. --output {output.with_suffix(allowed[0])}"
         )
-    same = output.resolve() == checkpoint.resolve()
-    if not same and output.exists() and checkpoint.exists():
-        same = os.path.samefile(output, checkpoint)  # hard links
-    if same:
+    linked = output.exists() and checkpoint.exists() and os.path.samefile(output, checkpoint)  # hard links
+    if linked or output.resolve() == checkpoint.resolve():
         raise ExportError(f"--output {output} is the checkpoint itself; give another file name")
 
 
@@ -235,10 +199,10 @@ def _main(args: argparse.Namespace) -> int:
     if min(args.size) < 1:
         raise ExportError(f"--size needs positive H W, got {args.size}")
     checkpoint = Path(args.checkpoint).expanduser()
-    output = (args.output or checkpoint.with_suffix(SUFFIXES[args.format])).expanduser()
+    output = (args.output or checkpoint.with_suffix(SUFFIXES[args.format][0])).expanduser()
     check_output(output, checkpoint, args.format)
     model, meta = load_model(checkpoint, device="cpu")
-    size = (int(args.size[0]), int(args.size[1]))
+    h, w = size = (args.size[0], args.size[1])
     try:
         if args.format == "onnx":
             export_onnx(model, meta, output, size=size, opset=args.opset)
@@ -254,9 +218,8 @@ def _main(args: argparse.Namespace) -> int:
     print(f"exported {meta.model_name} to {args.format} ({detail}): {output} ({mb:.1f} MB)")
     if args.no_check:
         return 0
-    results = check_parity(
-        model, output, fmt=args.format, checks=parity_sizes(size), atol=args.atol, rtol=args.rtol
-    )
+    checks = [(1, h, w), (2, max(33, h * 2 // 3) | 1, max(33, w * 2 // 3 + 2) | 1)]  # + a smaller odd size
+    results = check_parity(model, output, fmt=args.format, checks=checks, atol=args.atol, rtol=args.rtol)
     if results is None:
         print("parity check skipped: onnxruntime is not installed (`pip install onnxruntime`)")
         return 0

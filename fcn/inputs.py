@@ -1,6 +1,5 @@
-"""Predict's inputs and outputs by name: an image or video, a folder (recursive), a glob or a text file of
-paths in; ``OUT/<kind>/REL/name.png`` out (for a video ``OUT/<kind>/REL/name.mp4`` or a folder of frames,
-:func:`fcn.video.video_output_paths`), in a folder marked as predict's output."""
+"""Predict's inputs and outputs by name: images and videos in (:func:`collect_inputs`), their output paths
+out (:func:`output_paths`), in a folder marked as predict's output (:data:`OUTPUT_MARKER`)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcn.data.io import IMAGE_EXTENSIONS, check_writable, probe_size
-from fcn.video import VIDEO_EXTENSIONS, frame_range, is_video, probe_video, video_output_paths
+from fcn.data.io import IMAGE_EXTENSIONS, probe_size
+from fcn.video import VIDEO_EXTENSIONS, VIDEO_KINDS, VIDEO_SUFFIX, frame_range, is_video, probe_video
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 # An empty hidden file marking a folder as predict's output: later runs never take its PNGs as input
@@ -55,12 +54,11 @@ def _make_items(paths: Sequence[Path], base: Path) -> list[InputItem]:
 
 
 def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[list[InputItem], int]:
-    """Expand ``spec`` into images and videos and count the other files that were ignored.
+    """Expand ``spec`` into images and videos; also returns the count of other files ignored.
 
-    ``spec`` is an image or video, a folder (searched recursively for image and video extensions; hidden
-    entries, ``exclude`` and the output folders of earlier runs skipped), a glob (``**`` recursive;
-    earlier runs' outputs skipped) or a ``.txt`` / ``.lst`` / ``.list`` file with one path a line (relative
-    paths from the list's folder; ``#`` comments). Listed files are tried whatever their extension. Raises
+    ``spec``: an image or video, a folder (recursive, by extension; hidden entries, ``exclude`` and earlier
+    runs' outputs skipped), a glob (``**`` recursive; earlier outputs skipped) or a ``.txt`` / ``.lst`` /
+    ``.list`` file of paths (relative to its folder, ``#`` comments; any extension). Raises
     :class:`FileNotFoundError` for a missing input or one without images.
     """
     text = str(spec)
@@ -71,13 +69,8 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
         found = []
         for root, dirs, files in os.walk(path):
             root_path = Path(root)
-            dirs[:] = sorted(
-                d
-                for d in dirs
-                if not d.startswith(".")
-                and not _inside(root_path / d, exclude)
-                and not _is_output_dir(root_path / d)
-            )
+            subdirs = [root_path / d for d in sorted(dirs) if not d.startswith(".")]
+            dirs[:] = [d.name for d in subdirs if not _inside(d, exclude) and not _is_output_dir(d)]
             names = [root_path / name for name in sorted(files) if not name.startswith(".")]
             found += [p for p in names if _is_image_name(p)]
             ignored += len(names) - sum(map(_is_image_name, names))
@@ -89,18 +82,16 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
             raise FileNotFoundError(f"cannot read the list of paths {path} ({err})") from err
         entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
         # relative to the list's folder; an absolute entry stays itself (``/`` keeps it); duplicates once
-        paths = list(
-            dict.fromkeys(Path(os.path.abspath(path.parent / Path(e).expanduser())) for e in entries)
-        )
+        paths = [Path(os.path.abspath(path.parent / Path(e).expanduser())) for e in entries]
+        paths = list(dict.fromkeys(paths))
         base = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else path.parent
         items = _make_items(paths, base)
     elif path.is_file():
         items = [InputItem(path=path, rel=Path(path.stem))]
     elif glob.has_magic(text):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True))
-        base = Path(
-            *itertools.takewhile(lambda part: not glob.has_magic(part), Path(text).expanduser().parts)
-        )
+        literal = itertools.takewhile(lambda part: not glob.has_magic(part), Path(text).expanduser().parts)
+        base = Path(*literal)
         parents = {d for m in matches for d in m.parents if d.is_relative_to(base)}
         outputs = {d for d in parents if _is_output_dir(d)}
         files = [m for m in matches if m.is_file() and not _inside(m, exclude)]
@@ -120,29 +111,19 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
 
 
 def output_paths(item: InputItem, output: Path, kinds: Sequence[str]) -> dict[str, Path]:
-    """``{kind: output / kind / rel.png}`` for the selected output kinds (for a video:
-    :func:`fcn.video.video_output_paths`)."""
-    if is_video(item.path):
-        return video_output_paths(item.rel, output, kinds)
-    return {k: output / k / item.rel.with_name(item.rel.name + ".png") for k in kinds}
-
-
-def check_output_dir(output: Path) -> None:
-    """Create ``output``, prove it is writable (:func:`~fcn.data.io.check_writable`, PermissionError naming
-    ``--output``) and mark it with :data:`OUTPUT_MARKER`."""
-    check_writable(output, "--output")
-    (output / OUTPUT_MARKER).touch()
+    """``{kind: output/kind/rel.png}``; for a video ``output/kind/rel.mp4`` for :data:`VIDEO_KINDS` and the
+    folder ``output/kind/rel`` of per-frame PNGs for the other kinds."""
+    rel, video = item.rel, is_video(item.path)
+    file = rel.with_name(rel.name + (VIDEO_SUFFIX if video else ".png"))
+    return {k: output / k / (rel if video and k not in VIDEO_KINDS else file) for k in kinds}
 
 
 def input_weights(
     paths: Sequence[Path], *, every: int = 1, start: float = 0.0, end: float | None = None
 ) -> list[int]:
-    """The pixels predict runs through for each input, from headers only: ``H * W`` of an image, kept
-    frames (``every`` / ``start`` / ``end``, :func:`fcn.video.frame_range`) times ``H * W`` of a video.
-
-    The weights that :func:`fcn.distributed.split_balanced` deals to the ranks; an input whose size its
-    header does not tell (an unreadable file, a video of unknown length) weighs the mean of the others.
-    """
+    """The pixels predict runs through per input, from headers: ``H * W`` of an image, times the kept frames
+    (:func:`fcn.video.frame_range`) of a video; the mean of the others where the header does not tell.
+    The weights :func:`fcn.distributed.split_balanced` deals to the ranks."""
 
     def weight(path: Path) -> int | None:
         if is_video(path):

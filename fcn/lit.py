@@ -1,9 +1,5 @@
-"""LightningModules: supervised segmentation training around any registered model.
-
-The model itself is a plain ``nn.Module`` from :func:`fcn.models.build_model`; this module adds the loss,
-optimiser, schedule and metrics. Every constructor argument is a plain type and is saved with
-``save_hyperparameters``, so a checkpoint alone rebuilds the model (see :mod:`fcn.checkpoint`).
-"""
+"""LightningModules adding loss, optimiser, schedule and metrics to a registered model. Every constructor
+argument is a plain type saved in the hyper-parameters, so a checkpoint alone rebuilds the model."""
 
 from __future__ import annotations
 
@@ -16,17 +12,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from fcn.checkpoint import CheckpointError, read_checkpoint
-from fcn.distill import (
-    FeatureAdapter,
-    channel_wise_loss,
-    ema_update,
-    load_teacher,
-    make_ema,
-    pairwise_loss,
-    pixel_kd_loss,
-    pseudo_labels,
-)
+from fcn import distill
+from fcn.checkpoint import CheckpointError, load_model
 from fcn.losses import segmentation_loss
 from fcn.metrics import ConfusionMatrix, segmentation_scores
 from fcn.models import build_model
@@ -35,16 +22,16 @@ from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 OPTIMIZERS = ("sgd", "adamw")
 # Logged name -> key of fcn.metrics.segmentation_scores.
-SCORE_LOGS = {
-    "mIoU": "mean_iou",
-    "pixel_acc": "pixel_accuracy",
-    "mean_acc": "mean_accuracy",
-    "fw_iou": "fw_iou",
-}
+SCORE_LOGS = dict(mIoU="mean_iou", pixel_acc="pixel_accuracy", mean_acc="mean_accuracy", fw_iou="fw_iou")
 
 
 class SettingError(ValueError):
     """A training setting is out of range; the message names the option and the fix."""
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...], hint: str = "") -> None:
+    if value not in choices:
+        raise SettingError(f"--model.init_args.{name} must be one of {choices}{hint}, got {value!r}")
 
 
 def _check_settings(values: dict[str, Any]) -> None:
@@ -69,21 +56,15 @@ class SegmentationModule(L.LightningModule):
     """Train a registered segmentation model with cross-entropy, SGD/AdamW and a poly schedule.
 
     Args:
-        model: registry name (``fcn32s``, ``fcn16s``, ``fcn8s``, ``student`` ...).
-        model_kwargs: keyword arguments of the builder (``weights``, ``mode``, ``width_mult`` ...).
-        num_classes, class_names, palette, ignore_index, mean, std: the data description, linked
-            from the data module by ``scripts/train.py`` and stored in the checkpoint.
-        optimizer: ``"sgd"`` (momentum, the paper's choice) or ``"adamw"``.
-        lr, momentum, weight_decay: optimiser settings; biases and norm layers get no weight decay.
-        bias_lr_mult: learning-rate multiplier of biases (2 in the reference FCN).
+        model, model_kwargs: registry name (``fcn8s``, ``student`` ...) and builder keyword arguments.
+        num_classes, class_names, palette, ignore_index, mean, std, class_weights: the data description,
+            linked from the data module (:mod:`fcn.train`) and stored in the checkpoint.
+        optimizer, lr, momentum, weight_decay: ``"sgd"`` or ``"adamw"``; biases and norms get no decay
+            and ``bias_lr_mult`` x lr.
         poly_power, warmup_steps: ``lr * (1 - step / total) ** poly_power`` after a linear warm-up.
-        class_weights: per-class loss weights (length ``num_classes``) or None.
-        label_smoothing: cross-entropy label smoothing.
-        ohem_fraction: online hard example mining: the share of the batch's labelled pixels, those with
-            the highest loss, that the cross entropy averages over (1: every pixel).
+        label_smoothing, ohem_fraction: see :func:`fcn.losses.segmentation_loss`.
         init_from: checkpoint of a coarser model to start from (FCN-16s from FCN-32s, 8s from 16s).
-        channels_last: run the model in channels-last memory format.
-        compile: ``torch.compile`` the model (``nn.Module.compile``; checkpoint keys are unchanged).
+        channels_last, compile: channels-last memory format; ``nn.Module.compile`` (same checkpoint keys).
     """
 
     def __init__(
@@ -111,8 +92,7 @@ class SegmentationModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise SettingError(f"--model.init_args.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        _one_of("optimizer", optimizer, OPTIMIZERS)
         if class_weights is not None and len(class_weights) != num_classes:
             raise SettingError(f"class_weights has {len(class_weights)} values for {num_classes} classes")
         _check_settings(locals())
@@ -131,14 +111,7 @@ class SegmentationModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
-        state, info = read_checkpoint(path)
-        if info.num_classes != self.hparams.num_classes:
-            raise CheckpointError(
-                f"init_from checkpoint {path} has {info.num_classes} classes but the data has "
-                f"{self.hparams.num_classes}; start from a checkpoint trained on the same classes"
-            )
-        source = build_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
-        source.load_state_dict(state)
+        source, info = load_model(path, num_classes=self.hparams.num_classes)
         copied = transfer_weights(source, self.model)
         rank_zero_info(f"init_from {path}: copied {len(copied)} tensors from {info.model_name}")
 
@@ -161,14 +134,8 @@ class SegmentationModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return segmentation_loss(
-            logits,
-            target,
-            ignore_index=self.hparams.ignore_index,
-            class_weights=self.class_weights,
-            label_smoothing=self.hparams.label_smoothing,
-            ohem_fraction=self.hparams.ohem_fraction,
-        )
+        settings = {k: self.hparams[k] for k in ("ignore_index", "label_smoothing", "ohem_fraction")}
+        return segmentation_loss(logits, target, class_weights=self.class_weights, **settings)
 
     def check_finite(self, loss: torch.Tensor) -> None:
         """Stop with a clear message instead of training on a NaN/inf loss."""
@@ -188,41 +155,36 @@ class SegmentationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def _eval_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], confmat: ConfusionMatrix, stage: str
-    ) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, masks = batch
         logits = self(images)
-        confmat.update(logits, masks)
-        loss = self.loss(logits, masks)
-        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
+        getattr(self, f"{stage}_confmat").update(logits, masks)
+        self.log(f"{stage}/loss", self.loss(logits, masks), sync_dist=True, batch_size=images.shape[0])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_confmat, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_confmat, "test")
+        self._eval_step(batch, "test")
 
-    def _log_scores(self, confmat: ConfusionMatrix, stage: str) -> dict[str, Any]:
+    def _log_scores(self, stage: str) -> None:
+        confmat = getattr(self, f"{stage}_confmat")
         scores = segmentation_scores(confmat.compute(), self.hparams.class_names)  # synced across ranks
         confmat.reset()
-        # The scores are already global (from the rank-synced confusion matrix), equal on every rank: a max
-        # over ranks keeps them bit-exact, and every rank has them for callbacks (checkpointing, stopping).
-        synced = {"sync_dist": True, "reduce_fx": "max"}
-        for short, key in SCORE_LOGS.items():
-            if scores[key] is not None:  # None: no labelled pixel at all (n/a)
-                self.log(f"{stage}/{short}", scores[key], prog_bar=short == "mIoU", **synced)
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
-        for name, iou in zip(names, scores["per_class_iou"]):
-            if iou is not None:
-                self.log(f"{stage}_iou/{name}", iou, **synced)
-        return scores
+        logs = {f"{stage}/{short}": scores[key] for short, key in SCORE_LOGS.items()}
+        logs |= {f"{stage}_iou/{name}": iou for name, iou in zip(names, scores["per_class_iou"])}
+        # Already global and equal on every rank: a max over ranks keeps them bit-exact, and every rank has
+        # them for callbacks (checkpointing, stopping). None: no labelled pixel at all (n/a).
+        for key, value in logs.items():
+            if value is not None:
+                self.log(key, value, prog_bar=key == f"{stage}/mIoU", sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_scores(self.val_confmat, "val")
+        self._log_scores("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_scores(self.test_confmat, "test")
+        self._log_scores("test")
 
     # -- optimisation ---------------------------------------------------------------------------------
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
@@ -267,26 +229,18 @@ FEATURE_KEYS = ("c3", "c4", "c5", "out")
 
 
 class DistillationModule(SegmentationModule):
-    """Train a student with knowledge from a teacher (README: "The distilled student"; docs/RESULTS.md 5).
+    """Train a student with knowledge from a teacher (README "The distilled student"; docs/RESULTS.md 5).
 
-    Modes:
-        ``offline``: a frozen teacher loaded from ``teacher_checkpoint`` (any registered model).
-        ``semi``: as offline, plus unlabeled images (``data.unlabeled_root``): on them the teacher's soft
-            predictions (KD) and its confident pseudo-labels (CE, pixels below ``pseudo_threshold`` ignored)
-            supervise the student, weighted by ``unlabeled_weight``.
-        ``self``: no external teacher; from epoch ``self_start_epoch`` on, an EMA (``self_teacher="ema"``,
-            updated every step with ``ema_decay``) or a frozen snapshot of the student is the teacher.
+    Modes: ``offline``, a frozen teacher from ``teacher_checkpoint``; ``semi``, as offline plus unlabeled
+    images (``data.unlabeled_root``) supervised by the teacher's soft predictions and its pseudo-labels
+    (confidence >= ``pseudo_threshold``), weighted by ``unlabeled_weight``; ``self``, from epoch
+    ``self_start_epoch`` on an EMA (``ema_decay``) or a frozen snapshot of the student is the teacher.
 
-    Losses: ``ce_weight`` x cross-entropy on ground truth + ``kd_weight`` x pixel KD (temperature
-    ``temperature``, void pixels ignored) + ``pairwise_weight`` x affinity distillation on
-    ``feature_key`` + ``channel_weight`` x channel-wise distillation (backbone features ``c3``/``c4``/``c5``
-    go through a learned 1x1 adapter to the teacher's width; ``out``, the logits, need none).
-    ``teacher_precision="bf16"`` runs the teacher's forward pass under bf16 autocast and hands its outputs
-    to the losses in fp32, whatever the trainer's precision (``"32"`` runs it in fp32, also under a
-    ``bf16-mixed`` trainer): the frozen teacher's forward is most of a step when it is a VGG16 FCN
-    (docs/RESULTS.md section 8).
-    The teacher is never a submodule: it is not optimised, not wrapped by DDP and not saved.
-    """
+    Loss: ``ce_weight`` x CE + ``kd_weight`` x pixel KD (``temperature``) + ``pairwise_weight`` x affinity
+    + ``channel_weight`` x channel-wise distillation on ``feature_key`` (``c3``/``c4``/``c5`` through a 1x1
+    adapter to the teacher's width; ``out``, the logits, without). ``teacher_precision="bf16"`` runs the
+    teacher under bf16 autocast whatever the trainer's precision (docs/RESULTS.md section 8); its outputs
+    reach the losses in fp32. The teacher is never a submodule: not optimised, DDP-wrapped or saved."""
 
     def __init__(
         self,
@@ -309,38 +263,27 @@ class DistillationModule(SegmentationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if teacher_precision not in TEACHER_PRECISIONS:
-            raise SettingError(
-                f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}"
-            )
-        if distill_mode not in DISTILL_MODES:
-            raise SettingError(f"distill_mode must be one of {DISTILL_MODES}, got {distill_mode!r}")
-        if self_teacher not in SELF_TEACHERS:
-            raise SettingError(f"self_teacher must be one of {SELF_TEACHERS}, got {self_teacher!r}")
-        if feature_key not in FEATURE_KEYS:
-            raise SettingError(
-                f"feature_key must be one of {FEATURE_KEYS} (backbone features at 1/8, 1/16, 1/32, or the "
-                f"logits 'out'), got {feature_key!r}"
-            )
+        _one_of("teacher_precision", teacher_precision, TEACHER_PRECISIONS)
+        _one_of("distill_mode", distill_mode, DISTILL_MODES)
+        _one_of("self_teacher", self_teacher, SELF_TEACHERS)
+        _one_of("feature_key", feature_key, FEATURE_KEYS, " (features at 1/8, 1/16, 1/32, or the logits)")
         teacher = None
         if distill_mode in ("offline", "semi"):
             if not teacher_checkpoint:
                 raise CheckpointError(
                     f"distill_mode={distill_mode!r} needs teacher_checkpoint=<.ckpt of a trained model>"
                 )
-            teacher = load_teacher(teacher_checkpoint, num_classes=self.hparams.num_classes)
+            teacher = distill.load_teacher(teacher_checkpoint, num_classes=self.hparams.num_classes)
         elif teacher_checkpoint:
             raise SettingError(
                 "distill_mode='self' uses the student as its own teacher; drop teacher_checkpoint"
             )
-        # In a plain namespace, not submodules: never optimised, saved or wrapped by DDP.
-        self.frozen = SimpleNamespace(
-            teacher=teacher, ema=make_ema(self.model) if distill_mode == "self" else None
-        )
+        ema = distill.make_ema(self.model) if distill_mode == "self" else None
+        self.frozen = SimpleNamespace(teacher=teacher, ema=ema)  # not submodules: not optimised, saved, DDP'd
         self.adapter = None
         if channel_weight > 0 and feature_key != "out":  # logits share the class channels: no adapter
             t_net = teacher if teacher is not None else self.model  # self mode: the student's own width
-            self.adapter = FeatureAdapter(
+            self.adapter = distill.FeatureAdapter(
                 self.model.backbone.out_channels[feature_key], t_net.backbone.out_channels[feature_key]
             )
 
@@ -364,14 +307,13 @@ class DistillationModule(SegmentationModule):
             return None
         if hp.self_teacher == "snapshot":
             if self.teacher is None:
-                self.frozen.teacher = make_ema(self.model)
+                self.frozen.teacher = distill.make_ema(self.model)
             return self.teacher
         return self.ema
 
     @torch.no_grad()
     def run_teacher(self, teacher: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The teacher's outputs and features for ``x``, in ``teacher_precision`` whatever the trainer's
-        (``"32"`` turns a ``bf16-mixed`` trainer's autocast off); fp32 tensors, never differentiated."""
+        """The teacher's outputs and features for ``x`` in ``teacher_precision``, whatever the trainer's."""
         bf16 = self.hparams.teacher_precision == "bf16"
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = self.run(teacher, x, return_features=True)
@@ -386,11 +328,10 @@ class DistillationModule(SegmentationModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
-            ema_update(self.ema, self.model, decay=self.hparams.ema_decay)
+            distill.ema_update(self.ema, self.model, decay=self.hparams.ema_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # So a resumed self-distillation keeps its teacher: the EMA, or the snapshot once it was taken
-        # (outside ``state_dict``, which stays the student's alone).
+        # A resumed self-distillation keeps its teacher (outside ``state_dict``, the student's alone).
         if self.ema is not None:
             checkpoint["ema_state_dict"] = self.ema.state_dict()
         if self.hparams.distill_mode == "self" and self.teacher is not None:
@@ -401,7 +342,7 @@ class DistillationModule(SegmentationModule):
         if self.ema is not None and "ema_state_dict" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema_state_dict"])
         if self.hparams.distill_mode == "self" and "snapshot_state_dict" in checkpoint:
-            snapshot = make_ema(self.model)  # same architecture, frozen; then the saved snapshot's weights
+            snapshot = distill.make_ema(self.model)  # the student's architecture, frozen
             snapshot.load_state_dict(checkpoint["snapshot_state_dict"])
             self.frozen.teacher = snapshot
 
@@ -413,20 +354,18 @@ class DistillationModule(SegmentationModule):
         self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        losses = {
-            "kd": pixel_kd_loss(student["out"], teacher["out"], temperature=hp.temperature, valid=valid)
-        }
-        key = hp.feature_key
+        kd = distill.pixel_kd_loss(student["out"], teacher["out"], temperature=hp.temperature, valid=valid)
+        losses, key = {"kd": kd}, hp.feature_key
         if hp.pairwise_weight > 0:
             s, t = student[key], teacher[key]
             if s.shape[-2:] != t.shape[-2:]:
                 s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-            losses["pairwise"] = pairwise_loss(s, t, pool_size=hp.pairwise_pool)
+            losses["pairwise"] = distill.pairwise_loss(s, t, pool_size=hp.pairwise_pool)
         if hp.channel_weight > 0:
             s, t = student[key], teacher[key]
             if self.adapter is not None:
                 s = self.adapter(s, tuple(t.shape[-2:]))
-            losses["channel"] = channel_wise_loss(s, t, temperature=hp.channel_temperature)
+            losses["channel"] = distill.channel_wise_loss(s, t, temperature=hp.channel_temperature)
         return losses
 
     def _weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -437,11 +376,9 @@ class DistillationModule(SegmentationModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         unlabeled = None
-        if isinstance(batch, dict):  # semi-supervised: {"labeled": (x, y), "unlabeled": (x, _)}
-            images, masks = batch["labeled"]
-            unlabeled = batch["unlabeled"][0] if batch.get("unlabeled") is not None else None
-        else:
-            images, masks = batch
+        if isinstance(batch, dict):  # semi-supervised: {"labeled": (x, y), "unlabeled": (x, _) or None}
+            batch, unlabeled = batch["labeled"], batch.get("unlabeled")
+        images, masks = batch
         student = self.run(self.model, images, return_features=True)
         ce = self.loss(student["out"], masks)
         total = hp.ce_weight * ce
@@ -453,21 +390,18 @@ class DistillationModule(SegmentationModule):
             total = total + self._weighted(losses)
             logs.update(losses)
             if unlabeled is not None and hp.distill_mode == "semi":
-                s_u = self.run(self.model, unlabeled, return_features=True)
-                t_u = self.run_teacher(teacher, unlabeled)
-                labels = pseudo_labels(
+                s_u = self.run(self.model, unlabeled[0], return_features=True)
+                t_u = self.run_teacher(teacher, unlabeled[0])
+                labels = distill.pseudo_labels(
                     t_u["out"], threshold=hp.pseudo_threshold, ignore_index=hp.ignore_index
                 )
                 u_losses = self.distill_losses(s_u, t_u, None)
                 u_ce = self.loss(s_u["out"], labels)
                 total = total + hp.unlabeled_weight * (self._weighted(u_losses) + hp.ce_weight * u_ce)
-                logs["unlabeled_ce"] = u_ce
-                logs["unlabeled_kd"] = u_losses["kd"]
+                logs.update(unlabeled_ce=u_ce, unlabeled_kd=u_losses["kd"])
                 logs["pseudo_label_share"] = (labels != hp.ignore_index).float().mean()
         self.check_finite(total)
-        bs = images.shape[0]
-        self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v, batch_size=bs)
-        self.log("train/teacher_active", float(teacher is not None), batch_size=bs)
+        logs["teacher_active"] = float(teacher is not None)
+        self.log("train/loss", total, prog_bar=True, batch_size=images.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=images.shape[0])
         return total

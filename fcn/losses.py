@@ -1,5 +1,4 @@
-"""The supervised segmentation loss: pixel-wise cross entropy with an ignore index, class weights and
-online hard-pixel mining."""
+"""The supervised segmentation loss: pixel-wise cross entropy with an ignore index, class weights, OHEM."""
 
 from __future__ import annotations
 
@@ -19,19 +18,12 @@ def segmentation_loss(
     label_smoothing: float = 0.0,
     ohem_fraction: float = 1.0,
 ) -> Tensor:
-    """Cross entropy averaged over the non-ignored pixels of the batch.
+    """Cross entropy of ``(N, C, H, W)`` logits (computed in float32) against ``(N, H, W)`` class ids,
+    averaged over the pixels that are not ``ignore_index``, weighted as ``F.cross_entropy`` does with
+    ``class_weights`` (``(C,)``). An all-ignored batch gives 0 with zero gradients, not NaN.
 
-    ``logits`` are ``(N, C, H, W)`` (any dtype; computed in float32), ``target`` is ``(N, H, W)`` int64 class
-    ids with ``ignore_index`` for void. With ``class_weights`` (``(C,)``) the average is weighted, as in
-    :func:`torch.nn.functional.cross_entropy`: ``sum_i w[y_i] * l_i / sum_i w[y_i]``. A batch whose pixels
-    are all ignored gives 0 (connected to ``logits``, so ``backward`` works and yields zero gradients)
-    instead of the NaN of ``F.cross_entropy``. Targets outside ``[0, C)`` other than ``ignore_index``
-    are an error (PyTorch raises on CPU and asserts on CUDA).
-
-    ``ohem_fraction < 1`` is online hard example mining over pixels (the bootstrapped cross entropy of
-    Wu, Shen & van den Hengel 2016): only the ``ceil(ohem_fraction * valid pixels)`` pixels of the batch
-    with the highest (weighted) loss count, averaged as above over the kept pixels. ``1`` keeps them all.
-    """
+    ``ohem_fraction < 1``: online hard example mining (bootstrapped CE, Wu et al. 2016), only the
+    ``ceil(ohem_fraction * valid pixels)`` pixels with the highest loss count."""
     if logits.ndim < 2 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
             f"logits of shape {tuple(logits.shape)} do not match target of shape {tuple(target.shape)}; "
@@ -41,9 +33,7 @@ def segmentation_loss(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not 0.0 < ohem_fraction <= 1.0:
         raise ValueError(f"ohem_fraction must be in (0, 1] (1 keeps every pixel), got {ohem_fraction}")
-    num_classes = logits.shape[1]
-    logits = logits.float()
-    target = target.long()
+    num_classes, logits, target = logits.shape[1], logits.float(), target.long()
     weight = None
     if class_weights is not None:
         weight = torch.as_tensor(class_weights).to(device=logits.device, dtype=logits.dtype)

@@ -1,25 +1,14 @@
 """Confusion-matrix accumulation and the four FCN-paper segmentation metrics.
 
-One accumulator, :class:`ConfusionMatrix`, is used by training validation and by the evaluate CLI.
-Rows of the matrix are ground truth, columns are predictions: ``confmat[i, j]`` counts the pixels
-of class ``i`` predicted as class ``j``. Everything else is computed from that matrix with
-:func:`segmentation_scores` (JSON-ready) or :func:`score_tensors` (tensors with NaN).
+:class:`ConfusionMatrix` accumulates ``n_ij``: pixels of ground-truth class ``i`` predicted as ``j``. With
+``t_i = sum_j n_ij`` and ``p_j = sum_i n_ij`` (Long et al., FCN, 2015):
 
-The metrics are those of Long, Shelhamer & Darrell (FCN, 2015), with ``n_ij`` the matrix,
-``t_i = sum_j n_ij`` the ground-truth pixels of class ``i`` and ``p_j = sum_i n_ij`` the predicted ones:
+- pixel accuracy ``sum_i n_ii / sum_i t_i``; mean accuracy ``mean_i n_ii / t_i``
+- mean IoU ``mean_i n_ii / (t_i + p_i - n_ii)``; frequency-weighted IoU ``sum_i t_i * IoU_i / sum_i t_i``
 
-- pixel accuracy ``sum_i n_ii / sum_i t_i``
-- mean accuracy ``mean_i n_ii / t_i``
-- mean IoU ``mean_i n_ii / (t_i + p_i - n_ii)``
-- frequency-weighted IoU ``sum_i t_i * IoU_i / sum_i t_i``
-
-n/a convention (a class "is absent" when it has no pixel in the accumulated data):
-
-- absent from ground truth AND prediction: IoU and accuracy are n/a; the class is left out of every mean.
-- absent from ground truth but predicted: IoU is 0 (all its predictions are false positives) and
-  accuracy is n/a (left out of mean accuracy).
-- n/a is NaN in tensors and ``None`` in the JSON-ready dict. A mean over no class at all
-  (an empty matrix) is n/a too.
+n/a: a class absent from the ground truth has accuracy n/a, and IoU n/a unless predicted (then 0). n/a
+values are left out of the means (a mean over none is n/a); they are NaN in tensors (:func:`score_tensors`)
+and ``None`` in :func:`segmentation_scores`' dict.
 """
 
 from __future__ import annotations
@@ -33,16 +22,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = [
-    "ConfusionMatrix",
-    "confusion_matrix",
-    "image_scores",
-    "score_tensors",
-    "segmentation_scores",
-]
+__all__ = ["ConfusionMatrix", "confusion_matrix", "image_scores", "score_tensors", "segmentation_scores"]
 
-SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
-"""The four FCN-paper metrics, in the order the paper reports them."""
+SUMMARY_KEYS = ("pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # in the paper's order
 
 
 def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
@@ -75,8 +57,8 @@ def _counts(
 ) -> tuple[Tensor, Tensor]:
     """Confusion counts ``(C, C)`` and the number of out-of-range predicted ids, without host sync.
 
-    Pixels to skip are sent to an extra "trash" bin instead of being masked out, so that the shapes
-    never depend on the data (boolean indexing would force a device-to-host copy).
+    Skipped pixels go to an extra "trash" bin rather than being masked out: boolean indexing would make
+    the shapes data-dependent and force a device-to-host copy.
     """
     c = num_classes
     pred = _class_ids(preds, target, c).reshape(-1).long()
@@ -86,12 +68,10 @@ def _counts(
         valid_target &= tgt != ignore_index
     valid_pred = (pred >= 0) & (pred < c)
     trash, bad_pred = c * c, c * c + 1
-    index = torch.where(valid_target & valid_pred, tgt * c + pred, trash)
-    index = torch.where(valid_target & ~valid_pred, torch.full_like(index, bad_pred), index)
+    index = torch.where(valid_target, torch.where(valid_pred, tgt * c + pred, bad_pred), trash)
     nbins = c * c + 2
     if index.device.type == "cpu":
-        # numpy's single-threaded bincount: torch's multi-threaded one slows down 10-40x when the
-        # cores are busy (e.g. with data-loader workers), numpy's stays at ~1 ms for a 360x480 batch.
+        # numpy's single-threaded bincount: torch's multi-threaded one slows down 10-40x on busy cores
         hist = torch.from_numpy(np.bincount(index.numpy(), minlength=nbins))
     else:
         hist = _scatter_histogram(index, nbins)
@@ -99,39 +79,20 @@ def _counts(
 
 
 def _scatter_histogram(index: Tensor, nbins: int) -> Tensor:
-    """``torch.bincount(index, minlength=nbins)`` for indices known to be in ``[0, nbins)``.
-
-    Used on accelerators: torch.bincount on CUDA reads min/max back to the host (a sync per call), a 1-D
-    ``scatter_add_`` does not, and it stays deterministic under ``torch.use_deterministic_algorithms``.
-    """
+    """``torch.bincount(index, minlength=nbins)`` for indices in ``[0, nbins)``, for accelerators: unlike
+    CUDA's bincount it needs no host sync, and it stays deterministic."""
     hist = torch.zeros(nbins, dtype=torch.long, device=index.device)
     return hist.scatter_add_(0, index, torch.ones_like(index))
 
 
-def confusion_matrix(
-    preds: Tensor | np.ndarray,
-    target: Tensor | np.ndarray,
-    *,
-    num_classes: int,
-    ignore_index: int | None = 255,
-) -> Tensor:
-    """One-shot confusion matrix ``(C, C)`` int64 (rows ground truth, columns prediction).
-
-    ``preds`` are class ids with the target's shape or logits ``(N, C, *spatial)``. Target pixels equal to
-    ``ignore_index`` or outside ``[0, num_classes)`` are skipped. Predicted ids outside
-    ``[0, num_classes)`` raise ``ValueError``.
-    """
-    num_classes = _check_num_classes(num_classes)
-    counts, bad = _counts(_as_tensor(preds), _as_tensor(target), num_classes, ignore_index)
-    if int(bad) > 0:
-        raise ValueError(_bad_pred_message(int(bad), num_classes))
-    return counts
-
-
-def _check_num_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return int(num_classes)
+def _check_int(name: str, value: Any, low: int | None) -> int | None:
+    """``value`` as an int of at least ``low`` (``low`` None: any int or None), else ``ValueError``."""
+    if low is None and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral) or (low is not None and value < low):
+        kind = "a positive integer" if low is not None else "an int or None"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def _bad_pred_message(count: int, num_classes: int) -> str:
@@ -141,18 +102,30 @@ def _bad_pred_message(count: int, num_classes: int) -> str:
     )
 
 
+def confusion_matrix(
+    preds: Tensor | np.ndarray,
+    target: Tensor | np.ndarray,
+    *,
+    num_classes: int,
+    ignore_index: int | None = 255,
+) -> Tensor:
+    """One-shot ``(C, C)`` int64 matrix; same inputs and skipped pixels as :class:`ConfusionMatrix`, but
+    predicted ids outside ``[0, num_classes)`` raise ``ValueError`` at once."""
+    num_classes = _check_int("num_classes", num_classes, 1)
+    counts, bad = _counts(_as_tensor(preds), _as_tensor(target), num_classes, ignore_index)
+    if int(bad) > 0:
+        raise ValueError(_bad_pred_message(int(bad), num_classes))
+    return counts
+
+
 class ConfusionMatrix(Metric):
     """Accumulates the ``(C, C)`` confusion matrix over batches (and over DDP ranks by summation).
 
-    ``update(preds, target)``: ``preds`` are class ids ``(N, H, W)`` or logits ``(N, C, H, W)``
-    (argmax over dim 1); ``target`` is ``(N, H, W)`` integer class ids. Skipped pixels: target equal to
-    ``ignore_index`` and ANY target outside ``[0, num_classes)`` (also with ``ignore_index=None``),
-    so a stray void value such as -1 never lands in a wrong cell. ``update`` never copies to the host:
-    predicted ids outside ``[0, num_classes)`` (impossible with logits) are counted and reported by
-    ``compute()`` as a ``ValueError``.
-
-    ``compute()`` returns the int64 matrix (rows ground truth, columns prediction); turn it into
-    numbers with :func:`segmentation_scores`.
+    ``update(preds, target)``: ``preds`` are class ids ``(N, H, W)`` or logits ``(N, C, H, W)``;
+    ``target`` is ``(N, H, W)`` integer ids. Skipped: target pixels equal to ``ignore_index`` and ANY
+    target outside ``[0, num_classes)``. ``update`` never syncs with the host: predicted ids outside
+    ``[0, num_classes)`` are counted, and ``compute()`` raises ``ValueError`` for them.
+    ``compute()``: the int64 matrix; :func:`segmentation_scores` turns it into numbers.
     """
 
     is_differentiable = False
@@ -164,37 +137,23 @@ class ConfusionMatrix(Metric):
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        num_classes = _check_num_classes(num_classes)
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)
-        ):
-            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
-        self.num_classes = num_classes
-        self.ignore_index = None if ignore_index is None else int(ignore_index)
-        self.add_state(
-            "confmat",
-            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
-            dist_reduce_fx="sum",
-        )
+        self.num_classes = num_classes = _check_int("num_classes", num_classes, 1)
+        self.ignore_index = _check_int("ignore_index", ignore_index, None)
+        zeros = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self.add_state("confmat", default=zeros, dist_reduce_fx="sum")
         self.add_state("invalid_preds", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add one batch (see the class docstring for shapes and skipped pixels)."""
         counts, bad = _counts(preds, target, self.num_classes, self.ignore_index)
         self.confmat += counts.to(self.confmat.device)
         self.invalid_preds += bad.to(self.invalid_preds.device)
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
-        """Add another shard's state (a ``ConfusionMatrix`` or its ``metric_state``) to this one.
-
-        Unlike the base class (torchmetrics 1.9), this also drops a cached ``compute()`` result, so
-        computing, merging and computing again gives the merged matrix.
-        """
+        """The base class's merge, also dropping a cached ``compute()`` result (torchmetrics 1.9 keeps it)."""
         super().merge_state(incoming_state)
         self._computed = None
 
     def compute(self) -> Tensor:
-        """The accumulated matrix, int64 ``(C, C)``; raises ``ValueError`` if any predicted id was invalid."""
         bad = int(self.invalid_preds)
         if bad > 0:
             raise ValueError(_bad_pred_message(bad, self.num_classes))
@@ -202,11 +161,10 @@ class ConfusionMatrix(Metric):
 
 
 def score_tensors(confmat: Tensor | np.ndarray) -> dict[str, Tensor]:
-    """The metrics as float64 CPU tensors, NaN for n/a (see the module docstring for the convention).
+    """The metrics as float64 CPU tensors, NaN for n/a.
 
-    Keys: ``pixel_accuracy``, ``mean_accuracy``, ``mean_iou``, ``fw_iou`` (0-d), ``per_class_iou``,
-    ``per_class_accuracy``, ``pixel_share`` (share of ground-truth pixels per class), ``gt_pixels``,
-    ``pred_pixels`` (``(C,)``).
+    Keys: the :data:`SUMMARY_KEYS` (0-d), and ``(C,)`` ``per_class_iou``, ``per_class_accuracy``,
+    ``pixel_share`` (share of ground-truth pixels), ``gt_pixels``, ``pred_pixels``.
     """
     cm = _as_tensor(confmat).detach().to("cpu")
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
@@ -215,11 +173,11 @@ def score_tensors(confmat: Tensor | np.ndarray) -> dict[str, Tensor]:
     if bool((cm < 0).any()) or not bool(torch.isfinite(cm).all()):
         raise ValueError("a confusion matrix must hold finite, non-negative counts")
     tp, gt, pred = cm.diagonal(), cm.sum(dim=1), cm.sum(dim=0)
-    total = gt.sum()
-    iou = tp / (gt + pred - tp)  # 0 / 0 = NaN: n/a (a class absent from both)
-    acc = tp / gt  # NaN for a class absent from the ground truth
-    present = gt > 0  # a class in the ground truth always has a defined IoU
-    return {  # an empty matrix (total 0): 0 / 0, all NaN
+    total = gt.sum()  # 0 for an empty matrix: every value NaN
+    iou = tp / (gt + pred - tp)  # 0 / 0 = NaN: absent from both
+    acc = tp / gt  # NaN: absent from the ground truth
+    present = gt > 0
+    return {
         "pixel_accuracy": tp.sum() / total,
         "mean_accuracy": acc.nanmean(),
         "mean_iou": iou.nanmean(),
@@ -240,14 +198,8 @@ def _to_py(x: Tensor) -> float | None:
 def segmentation_scores(
     confmat: Tensor | np.ndarray, class_names: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """The four FCN metrics plus per-class values as a JSON-serialisable dict (``None`` = n/a).
-
-    Values are fractions in ``[0, 1]``; n/a as in the module docstring. ``fw_iou`` weights each class by
-    its ground-truth pixels, so classes absent from ground truth weigh nothing.
-
-    Keys: ``pixel_accuracy``, ``mean_accuracy``, ``mean_iou``, ``fw_iou``, ``per_class_iou``,
-    ``per_class_accuracy``, ``pixel_share``, ``gt_pixels``, ``pred_pixels`` (lists, one per class),
-    ``class_names``, ``num_classes``, ``num_pixels`` (pixels counted, ignored ones excluded).
+    """:func:`score_tensors` as a JSON-serialisable dict: fractions in ``[0, 1]``, ``None`` = n/a, lists
+    per class, plus ``class_names``, ``num_classes`` and ``num_pixels`` (counted, ignored ones excluded).
     """
     t = score_tensors(confmat)
     num_classes = t["per_class_iou"].numel()
@@ -272,13 +224,10 @@ def image_scores(
 ) -> dict[str, float | None]:
     """``{"mean_iou", "pixel_accuracy"}`` of one image (``None`` when it has no labelled pixel).
 
-    ``pred`` is ids ``(H, W)`` or logits ``(C, H, W)``; a leading batch dimension of 1 is accepted too.
-    Same skipping and n/a convention as :class:`ConfusionMatrix` / :func:`segmentation_scores`.
+    ``pred``: ids ``(H, W)`` or logits ``(C, H, W)``, optionally with a leading batch of 1.
     """
     p, t = _as_tensor(pred), _as_tensor(target)
     if p.is_floating_point() and p.ndim == t.ndim + 1 and p.shape[0] == num_classes:
-        p = p.unsqueeze(0)  # (C, H, W) logits of one image
-        t = t.unsqueeze(0)
-    cm = confusion_matrix(p, t, num_classes=num_classes, ignore_index=ignore_index)
-    scores = score_tensors(cm)
+        p, t = p.unsqueeze(0), t.unsqueeze(0)  # (C, H, W) logits of one image
+    scores = score_tensors(confusion_matrix(p, t, num_classes=num_classes, ignore_index=ignore_index))
     return {"mean_iou": _to_py(scores["mean_iou"]), "pixel_accuracy": _to_py(scores["pixel_accuracy"])}

@@ -8,15 +8,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """Distinct deterministic RGB colours (the PASCAL VOC bit-interleaving scheme, black skipped)."""
-    colours = []
-    for label in range(1, num_classes + 1):
-        r = g = b = 0
-        c = label
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        colours.append((r, g, b))
-    return colours
+    """Distinct deterministic RGB colours (the PASCAL VOC bit-interleaving scheme, black skipped): bit
+    ``3 * i + channel`` of the label becomes bit ``7 - i`` of that channel."""
+    return [
+        tuple(sum(((label >> (3 * bit + ch)) & 1) << (7 - bit) for bit in range(8)) for ch in range(3))
+        for label in range(1, num_classes + 1)
+    ]

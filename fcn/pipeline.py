@@ -1,26 +1,23 @@
-"""Predict's batch pipeline: file -> decode -> normalise -> model -> logits -> labels -> encode -> write.
+"""Predict's batch pipeline: file -> decode -> normalise -> model -> arg-max -> encode -> write.
 
-:func:`run_predict` groups images of equal size into batches (every image runs at its own resolution),
-runs the model under ``torch.inference_mode`` and lets one thread pool (``writers``) decode, normalise
-and write. On the CPU each thread normalises its images with ``cv2.LUT`` straight into a float32 batch
-buffer that becomes the model input without a copy (two buffers per batch shape, taking turns). With
-spare cores (a GPU, or a CPU with 2+ cores beyond the model's threads) the next batch is decoded and the
-last one written while the model runs (``overlap``); without them the pool works between forward passes,
-so nothing preempts the model's threads (measured faster on 2 cores, docs/RESULTS.md section 7).
-Unreadable files are reported and counted, not raised; every PNG is written atomically. Videos
-(:mod:`fcn.video`) run after the images, through the same predictor, thread pool and progress bar.
+:func:`run_predict` batches images of equal size (each runs at its own resolution) and lets one thread pool
+(``writers``) decode, normalise (on the CPU: ``cv2.LUT`` straight into the float32 batch buffer the model
+reads) and write every PNG atomically. With spare cores (:func:`spare_cores`) that work runs beside the
+forward pass, else between passes. Unreadable files are counted, not raised. Videos (:mod:`fcn.video`)
+follow the images through the same predictor, pool and progress bar.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fcn import distributed
 from fcn.data.errors import DataError
 from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
 from fcn.inputs import InputItem, output_paths
 from fcn.predictor import Predictor, class_ids, label_arrays, labels_and_confidence, predict_logits
-from fcn.video import VIDEO_KINDS, VideoError, frame_range, is_video, predict_video, probe_video
+from fcn.video import VIDEO_KINDS, Stage, VideoError, frame_range, is_video, predict_video, probe_video
 
 if TYPE_CHECKING:
     from fcn.benchmark import StageTimes
@@ -49,14 +47,10 @@ class PredictError(ValueError):
 
 @dataclass
 class PredictOptions:
-    """What :func:`run_predict` writes and how; checked once, here (:class:`PredictError` names the flag).
-
-    ``kinds``: output kinds (:data:`OUTPUT_KINDS`); ``resize``: infer at a fixed ``(H, W)``; ``crop`` /
-    ``stride``: sliding window; ``scales`` / ``flip``: test-time augmentation; ``writers``: pool threads
-    (default: 2 with overlap, else one per core); ``overlap``: default "spare cores" (:func:`spare_cores`).
-    Videos only: ``every`` (keep one frame in N), ``start`` / ``end`` (seconds), ``smooth`` (mean softmax
-    over the last K frames, :class:`fcn.video.SoftmaxWindow`).
-    """
+    """What :func:`run_predict` writes and how: the predict command's flags of the same names, checked here
+    (:class:`PredictError` names the flag). ``kinds``: :data:`OUTPUT_KINDS`; ``crop`` / ``stride``: sliding
+    window; ``writers``: default 2 with overlap, else one per core; ``overlap``: default
+    :func:`spare_cores`; ``every`` / ``start`` / ``end`` / ``smooth``: videos only."""
 
     output: Path
     kinds: tuple[str, ...] = DEFAULT_OUTPUTS
@@ -120,7 +114,6 @@ class PredictSummary:
     ignored: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
-    predictor: Predictor | None = field(default=None, repr=False)
     overlap: bool | None = None  # whether decoding and writing ran beside the model
     videos: int = 0  # inputs that are videos (done, skipped or failed)
     videos_done: int = 0
@@ -130,6 +123,17 @@ class PredictSummary:
     def images_per_second(self) -> float:
         """Images, and video frames, predicted per second."""
         return (self.done + self.frames - self.videos_done) / self.seconds if self.seconds > 0 else 0.0
+
+    def gathered(self) -> PredictSummary:
+        """The whole run's summary under torchrun: counts summed over the ranks, the slowest rank's seconds,
+        every rank's failures in rank order (itself for one process)."""
+        counts = ("total", "done", "skipped", "failed", "videos", "videos_done", "frames")
+        parts = distributed.all_gather({k: getattr(self, k) for k in (*counts, "seconds", "failures")})
+        if len(parts) == 1:
+            return self
+        sums = {k: sum(p[k] for p in parts) for k in counts}
+        failures = [f for p in parts for f in p["failures"]]
+        return replace(self, **sums, seconds=max(p["seconds"] for p in parts), failures=failures)
 
     def line(self) -> str:
         extra = f", {self.ignored} non-image files ignored" if self.ignored else ""
@@ -149,12 +153,8 @@ class PredictInterrupted(KeyboardInterrupt):
 
 
 def spare_cores(device: torch.device, threads: int) -> bool:
-    """Whether decoding and writing can run beside the model without slowing it: on a GPU, or on a CPU with
-    at least two cores more than the model's ``threads``.
-
-    Otherwise (e.g. 2 cores, 2 model threads) helper threads would preempt the model's threads, and each
-    parallel operator waits for its slowest thread (measured slower, docs/RESULTS.md section 7).
-    """
+    """Whether decoding and writing can run beside the model without slowing it: on a GPU, or with two CPU
+    cores more than the model's ``threads`` (else they preempt its threads: docs/RESULTS.md section 7)."""
     return device.type != "cpu" or _cores() >= threads + 2
 
 
@@ -164,8 +164,8 @@ def _cores() -> int:
 
 
 def size_batches(keys: Sequence[Hashable | None], batch_size: int) -> list[list[int]]:
-    """Batches of up to ``batch_size`` indices that share a key (an image size), ordered by their first
-    index so the run follows the input order; indices with key ``None`` (size unknown) get their own."""
+    """Batches of up to ``batch_size`` indices sharing a key (an image size; ``None``: a batch of its own),
+    ordered by their first index."""
     groups: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(("alone", i) if key is None else key, []).append(i)
@@ -173,64 +173,54 @@ def size_batches(keys: Sequence[Hashable | None], batch_size: int) -> list[list[
     return sorted(batches, key=lambda b: b[0])
 
 
+@dataclass
 class _Batches:
-    """The batches of ``items``, decoded by ``pool``'s threads; :meth:`prefetch` queues the next batch.
+    """The batches of ``items`` (grouped by header size), decoded by ``pool``'s threads; :meth:`prefetch`
+    queues the next. With a ``table`` (:meth:`Predictor.normalize_table`) each thread normalises its image
+    into the batch's float32 ``(N, H, W, 3)`` buffer (one not of its header's size stays uint8); two buffers
+    per batch shape take turns, so one is refilled only after its batch's forward pass."""
 
-    With a ``table`` (:meth:`Predictor.normalize_table`) each thread also normalises its image straight
-    into the batch's float32 ``(N, H, W, 3)`` buffer (``keys`` give the probed sizes; an image whose size
-    differs stays uint8). The buffers of each batch shape take turns (two of them), so a buffer is refilled
-    only after its batch's forward pass.
-    """
+    items: Sequence[InputItem]
+    pool: ThreadPoolExecutor
+    options: PredictOptions
+    table: np.ndarray | None
+    stage: Stage
 
-    def __init__(
-        self,
-        items: Sequence[InputItem],
-        keys: Sequence[Hashable | None],
-        pool: ThreadPoolExecutor,
-        options: PredictOptions,
-        *,
-        table: np.ndarray | None,
-        stage: Callable[[str], AbstractContextManager[None]],
-    ) -> None:
-        self.items, self.keys, self.pool, self.stage = items, keys, pool, stage
-        self.indices = iter(size_batches(keys, options.batch_size))
-        self.resize, self.table = options.resize, table
-        self.keep_originals = "overlay" in options.kinds  # the image before --resize, for the overlay
+    def __post_init__(self) -> None:
+        self.resize, self.keep_originals = self.options.resize, "overlay" in self.options.kinds
+        self.keys = [self.resize] * len(self.items)  # the size every image runs at with --resize
+        if not self.resize:
+            with ThreadPoolExecutor(max_workers=8) as probe:  # header sizes, None where unknown
+                self.keys = list(probe.map(lambda it: probe_size(it.path), self.items))
+        self.indices = iter(size_batches(self.keys, self.options.batch_size))
         self.ahead: list[Future] | None = None
         self.ring: dict[tuple[int, ...], deque[np.ndarray]] = {}
 
-    def _read(self, index: int, buffer: np.ndarray | None = None, slot: int = 0) -> dict[str, Any]:
-        """``{"index", "image" (uint8 HWC or its normalised row of ``buffer``), "size", "original"}``, or
-        ``{"index", "error"}`` for a file that cannot be read."""
+    def _read(self, index: int, buffer: np.ndarray | None, slot: int) -> dict[str, Any]:
+        """``{"index", "image" (uint8, or a row of ``buffer``), "size", "original"}``, or an ``"error"``."""
         try:
             with self.stage("decode"):
                 image = read_image(self.items[index].path)
         except DataError as err:
             return {"index": index, "error": str(err)}
-        sample: dict[str, Any] = {"index": index, "size": image.shape[:2], "original": None}
+        original = image if self.keep_originals else None  # the image before --resize, for the overlay
+        sample: dict[str, Any] = {"index": index, "size": image.shape[:2], "original": original}
         if self.resize is not None:
-            sample["original"] = image if self.keep_originals else None
             image = cv2.resize(image, (self.resize[1], self.resize[0]), interpolation=cv2.INTER_LINEAR)
         if buffer is not None and image.shape == buffer.shape[1:]:
             with self.stage("normalise"):
                 cv2.LUT(image, self.table, dst=buffer[slot])
-            if self.keep_originals and sample["original"] is None:
-                sample["original"] = image
-            sample.update(image=torch.from_numpy(buffer[slot]), buffer=buffer, slot=slot)
+            sample.update(image=torch.from_numpy(buffer[slot]), buffer=buffer)
         else:
             sample["image"] = torch.from_numpy(np.ascontiguousarray(image))
         return sample
 
     def prefetch(self) -> None:
-        if self.ahead is not None:
+        if self.ahead is not None or (indices := next(self.indices, None)) is None:
             return
-        indices = next(self.indices, None)
-        if indices is None:
-            self.ahead = []
-            return
-        size = self.keys[indices[0]] if self.table is not None else None
+        size = self.keys[indices[0]] if self.table is not None else None  # the batch's (H, W)
         buffer = None
-        if size is not None and all(self.keys[i] == size for i in indices):
+        if size is not None:
             shape = (len(indices), *size, 3)  # type: ignore[misc]
             ring = self.ring.setdefault(shape, deque())
             if len(ring) < 2:  # a new buffer, then the oldest in turn
@@ -240,50 +230,37 @@ class _Batches:
         self.ahead = [self.pool.submit(self._read, i, buffer, k) for k, i in enumerate(indices)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        self.prefetch()
-        futures, self.ahead = self.ahead or [], None
-        if not futures:
-            raise StopIteration
-        return _collate([f.result() for f in futures])
+        while True:
+            self.prefetch()
+            futures, self.ahead = self.ahead, None
+            if futures is None:
+                return
+            yield _collate([f.result() for f in futures])
 
 
 def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images of equal shape (the shared buffer itself when they fill it in order, else a copy);
-    a batch with several shapes (a wrong header) splits into groups."""
+    """``{"groups": [(samples, images)], "errors"}``: images of equal shape stacked (the shared buffer itself
+    when every row was normalised into it, else a copy); several shapes (a wrong header): several groups."""
     by_shape: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for s in samples:
         if "error" not in s:
             by_shape.setdefault((*s["image"].shape, s["image"].dtype), []).append(s)
     groups = []
     for group in by_shape.values():
-        buffer = group[0].get("buffer")
-        in_order = all(s.get("buffer") is buffer and s.get("slot") == k for k, s in enumerate(group))
-        filled = buffer is not None and len(buffer) == len(group) and in_order
-        groups.append(
-            {
-                "indices": [s["index"] for s in group],
-                "images": torch.from_numpy(buffer) if filled else torch.stack([s["image"] for s in group]),
-                "normalized": group[0]["image"].dtype == torch.float32,
-                "sizes": [tuple(s["size"]) for s in group],
-                "originals": [s["original"] for s in group],
-            }
-        )
+        buffer = group[0].get("buffer")  # float32 rows are the batch's buffer's, in order
+        filled = buffer is not None and len(buffer) == len(group)
+        images = torch.from_numpy(buffer) if filled else torch.stack([s["image"] for s in group])
+        groups.append((group, images))
     return {"groups": groups, "errors": [s["error"] for s in samples if "error" in s]}
 
 
 def _predict_group(
-    predictor: Predictor, group: dict[str, Any], options: PredictOptions, timer: StageTimes | None
+    predictor: Predictor, group: tuple[list, torch.Tensor], options: PredictOptions, timer: StageTimes | None
 ) -> list[tuple[int, dict[str, np.ndarray | None]]]:
-    """Run one same-shape group; per image: its index and what :func:`_write_outputs` needs.
-
-    On CPU without a confidence output the arg-max is left to the writer threads (``logits`` as a
-    ``(C, H, W)`` array); otherwise labels (and confidences) are computed here, on the model's device.
-    """
-    images = group["images"]
-    x = predictor.normalized_input(images) if group["normalized"] else predictor.normalize(images)
+    """Run one group of :func:`_collate`; per image its index and what :func:`_write_outputs` needs. On CPU
+    without a confidence output the arg-max is left to the writer threads (``logits`` ``(C, H, W)``)."""
+    samples, images = group
+    x = predictor.normalize(images)
     start = time.perf_counter()
     logits = predict_logits(predictor, x, **options.strategy())
     if timer is not None:
@@ -292,34 +269,27 @@ def _predict_group(
         timer.forward_wall += time.perf_counter() - start
     want_conf = "confidence" in options.kinds
     defer = logits.device.type == "cpu" and not want_conf
+    arrays = {"num_classes": predictor.num_classes, "bits": options.confidence_bits}
     results = []
-    for k, index in enumerate(group["indices"]):
+    for k, sample in enumerate(samples):
         one = logits[k : k + 1]
         if options.resize is not None:  # back to the image's own size: bilinear on the logits, then arg-max
-            one = F.interpolate(one, size=group["sizes"][k], mode="bilinear", align_corners=False)
-        out: dict[str, np.ndarray | None] = {"label": None, "logits": None, "confidence": None, "image": None}
+            one = F.interpolate(one, size=sample["size"], mode="bilinear", align_corners=False)
+        out = {"label": None, "logits": None, "confidence": None, "image": sample["original"]}
         if defer:
             out["logits"] = one[0].numpy()  # (C, H, W), a view of the batch's logits
         else:
-            lab, cf = labels_and_confidence(one, confidence=want_conf)
-            bits = options.confidence_bits
-            label, conf = label_arrays(lab, cf, num_classes=predictor.num_classes, bits=bits)
-            out["label"], out["confidence"] = label[0], None if conf is None else conf[0]
-        if "overlay" in options.kinds:
-            original = group["originals"][k]
-            out["image"] = original if original is not None else images[k].numpy()
-        results.append((index, out))
+            ids, conf = labels_and_confidence(one, confidence=want_conf)
+            ids, conf = label_arrays(ids, conf, **arrays)
+            out["label"], out["confidence"] = ids[0], None if conf is None else conf[0]
+        results.append((sample["index"], out))
     return results
 
 
 def _write_outputs(
-    paths: dict[str, Path],
-    outputs: dict[str, np.ndarray | None],
-    palette: list[list[int]],
-    alpha: float,
-    stage: Callable[[str], AbstractContextManager[None]],
+    paths: dict[str, Path], outputs: dict[str, np.ndarray | None], palette: list, alpha: float, stage: Stage
 ) -> None:
-    """Encode and write one image's outputs (in a writer thread); the label comes from the logits if None."""
+    """Encode and write one image's outputs (in a writer thread)."""
     label = outputs["label"]
     if label is None:
         with stage("arg-max"):  # (C, H, W) logits -> ids, here rather than on the model's threads
@@ -352,10 +322,10 @@ def run_predict(
 ) -> PredictSummary:
     """Predict every item and write its outputs under ``options.output``; failures are counted, not raised.
 
-    ``predictor`` may be a function that loads it: it is then not called at all when ``skip_existing``
-    finds every output present. ``summary.seconds`` counts the input checks and everything from the model
-    being ready to the last file written (not the model loading). ``timer`` (``--benchmark``) receives the
-    CPU time of each stage and the forward passes' wall time. Ctrl-C raises :class:`PredictInterrupted`.
+    ``predictor`` may be a function that loads it (not called when ``skip_existing`` finds every output).
+    ``summary.seconds`` leaves the model loading out. ``timer`` (``--benchmark``,
+    :class:`fcn.benchmark.StageTimes`) gets each stage's CPU time and the forward passes' wall time. Ctrl-C
+    raises :class:`PredictInterrupted`.
     """
     o = options
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -369,18 +339,20 @@ def run_predict(
         return summary
     videos = [it for it in todo if is_video(it.path)]
     todo = [it for it in todo if not is_video(it.path)]  # the images
-    keys: Sequence[Hashable | None] = [o.resize] * len(todo) if o.resize else _probe_sizes(todo)
-    frames = _video_frames(videos, o)  # the progress bar counts frames (an image is one)
-    prepared = time.perf_counter() - t0
+    frames = [  # the frames the progress bar expects of each video (0: its container does not say)
+        len(frame_range(i, every=o.every, start=o.start, end=o.end)) if i and i.frames >= 0 else 0
+        for i in map(probe_video, (it.path for it in videos))
+    ]
+    loading = time.perf_counter()
     if not isinstance(predictor, Predictor):
         predictor = predictor()
-    summary.predictor = predictor
+    t0 += time.perf_counter() - loading  # the model loading is not counted
     overlap = o.overlap if o.overlap is not None else spare_cores(predictor.device, predictor.cpu_threads())
     summary.overlap = overlap
     writers = o.writers or (2 if overlap else _cores())
-    # Without spare cores each batch's outputs are written (and the next batch decoded) by all the threads
-    # while the model waits, instead of fighting the model's threads for the cores.
+    # without spare cores each batch is written (and the next decoded) while the model waits
     max_pending = max(4, 2 * o.batch_size * writers) if overlap else 0
+    write = functools.partial(_write_outputs, palette=predictor.meta.palette, alpha=o.alpha, stage=stage)
     pending: deque[tuple[InputItem, Future]] = deque()
 
     def fail(message: str) -> None:
@@ -388,8 +360,10 @@ def run_predict(
         summary.failures.append(message)
         log(f"failed: {message}")
 
-    def harvest(block: bool) -> None:
-        while pending and (block or pending[0][1].done()):
+    def harvest(keep: int = 0) -> None:
+        """Count the finished writes, waiting for the oldest while more than ``keep`` are pending."""
+        while pending and (len(pending) > keep or pending[0][1].done()):
+            wait([pending[0][1]])  # Ctrl-C while waiting leaves it queued, to be counted once the pool stops
             item, fut = pending.popleft()
             if fut.cancelled():  # after Ctrl-C
                 continue
@@ -401,14 +375,13 @@ def run_predict(
                 summary.done += 1
             bar.update()
 
-    start = time.perf_counter()
     quiet = None if o.progress else True  # None: a bar on a terminal only
     unit = "frame" if videos else "img"
     total = len(items) - len(videos) + sum(frames)
     bar = tqdm(total=total, initial=summary.skipped, desc="predict", unit=unit, disable=quiet)
     with bar, ThreadPoolExecutor(max_workers=writers) as pool:
         table = predictor.normalize_table() if predictor.device.type == "cpu" else None
-        batches = _Batches(todo, keys, pool, o, table=table, stage=stage)
+        batches = _Batches(todo, pool, o, table, stage)
         try:
             for batch in batches:
                 if overlap:  # the next batch decodes beside this one's forward pass
@@ -419,16 +392,10 @@ def run_predict(
                 for group in batch["groups"]:
                     for index, outputs in _predict_group(predictor, group, o, timer):
                         paths = output_paths(todo[index], o.output, o.kinds)
-                        write = pool.submit(
-                            _write_outputs, paths, outputs, predictor.meta.palette, o.alpha, stage
-                        )
-                        pending.append((todo[index], write))
+                        pending.append((todo[index], pool.submit(write, paths, outputs)))
                 batches.prefetch()  # without overlap: the next batch decodes beside this one's writes
-                harvest(block=False)
-                while len(pending) > max_pending:  # back-pressure: never queue more than a few batches
-                    pending[0][1].exception()  # waits without raising; harvest reports it
-                    harvest(block=False)
-            harvest(block=True)
+                harvest(keep=max_pending)  # back-pressure: never queue more than a few batches
+            harvest()
             for item, expected in zip(videos, frames):
                 before = bar.n
                 try:
@@ -446,10 +413,10 @@ def run_predict(
                     bar.update(before + expected - bar.n)
         except KeyboardInterrupt:  # Ctrl-C: writes under way finish (each is atomic), queued ones do not
             pool.shutdown(wait=True, cancel_futures=True)
-            harvest(block=True)
-            summary.seconds = prepared + time.perf_counter() - start
+            harvest()
             raise PredictInterrupted(summary) from None
-    summary.seconds = prepared + time.perf_counter() - start
+        finally:
+            summary.seconds = time.perf_counter() - t0
     return summary
 
 
@@ -458,19 +425,3 @@ def _outputs_exist(item: InputItem, options: PredictOptions) -> bool:
     paths = output_paths(item, options.output, options.kinds)
     video = is_video(item.path)
     return all(p.is_dir() if video and k not in VIDEO_KINDS else p.is_file() for k, p in paths.items())
-
-
-def _video_frames(videos: Sequence[InputItem], options: PredictOptions) -> list[int]:
-    """The frames predict expects to keep of each video (0 where the container does not say)."""
-    infos = [probe_video(item.path) for item in videos]
-    o = options
-    return [
-        len(frame_range(i, every=o.every, start=o.start, end=o.end)) if i and i.frames >= 0 else 0
-        for i in infos
-    ]
-
-
-def _probe_sizes(items: Sequence[InputItem]) -> list[tuple[int, int] | None]:
-    """Header sizes of all items (in a thread pool; ``None`` where unknown)."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda it: probe_size(it.path), items))

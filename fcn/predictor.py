@@ -1,19 +1,15 @@
-"""Models as predictors, and how they see an image: the inference API of predict, evaluate and notebooks.
+"""Models as predictors: the inference API of predict, evaluate and notebooks.
 
-* :func:`load_predictor` (``fcn.load``) turns a training checkpoint (``.ckpt``), an exported ONNX model
-  (``.onnx``, run through onnxruntime) or an exported TorchScript file into a :class:`Predictor`, with
-  the model's :class:`~fcn.checkpoint.ModelMeta` (class names, palette, mean/std, ignore index):
-  exports embed it, so each format is self-describing. ``predictor(x)`` maps a normalised float batch
-  ``(N, 3, H, W)`` to float32 logits ``(N, C, H, W)``; :meth:`Predictor.segment` maps RGB images (or a
-  file) to class ids and :meth:`Predictor.colorize` ids to colours::
+:func:`load_predictor` (``fcn.load``) turns a training ``.ckpt``, an exported ``.onnx`` (onnxruntime) or an
+exported TorchScript file into a :class:`Predictor` carrying the model's
+:class:`~fcn.checkpoint.ModelMeta` (exports embed it, so each format is self-describing)::
 
-      model = fcn.load("best.ckpt")
-      labels = model.segment(image)  # (H, W) class ids of an RGB uint8 (H, W, 3) image
-      colours = model.colorize(labels)
+    model = fcn.load("best.ckpt")
+    labels = model.segment(image)  # (H, W) class ids of an RGB uint8 (H, W, 3) image
+    colours = model.colorize(labels)
 
-* :func:`predict_logits` (resize, sliding window, flip / multi-scale TTA) and :func:`predict_sliding`
-  work on a normalised batch with any ``model(x) -> logits`` callable: an ``nn.Module`` or a Predictor.
-* :func:`labels_and_confidence` and :func:`class_ids` turn logits into class ids.
+:func:`predict_logits` (resize, sliding window, flip / multi-scale TTA) takes any ``model(x) -> logits``
+callable; :func:`labels_and_confidence`, :func:`label_arrays` and :func:`class_ids` turn logits into ids.
 """
 
 from __future__ import annotations
@@ -29,21 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcn.checkpoint import (
-    TORCHSCRIPT_META_FILE,
-    CheckpointError,
-    ModelMeta,
-    first_line,
-    load_model,
-    require_file,
-)
+from fcn import checkpoint
+from fcn.checkpoint import TORCHSCRIPT_META_FILE, CheckpointError, ModelMeta, first_line
 from fcn.data.io import colorize, read_image
 from fcn.models.fuse import fuse_conv_bn, use_onednn_convolutions
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-# channels_last measured faster on CPU (oneDNN, 360x480, batch 4: student ~1.5x, FCN-8s ~1.15x).
-CHANNELS_LAST_DEFAULT = {"cpu": True, "cuda": True}
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,11 +54,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class Predictor:
-    """``predictor(x)``: normalised float batch ``(N, 3, H, W)`` -> float32 logits ``(N, C, H, W)``.
-
-    Inputs may live on any device; logits come back on :attr:`device`. :meth:`normalize` turns a uint8
-    ``(N, H, W, 3)`` RGB batch into the model input with the model's mean/std.
-    """
+    """``predictor(x)``: normalised float batch ``(N, 3, H, W)`` (any device) -> float32 logits
+    ``(N, C, H, W)`` on :attr:`device`."""
 
     meta: ModelMeta
     device: torch.device
@@ -88,32 +73,32 @@ class Predictor:
         return torch.get_num_threads()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB ``(N, H, W, 3)`` (any device) -> normalised float32 ``(N, 3, H, W)`` on the device."""
+        """RGB ``(N, H, W, 3)`` (any device) -> the model input: float32 ``(N, 3, H, W)`` on the device.
+
+        uint8 is normalised with the model's mean/std; float32 is taken as normalised already (by
+        :meth:`normalize_table`) and only moved (a view when channels-last on the same device).
+        """
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if images.dtype == torch.float32:
+            return x.contiguous(memory_format=fmt)
         x = x.to(torch.float32, memory_format=fmt)  # NHWC data is already channels-last: no copy then
         mean, std = (torch.tensor(v, device=self.device) * 255.0 for v in (self.meta.mean, self.meta.std))
         return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
     def normalize_table(self) -> np.ndarray:
-        """``(1, 256, 3)`` float32 look-up table for ``cv2.LUT``: value ``v`` of channel ``c`` -> the input
-        :meth:`normalize` makes of it (the same float32 operations, so bit-identical results)."""
+        """``(1, 256, 3)`` float32 ``cv2.LUT`` table: channel value -> what :meth:`normalize` makes of it
+        (the same float32 operations: bit-identical)."""
         values = torch.arange(256, dtype=torch.float32).view(256, 1)
         mean, std = (torch.tensor(v).view(1, 3) * 255.0 for v in (self.meta.mean, self.meta.std))
         return ((values - mean) / std).numpy().reshape(1, 256, 3)
 
-    def normalized_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Already normalised float32 ``(N, H, W, 3)`` (e.g. by :meth:`normalize_table`) -> the model input
-        ``(N, 3, H, W)`` on the device (a view when the model runs channels-last on the same device)."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
-
     def segment(
         self, images: np.ndarray | Sequence[np.ndarray] | str | Path, **strategy: object
     ) -> np.ndarray:
-        """Class ids of an RGB uint8 image ``(H, W, 3)`` (or an image file) -> ``(H, W)``, or of a batch of
-        same-size images ``(N, H, W, 3)`` -> ``(N, H, W)``; uint8 for up to 256 classes (int32 beyond).
-        ``strategy``: :func:`predict_logits`'s options (``crop``, ``stride``, ``scales``, ``flip``)."""
+        """Class ids of an RGB uint8 ``(H, W, 3)`` image (or file) -> ``(H, W)``, or of a batch
+        ``(N, H, W, 3)`` -> ``(N, H, W)``; uint8 up to 256 classes, else int32. ``strategy``: the options of
+        :func:`predict_logits`."""
         if isinstance(images, (str, Path)):
             images = read_image(images)
         batch = np.asarray(images)
@@ -130,12 +115,10 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
-    """A PyTorch model (from a checkpoint or TorchScript) with autocast precision and memory format.
-
-    With ``fuse`` (default) the model's Conv2d -> BatchNorm2d pairs are folded (:func:`fuse_conv_bn`;
-    the model is modified in place). With ``onednn`` its CPU convolutions always run oneDNN
-    (:func:`~fcn.models.fuse.use_onednn_convolutions`; the console commands ask for it, see fcn.tuning).
-    """
+    """A PyTorch model (checkpoint or TorchScript) with autocast precision and memory format (channels-last
+    by default on CPU and CUDA: measured faster). Not for TorchScript: ``fuse`` folds Conv2d -> BatchNorm2d
+    pairs in place (:func:`fuse_conv_bn`), ``onednn`` runs the CPU convolutions in oneDNN
+    (:func:`~fcn.models.fuse.use_onednn_convolutions`, see fcn.tuning)."""
 
     def __init__(
         self,
@@ -151,16 +134,11 @@ class TorchPredictor(Predictor):
         if precision not in PRECISIONS:
             raise InferenceError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.meta, self.device, self.dtype = meta, device, PRECISIONS[precision]
-        self.channels_last = (
-            CHANNELS_LAST_DEFAULT.get(device.type, False) if channels_last is None else channels_last
-        )
+        self.channels_last = device.type in ("cpu", "cuda") if channels_last is None else channels_last
         model = model.to(device).eval()
-        # BatchNorm folded into the convolutions (not possible inside TorchScript): same logits, faster
-        scripted = isinstance(model, torch.jit.ScriptModule)
-        self.fused = fuse_conv_bn(model) if fuse and not scripted else 0
-        # oneDNN for every convolution on the CPU (PyTorch's single-threaded 1x1 fallback is 1.5x slower)
-        cpu = device.type == "cpu" and not scripted
-        self.onednn = use_onednn_convolutions(model) if onednn and cpu else 0
+        plain = not isinstance(model, torch.jit.ScriptModule)  # TorchScript stays as it is
+        self.fused = fuse_conv_bn(model) if fuse and plain else 0
+        self.onednn = use_onednn_convolutions(model) if onednn and plain and device.type == "cpu" else 0
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -177,7 +155,7 @@ class TorchPredictor(Predictor):
 class OnnxPredictor(Predictor):
     """An exported ONNX model run by onnxruntime (fp32; CUDA provider when asked for and available)."""
 
-    def __init__(self, path: str | Path, *, device: torch.device, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, device: torch.device) -> None:
         try:
             import onnxruntime as ort
         except ImportError as err:
@@ -193,8 +171,7 @@ class OnnxPredictor(Predictor):
                 )
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
-        self.threads = threads or torch.get_num_threads()
-        opts.intra_op_num_threads = self.threads
+        opts.intra_op_num_threads = self.threads = torch.get_num_threads()
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -202,9 +179,8 @@ class OnnxPredictor(Predictor):
             raise CheckpointError(f"{path} is not a loadable ONNX model ({first_line(err)})") from err
         self.meta = ModelMeta.from_onnx_props(self.session.get_modelmeta().custom_metadata_map, source=path)
         shape = self.session.get_outputs()[0].shape
-        outputs = shape[1] if len(shape) == 4 else None
-        if isinstance(outputs, int) and outputs != self.meta.num_classes:
-            raise CheckpointError(_class_count_mismatch(path, outputs, self.meta.num_classes))
+        if len(shape) == 4 and isinstance(shape[1], int):
+            _check_class_count(path, shape[1], self.meta)
         self.input_name = self.session.get_inputs()[0].name
         self.device = device
 
@@ -217,11 +193,12 @@ class OnnxPredictor(Predictor):
         return torch.from_numpy(out).to(self.device)
 
 
-def _class_count_mismatch(path: str | Path, outputs: int, num_classes: int) -> str:
-    return (
-        f"{path}: the model outputs {outputs} classes but its metadata says num_classes {num_classes}; "
-        "export it again with `python scripts/export.py`"
-    )
+def _check_class_count(path: str | Path, outputs: int, meta: ModelMeta) -> None:
+    if outputs != meta.num_classes:
+        raise CheckpointError(
+            f"{path}: the model outputs {outputs} classes but its metadata says num_classes "
+            f"{meta.num_classes}; export it again with `python scripts/export.py`"
+        )
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -242,25 +219,22 @@ def load_predictor(
     fuse: bool = True,
     onednn: bool = False,
 ) -> Predictor:
-    """Load a ``.ckpt`` training checkpoint, an exported ``.onnx`` or an exported TorchScript file.
-
-    ``fuse`` folds BatchNorm into the convolutions of a checkpoint's model, ``onednn`` makes its CPU
-    convolutions run oneDNN (see :class:`TorchPredictor`).
-
-    Raises :class:`CheckpointError` for missing or unusable files and :class:`InferenceError` for options
-    the file or machine cannot honour (fp16 with ONNX, CUDA without a GPU).
+    """Load a training ``.ckpt``, an exported ``.onnx`` or TorchScript file (``fuse``, ``onednn``: see
+    :class:`TorchPredictor`). Raises :class:`CheckpointError` for missing or unusable files and
+    :class:`InferenceError` for options the file or machine cannot honour (fp16 ONNX, CUDA without a GPU).
     """
     path = Path(path).expanduser()  # checked once: here for ONNX, by the loaders otherwise
     if precision not in PRECISIONS:
         raise InferenceError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
     if path.suffix.lower() == ".onnx":
-        require_file(path, what="model file", fix="pass a training .ckpt or a file from scripts/export.py")
+        fix = "pass a training .ckpt or a file from scripts/export.py"
+        checkpoint.require_file(path, what="model file", fix=fix)
         if precision != "fp32":
             raise InferenceError("ONNX models run in fp32; use --precision fp32 or the training checkpoint")
         return OnnxPredictor(path, device=dev)
     if not _is_torchscript(path):
-        model, meta = load_model(path, device="cpu")
+        model, meta = checkpoint.load_model(path, device="cpu")
     else:
         extra = {TORCHSCRIPT_META_FILE: ""}
         try:
@@ -279,8 +253,7 @@ def load_predictor(
                 outputs = int(model(torch.zeros(1, 3, 64, 64, device=dev)).shape[1])
         except Exception as err:  # a graph that does not run on images is not an fcn export
             raise CheckpointError(f"{path}: the TorchScript model does not run ({first_line(err)})") from err
-        if outputs != meta.num_classes:
-            raise CheckpointError(_class_count_mismatch(path, outputs, meta.num_classes))
+        _check_class_count(path, outputs, meta)
     return TorchPredictor(  # fuse and onednn leave TorchScript as it is
         model, meta, device=dev, precision=precision, channels_last=channels_last, fuse=fuse, onednn=onednn
     )
@@ -299,19 +272,11 @@ def _window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 def predict_sliding(
-    model: LogitsFn,
-    x: torch.Tensor,
-    *,
-    crop: tuple[int, int],
-    stride: tuple[int, int],
-    window_batch: int = 4,
+    model: LogitsFn, x: torch.Tensor, *, crop: tuple[int, int], stride: tuple[int, int], window_batch: int = 4
 ) -> torch.Tensor:
-    """Logits of ``x`` (normalised ``(N, 3, H, W)``) from overlapping ``crop`` windows every ``stride``.
-
-    Windows cover the image exactly (the last one in each direction is aligned to the border; an image
-    smaller than the crop is one window of its own size, as the FCNs take any size); the logits of
-    overlapping windows are averaged. ``window_batch`` windows of all ``N`` images run per forward pass.
-    """
+    """Logits of ``x`` (normalised ``(N, 3, H, W)``) averaged over ``crop`` windows every ``stride``; the last
+    window of each axis meets the border, an image smaller than the crop is one window. ``window_batch``
+    windows of all ``N`` images run per forward pass."""
     (ch, cw), (sh, sw) = crop, stride
     if min(ch, cw, sh, sw) < 1:
         raise InferenceError(f"crop and stride must be positive, got crop={crop} stride={stride}")
@@ -345,17 +310,10 @@ def predict_logits(
     flip: bool = False,
     window_batch: int = 4,
 ) -> torch.Tensor:
-    """Logits ``(N, C, H, W)`` of a normalised batch ``x`` ``(N, 3, H, W)`` with the chosen strategy.
-
-    * whole image (default), or at a fixed size with ``resize=(h, w)``;
-    * sliding window with ``crop=(h, w)`` and ``stride=(h, w)`` (default stride: half the crop);
-    * test-time augmentation: every ``scales`` factor (the image, or the ``resize`` size, is rescaled
-      bilinearly) and, with ``flip``, its horizontal mirror.
-
-    One view returns the model's logits. Several views return the log of their mean softmax
-    probabilities: valid logits whose softmax is the averaged probabilities (so argmax and confidence
-    follow the TTA average).
-    """
+    """Logits ``(N, C, H, W)`` of a normalised batch ``x`` ``(N, 3, H, W)``: the whole image, at a fixed
+    ``resize=(h, w)``, or by sliding window (``crop``, ``stride``: default half the crop); with TTA every
+    ``scales`` factor (bilinear) and, with ``flip``, its mirror. Several views return the log of their mean
+    softmax (so arg-max and confidence follow the TTA average)."""
     if resize is not None and crop is not None:
         raise InferenceError("choose either a fixed resize or a sliding window, not both")
     if not scales or any(s <= 0 for s in scales):
@@ -375,16 +333,10 @@ def predict_logits(
     for scale, flipped in views:
         target = (max(1, round(base[0] * scale)), max(1, round(base[1] * scale)))
         view = _resize(x, target)
-        if flipped:
-            view = view.flip(-1)
-        out = one_view(view)
-        if flipped:
-            out = out.flip(-1)
-        out = _resize(out, size)
+        out = _resize(one_view(view.flip(-1)).flip(-1) if flipped else one_view(view), size)
         if len(views) == 1:
             return out
-        p = out.softmax(1)
-        probs = p if probs is None else probs.add_(p)
+        probs = out.softmax(1) if probs is None else probs.add_(out.softmax(1))
     assert probs is not None
     return probs.div_(len(views)).clamp_min_(1e-12).log_()
 
@@ -404,8 +356,8 @@ def labels_and_confidence(
 def label_arrays(
     labels: torch.Tensor, confidence: torch.Tensor | None, *, num_classes: int, bits: int = 8
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The arrays predict writes of ids and max probabilities ``(N, H, W)``: ids uint8 for up to 256
-    classes (uint16 beyond), the confidence scaled to ``bits`` (8 or 16) bit integers."""
+    """Predict's arrays ``(N, H, W)``: ids uint8 up to 256 classes (else uint16), the confidence scaled to
+    ``bits`` (8 or 16) bit integers."""
     ids = labels.to(torch.uint8 if num_classes <= 256 else torch.int32).cpu().numpy()
     ids = ids if ids.dtype == np.uint8 else ids.astype(np.uint16)
     if confidence is None:
@@ -415,14 +367,9 @@ def label_arrays(
 
 
 def class_ids(logits: np.ndarray) -> np.ndarray:
-    """Arg-max over the class axis of one image's ``(C, H, W)`` logits: ids ``(H, W)``, uint8 for up to 256
-    classes (uint16 beyond), the first of equal maxima winning.
-
-    ``logits`` may be a view of channels-last memory (``(H, W, C)`` contiguous, as the CPU model returns
-    it): NumPy then reduces the contiguous class axis in one pass over memory. Measured in predict's writer
-    threads, where the logits are no longer in cache, that pass beat an OpenCV plane-by-plane arg-max that
-    is 1.7x faster on cached logits (docs/RESULTS.md section 7).
-    """
+    """Arg-max of one image's ``(C, H, W)`` logits: ids ``(H, W)``, uint8 up to 256 classes (else uint16),
+    the first of equal maxima winning. Channels-last logits are reduced over their contiguous class axis in
+    one pass over memory (docs/RESULTS.md section 7)."""
     if logits.ndim != 3:
         raise ValueError(f"class_ids needs (C, H, W) logits, got shape {logits.shape}")
     hwc = logits.transpose(1, 2, 0)

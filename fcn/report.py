@@ -1,4 +1,4 @@
-"""The evaluation report: one directory with markdown, JSON, CSV and PNG files from a confusion matrix.
+"""The evaluation report: one directory of markdown, JSON, CSV and PNG files from a confusion matrix.
 
 Layout written by :func:`write_report`::
 
@@ -9,9 +9,8 @@ Layout written by :func:`write_report`::
     per_image.csv         one row per image (only when per-image results are given)
     worst/NN_<name>.png   image | ground-truth colours | prediction colours, worst first (when given)
 
-Every file is written to a temporary file in the same directory and then renamed over its final name,
-so an interrupted run never leaves a half-written file. Percentages in report.md and the console table
-are the JSON fractions times 100; n/a (see :mod:`fcn.metrics`) is shown as "n/a".
+Every file is written atomically. Percentages in report.md and the console table are the JSON fractions
+times 100; n/a (see :mod:`fcn.metrics`) is shown as "n/a".
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,7 @@ from fcn.data.io import check_writable, colorize, encode_png, write_bytes_atomic
 from fcn.metrics import SUMMARY_KEYS, segmentation_scores
 from fcn.palette import default_palette
 
-__all__ = [
-    "ReportError",
-    "compare_scores",
-    "format_summary_table",
-    "write_report",
-]
+__all__ = ["ReportError", "format_summary_table", "write_report"]
 
 METRIC_LABELS = {
     "pixel_accuracy": "pixel accuracy",
@@ -47,21 +41,19 @@ METRIC_LABELS = {
     "fw_iou": "frequency-weighted IoU",
 }
 NA = "n/a"
+_PER_CLASS = ("per_class_iou", "per_class_accuracy", "pixel_share")
 
 
 class ReportError(OSError):
     """The report directory or one of its files cannot be written."""
 
 
-# -- small helpers ------------------------------------------------------------------------------------
 def _pct(x: float | None, digits: int = 2) -> str:
     return NA if x is None or math.isnan(x) else f"{100.0 * x:.{digits}f}"
 
 
 def _signed_pct(x: float | None) -> str:
-    if x is None:
-        return NA
-    text = f"{100.0 * x:+.2f}"
+    text = NA if x is None else f"{100.0 * x:+.2f}"
     return "0.00" if text in ("+0.00", "-0.00") else text
 
 
@@ -87,11 +79,6 @@ def _jsonable(obj: Any) -> Any:
     return obj if obj is None or isinstance(obj, bool | int | str) else str(obj)
 
 
-def _safe_name(name: str) -> str:
-    stem = Path(str(name)).stem or "image"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80]
-
-
 def _palette_array(palette: Sequence[Sequence[int]] | None, num_classes: int) -> np.ndarray:
     arr = np.asarray(default_palette(num_classes) if palette is None else palette, dtype=np.int64)
     if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < num_classes:
@@ -109,8 +96,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """:func:`fcn.data.io.write_bytes_atomic` with fsync; an OSError becomes one "choose another
-    directory" message."""
+    """:func:`fcn.data.io.write_bytes_atomic` with fsync; an OSError becomes a :class:`ReportError`."""
     try:
         write_bytes_atomic(path, data, fsync=True)
     except OSError as err:
@@ -120,7 +106,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         ) from err
 
 
-# -- renderers ----------------------------------------------------------------------------------------
 def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str]) -> bytes:
     """PNG bytes of the row-normalised confusion matrix (%), class names on both axes (Agg backend)."""
     from matplotlib import colormaps
@@ -175,9 +160,8 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def per_class_csv(scores: Mapping[str, Any]) -> str:
     """CSV text, one row per class: ``class_id,class,iou,accuracy,pixel_share,gt_pixels,pred_pixels``."""
-    fractions = ("per_class_iou", "per_class_accuracy", "pixel_share")
     rows = [
-        [i, name, *(_num(scores[k][i]) for k in fractions), scores["gt_pixels"][i], scores["pred_pixels"][i]]
+        [i, name, *(_num(scores[k][i]) for k in _PER_CLASS), scores["gt_pixels"][i], scores["pred_pixels"][i]]
         for i, name in enumerate(scores["class_names"])
     ]
     header = ["class_id", "class", "iou", "accuracy", "pixel_share", "gt_pixels", "pred_pixels"]
@@ -196,13 +180,11 @@ def per_image_csv(per_image: Sequence[Mapping[str, Any]]) -> str:
     return _csv_text(keys, [[cell(row.get(k)) for k in keys] for row in per_image])
 
 
-def compare_scores(
-    main: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]], *, model_name: str = "model"
+def _comparison(
+    scores: Mapping[str, Any], compare: Mapping[str, Tensor | np.ndarray], model_name: str
 ) -> dict[str, Any]:
-    """Side-by-side metrics and per-class IoU of ``main`` and each of ``others``, with the deltas.
-
-    ``delta[name]`` is ``main - others[name]`` (positive: the evaluated model is better), ``None`` when
-    either side is n/a.
+    """Metrics and per-class IoU of the evaluated model (``scores``) and of each ``compare`` matrix, with
+    ``delta[name]`` = evaluated - ``name`` (positive: the evaluated one is better; None if either is n/a).
     """
 
     def pick(s: Mapping[str, Any]) -> dict[str, Any]:
@@ -213,19 +195,29 @@ def compare_scores(
             return [diff(x, y) for x, y in zip(a, b)]
         return None if a is None or b is None else a - b
 
-    models = {model_name: pick(main)}
-    delta = {}
-    for name, s in others.items():
+    models, delta = {model_name: pick(scores)}, {}
+    for name, other in compare.items():
+        name = str(name)
+        if (shape := _to_numpy(other).shape) != (scores["num_classes"],) * 2:
+            raise ValueError(
+                f"compare[{name!r}] has shape {shape} but the report has "
+                f"{scores['num_classes']} classes; compare models evaluated on the same classes"
+            )
         if name == model_name:
             raise ValueError(f"compare name {name!r} clashes with model_name; give the models distinct names")
-        models[name] = pick(s)
+        models[name] = pick(segmentation_scores(other, scores["class_names"]))
         delta[name] = {k: diff(v, models[name][k]) for k, v in models[model_name].items()}
-    return {"model": model_name, "class_names": list(main["class_names"]), "models": models, "delta": delta}
+    return {"model": model_name, "class_names": list(scores["class_names"]), "models": models, "delta": delta}
 
 
-def format_summary_table(scores: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
+def _class_pcts(scores: Mapping[str, Any], i: int) -> list[str]:
+    """Class ``i``'s IoU, accuracy and pixel share in %."""
+    return [_pct(scores[key][i]) for key in _PER_CLASS]
+
+
+def format_summary_table(scores: Mapping[str, Any]) -> str:
     """Plain-text table of the four metrics and per-class IoU / accuracy / pixel share (in %)."""
-    names = list(class_names) if class_names is not None else list(scores["class_names"])
+    names = scores["class_names"]
     lines = [f"{METRIC_LABELS[k]:<24}{_pct(scores[k]):>8} %" for k in SUMMARY_KEYS]
     width = max([5, *(len(n) for n in names)])
     lines += ["", f"{'id':>3}  {'class':<{width}}  {'IoU %':>7}  {'acc %':>7}  {'share %':>7}"]
@@ -235,17 +227,30 @@ def format_summary_table(scores: Mapping[str, Any], class_names: Sequence[str] |
     return "\n".join(lines)
 
 
-def _class_pcts(scores: Mapping[str, Any], i: int) -> list[str]:
-    """Class ``i``'s IoU, accuracy and pixel share in %."""
-    return [_pct(scores[key][i]) for key in ("per_class_iou", "per_class_accuracy", "pixel_share")]
-
-
 def _meta_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, Mapping | list | tuple):
-        return json.dumps(_jsonable(v))
-    return str(v)
+    return json.dumps(_jsonable(v)) if isinstance(v, Mapping | list | tuple) else str(v)
+
+
+def _comparison_md(comparison: Mapping[str, Any]) -> list[str]:
+    """The "Comparison" section: metrics, then per-class IoU, of every model and the deltas."""
+    names, refs = list(comparison["models"]), list(comparison["delta"])
+    head = "| | " + " | ".join(_md_escape(n) for n in names)
+    head += "".join(f" | Δ vs {_md_escape(r)}" for r in refs) + " |"
+    rule = "| --- |" + " ---: |" * (len(names) + len(refs))
+
+    def row(label: str, get: Callable[[Mapping[str, Any]], Any]) -> str:
+        cells = [_pct(get(comparison["models"][n])) for n in names]
+        cells += [_signed_pct(get(comparison["delta"][r])) for r in refs]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    out = ["## Comparison", "", f"Δ = {_md_escape(comparison['model'])} − reference, in points.", ""]
+    out += [head, rule, *(row(METRIC_LABELS[k], lambda d, k=k: d[k]) for k in SUMMARY_KEYS)]
+    out += ["", "Per-class IoU %:", "", head, rule]
+    classes = enumerate(comparison["class_names"])
+    out += [row(_md_escape(c), lambda d, i=i: d["per_class_iou"][i]) for i, c in classes]
+    return [*out, ""]
 
 
 def render_markdown(
@@ -270,9 +275,7 @@ def render_markdown(
         "",
         "| metric | % |",
         "| --- | ---: |",
-    ]
-    out += [f"| {METRIC_LABELS[k]} | {_pct(scores[k])} |" for k in SUMMARY_KEYS]
-    out += [
+        *(f"| {METRIC_LABELS[k]} | {_pct(scores[k])} |" for k in SUMMARY_KEYS),
         "",
         "## Per class",
         "",
@@ -288,26 +291,7 @@ def render_markdown(
         "",
     ]
     if comparison:
-        names = list(comparison["models"])
-        refs = list(comparison["delta"])
-        head = "| | " + " | ".join(_md_escape(n) for n in names)
-        head += "".join(f" | Δ vs {_md_escape(r)}" for r in refs) + " |"
-        rule = "| --- |" + " ---: |" * (len(names) + len(refs))
-        out += ["## Comparison", "", f"Δ = {_md_escape(comparison['model'])} − reference, in points.", ""]
-        out += [head, rule]
-
-        def row(label: str, get: Any) -> str:
-            cells = [_pct(get(comparison["models"][n])) for n in names]
-            cells += [_signed_pct(get(comparison["delta"][r])) for r in refs]
-            return f"| {label} | " + " | ".join(cells) + " |"
-
-        out += [row(METRIC_LABELS[k], lambda d, k=k: d[k]) for k in SUMMARY_KEYS]
-        out += ["", "Per-class IoU %:", "", head, rule]
-        out += [
-            row(_md_escape(cname), lambda d, i=i: d["per_class_iou"][i])
-            for i, cname in enumerate(comparison["class_names"])
-        ]
-        out.append("")
+        out += _comparison_md(comparison)
     out += ["## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", ""]
     if per_image_summary:
         out += [
@@ -321,24 +305,11 @@ def render_markdown(
     if worst:
         out += ["## Worst images", "", "Each: image | ground truth | prediction.", ""]
         for w in worst:
-            label = (
-                f"{_md_escape(w['name'])} (mIoU {_pct(w['mean_iou'])} %)" if "mean_iou" in w else w["name"]
-            )
+            label = _md_escape(w["name"]) + (f" (mIoU {_pct(w['mean_iou'])} %)" if "mean_iou" in w else "")
             out += [f"### {label}", "", f"![{_md_escape(w['name'])}]({w['file']})", ""]
     return "\n".join(out)
 
 
-def _per_image_summary(per_image: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    vals = [r.get("mean_iou") for r in per_image]
-    vals = [float(v) for v in vals if v is not None and not math.isnan(float(v))]
-    return {
-        "count": len(per_image),
-        "mean_of_mean_iou": float(np.mean(vals)) if vals else None,
-        "median_mean_iou": float(np.median(vals)) if vals else None,
-    }
-
-
-# -- entry point --------------------------------------------------------------------------------------
 def write_report(
     output_dir: str | os.PathLike[str],
     *,
@@ -354,48 +325,44 @@ def write_report(
     """Write the report directory (see the module docstring) and return the content of metrics.json.
 
     - ``confmat``: the evaluated model's ``(C, C)`` matrix (e.g. ``ConfusionMatrix.compute()``).
-    - ``per_image``: dicts with ``file``, ``mean_iou``, ``pixel_accuracy`` (as from
-      :func:`fcn.metrics.image_scores`) and optionally more columns.
-    - ``worst_images``: dicts with ``name``, ``image`` (RGB ``(H, W, 3)`` uint8), ``target`` and ``pred``
-      (``(H, W)`` class ids; ground-truth void is drawn black) and optionally ``mean_iou``, in the order
-      to show them.
-    - ``meta``: free key/values shown at the top (checkpoint, dataset, split, images, seconds...).
-    - ``compare``: other models' matrices by name (e.g. ``{"teacher": cm}``): adds a side-by-side table
-      of metrics and per-class IoU with ``model_name`` minus each of them.
+    - ``per_image``: rows with ``file``, ``mean_iou``, ``pixel_accuracy`` (:func:`fcn.metrics.image_scores`)
+      and optionally more columns.
+    - ``worst_images``: in the order to show, dicts with ``name``, ``image`` (RGB ``(H, W, 3)`` uint8),
+      ``target`` and ``pred`` (``(H, W)`` class ids; void drawn black) and optionally ``mean_iou``.
+    - ``meta``: free key/values shown at the top; ``compare``: other models' matrices by name, compared
+      with ``model_name`` side by side.
 
     Raises :class:`ReportError` (an ``OSError``) naming the directory when it cannot be written, and
-    ``ValueError`` for inconsistent inputs (checked before anything is written).
+    ``ValueError`` for inconsistent inputs (before anything is written).
     """
     out_dir = Path(output_dir)
     scores = segmentation_scores(confmat, class_names)
-    comparison = None
-    if compare:
-        others = {}
-        for name, other in compare.items():
-            if (shape := _to_numpy(other).shape) != (scores["num_classes"],) * 2:
-                raise ValueError(
-                    f"compare[{name!r}] has shape {shape} but the report has "
-                    f"{scores['num_classes']} classes; compare models evaluated on the same classes"
-                )
-            others[str(name)] = segmentation_scores(other, class_names)
-        comparison = compare_scores(scores, others, model_name=model_name)
+    comparison = _comparison(scores, compare, model_name) if compare else None
     lut = _palette_array(palette, scores["num_classes"]) if worst_images else None
-    worst_rendered: list[tuple[dict[str, Any], np.ndarray]] = []
+    worst: list[dict[str, Any]] = []
+    panels: list[np.ndarray] = []
     for rank, w in enumerate(worst_images or [], start=1):
         missing = [k for k in ("name", "image", "target", "pred") if k not in w]
         if missing:
             raise ValueError(f"worst image #{rank} lacks {missing}; give name, image, target and pred")
-        entry = {"name": str(w["name"]), "file": f"worst/{rank:02d}_{_safe_name(w['name'])}.png"}
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(w["name"])).stem or "image")[:80]
+        worst.append({"name": str(w["name"]), "file": f"worst/{rank:02d}_{stem}.png"})
         if "mean_iou" in w:
-            entry["mean_iou"] = _jsonable(w["mean_iou"])
-        worst_rendered.append((entry, side_by_side(w["image"], w["target"], w["pred"], lut=lut)))
+            worst[-1]["mean_iou"] = _jsonable(w["mean_iou"])
+        panels.append(side_by_side(w["image"], w["target"], w["pred"], lut=lut))
 
     files = ["report.md", "metrics.json", "per_class.csv", "confusion_matrix.png"]
     per_image_summary = None
     if per_image is not None:
-        per_image_summary = _per_image_summary(per_image)
+        vals = [float(r["mean_iou"]) for r in per_image if r.get("mean_iou") is not None]
+        vals = [v for v in vals if not math.isnan(v)]
+        per_image_summary = {
+            "count": len(per_image),
+            "mean_of_mean_iou": float(np.mean(vals)) if vals else None,
+            "median_mean_iou": float(np.median(vals)) if vals else None,
+        }
         files.append("per_image.csv")
-    files += [entry["file"] for entry, _ in worst_rendered]
+    files += [entry["file"] for entry in worst]
 
     metrics: dict[str, Any] = {
         **scores,
@@ -404,28 +371,23 @@ def write_report(
         "confusion_matrix": _to_numpy(confmat).astype(np.int64).tolist(),
         "comparison": comparison,
         "per_image": per_image_summary,
-        "worst_images": [entry for entry, _ in worst_rendered],
+        "worst_images": worst,
         "files": files,
     }
     metrics = _jsonable(metrics)
-    json_text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     markdown = render_markdown(
-        scores,
-        meta=meta,
-        comparison=comparison,
-        per_image_summary=per_image_summary,
-        worst=[entry for entry, _ in worst_rendered],
+        scores, meta=meta, comparison=comparison, per_image_summary=per_image_summary, worst=worst
     )
 
     check_writable(out_dir, "--output", error=ReportError)
-    if worst_rendered:
+    if worst:
         check_writable(out_dir / "worst", "--output", error=ReportError)
-        for entry, rgb in worst_rendered:
+        for entry, rgb in zip(worst, panels):
             _atomic_write(out_dir / entry["file"], encode_png(rgb))
     _atomic_write(out_dir / "confusion_matrix.png", confusion_matrix_png(confmat, scores["class_names"]))
     _atomic_write(out_dir / "per_class.csv", per_class_csv(scores).encode())
     if per_image is not None:
         _atomic_write(out_dir / "per_image.csv", per_image_csv(per_image).encode())
-    _atomic_write(out_dir / "metrics.json", json_text.encode())
+    _atomic_write(out_dir / "metrics.json", (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
     _atomic_write(out_dir / "report.md", markdown.encode())  # last: its presence means a complete report
     return metrics

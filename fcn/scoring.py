@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fcn.data.errors import DataError
-from fcn.distributed import all_gather, all_reduce_sum
+from fcn.distributed import all_gather
 from fcn.metrics import ConfusionMatrix, image_scores
 from fcn.predictor import Predictor, predict_logits
 
@@ -45,14 +45,11 @@ class PredictOptions:
         """One line for the report, e.g. ``sliding window 512x1024 / stride 341x683, flip``."""
         parts = ["whole image"]
         if self.sliding_window and self.crop and self.stride:
-            parts = [
-                f"sliding window {self.crop[0]}x{self.crop[1]} / stride {self.stride[0]}x{self.stride[1]}"
-            ]
+            (h, w), (sh, sw) = self.crop, self.stride
+            parts = [f"sliding window {h}x{w} / stride {sh}x{sw}"]
         if tuple(self.scales) != (1.0,):
             parts.append("scales " + ", ".join(f"{s:g}" for s in self.scales))
-        if self.flip:
-            parts.append("flip")
-        return ", ".join(parts)
+        return ", ".join([*parts, "flip"] if self.flip else parts)
 
 
 @dataclass
@@ -81,10 +78,8 @@ class PassResult:
         }
 
 
-# -- data ---------------------------------------------------------------------------------------------
 class _Indexed(Dataset):
-    """``(index, image, mask)`` for the first ``limit`` samples of a data set, or those of them listed in
-    ``indices``."""
+    """``(index, image, mask)`` of the first ``limit`` samples of a data set, or of those in ``indices``."""
 
     def __init__(self, dataset: Any, limit: int | None, indices: Sequence[int] | None = None) -> None:
         self.dataset = dataset
@@ -101,19 +96,9 @@ class _Indexed(Dataset):
         index = self.indices[position]
         try:
             image, mask = self.dataset[index]
-        except DataError as err:  # returned, raised in the main process: a loader worker would bury the
-            return err  # message in its traceback
+        except DataError as err:  # returned, raised in the main process: a worker would bury the message
+            return err
         return index, torch.as_tensor(image), torch.as_tensor(mask)
-
-
-def _same_shape_groups(batch: list[Any]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
-    """Runs of consecutive same-size images of a batch; the first :class:`DataError` a sample returned,
-    raised."""
-    for item in batch:
-        if isinstance(item, DataError):
-            raise item
-    for _, group in itertools.groupby(batch, key=lambda item: item[1].shape):
-        yield list(group)
 
 
 def _image_name(path: Any, root: Path) -> str:
@@ -131,31 +116,14 @@ def _to_rgb_uint8(image: Tensor, *, mean: Sequence[float], std: Sequence[float])
     return rgb.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-# -- one pass -----------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so that ``time.perf_counter`` measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@dataclass
-class _Worst:
-    """The ``n`` images with the lowest mean IoU seen so far, worst first (ties: the lower index)."""
-
-    n: int
-    items: list[dict[str, Any]] = field(default_factory=list)
-
-    def wants(self, miou: float | None, index: int) -> bool:
-        if self.n == 0 or miou is None:
-            return False
-        return len(self.items) < self.n or (miou, index) < _rank(self.items[-1])
-
-    def add(self, item: dict[str, Any]) -> None:
-        bisect.insort(self.items, item, key=_rank)
-        del self.items[self.n :]
-
-
 def _rank(item: dict[str, Any]) -> tuple[float, int]:
+    """The order of the worst images: the lowest mean IoU first, ties to the lower data-set index."""
     return item["mean_iou"], item["index"]
 
 
@@ -178,120 +146,104 @@ def evaluate_model(
 ) -> PassResult:
     """Run ``predictor`` over ``dataset`` (normalised with the predictor's mean/std) and score it.
 
-    The confusion matrix is ONE :class:`ConfusionMatrix` on the predictor's device. With ``per_image``
-    every image is scored too (:func:`image_scores`) and the ``worst`` lowest-mIoU images are kept for
-    the report. ``on_prediction(index, pred)`` receives each image's class ids ``(H, W)`` on the CPU.
-    ``indices``: score only these images (of the first ``limit``), e.g. a rank's share; the result is this
-    process's own (:func:`gather_pass` joins the ranks').
+    One :class:`ConfusionMatrix` on the predictor's device; with ``per_image`` every image is scored too
+    (:func:`image_scores`) and the ``worst`` lowest-mIoU images are kept. ``on_prediction(index, pred)``
+    receives each image's class ids ``(H, W)`` on the CPU. ``indices``: score only these of the first
+    ``limit`` images (a rank's share; :func:`gather_pass` joins the ranks' results).
     """
-    device = predictor.device
-    meta = predictor.meta
+    device, meta = predictor.device, predictor.meta
     num_classes = meta.num_classes
     data = _Indexed(dataset, limit, indices)
-    loader = DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=list,  # images may differ in size: grouped by shape in the loop
-        pin_memory=device.type == "cuda",
-    )
+    # collate_fn=list: images may differ in size, grouped by shape in the loop
+    pin = device.type == "cuda"
+    loader = DataLoader(data, batch_size, num_workers=num_workers, collate_fn=list, pin_memory=pin)
     # this process's matrix: joined over the ranks explicitly, by gather_pass
     confmat = ConfusionMatrix(num_classes, ignore_index=ignore_index, sync_on_compute=False).to(device)
     rows: list[dict[str, Any]] = []
     row_indices: list[int] = []
-    keep = _Worst(worst if per_image else 0)
-    per_image_needed = per_image or on_prediction is not None
-    metric_s = per_image_s = 0.0
+    kept: list[dict[str, Any]] = []  # the `worst` lowest-mIoU images so far, in _rank order
+    spent = {"metric": 0.0, "per_image": 0.0}
+
+    @contextlib.contextmanager
+    def timed(key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        sync(device)
+        spent[key] += time.perf_counter() - t0
 
     def score_image(index: int, image: Tensor, pred: Tensor, target: Tensor) -> None:
         name = _image_name(dataset.samples[index][0], data_root)
         scores = image_scores(pred, target, num_classes=num_classes, ignore_index=ignore_index)
         rows.append({"file": name, **scores})
         row_indices.append(index)
-        if keep.wants(scores["mean_iou"], index):
+        miou = scores["mean_iou"]
+        if worst and miou is not None and (len(kept) < worst or (miou, index) < _rank(kept[-1])):
             item = {
                 "index": index,
                 "name": name,
                 "image": _to_rgb_uint8(image, mean=meta.mean, std=meta.std),
                 "target": target.numpy(),
                 "pred": pred.numpy().astype(np.uint8 if num_classes <= 256 else np.int32),
-                "mean_iou": scores["mean_iou"],
+                "mean_iou": miou,
             }
-            keep.add(item)
+            bisect.insort(kept, item, key=_rank)
+            del kept[worst:]
 
     bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
-            for group in _same_shape_groups(batch):
+            errors = [item for item in batch if isinstance(item, DataError)]
+            if errors:
+                raise errors[0]  # see _Indexed
+            for _, same_shape in itertools.groupby(batch, key=lambda item: item[1].shape):
+                group = list(same_shape)
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
                 pred = predict_logits(predictor, x, **options.strategy()).argmax(dim=1)
                 sync(device)
-                t0 = time.perf_counter()
-                confmat.update(pred, target)
-                sync(device)
-                metric_s += time.perf_counter() - t0
-                if per_image_needed:
-                    t0 = time.perf_counter()
-                    for (index, image, _), p, t in zip(group, pred.cpu(), target.cpu()):
-                        if per_image:
-                            score_image(index, image, p, t)
-                        if on_prediction is not None:
-                            on_prediction(index, p)
-                    per_image_s += time.perf_counter() - t0
+                with timed("metric"):
+                    confmat.update(pred, target)
+                if per_image or on_prediction is not None:
+                    with timed("per_image"):
+                        for (index, image, _), p, t in zip(group, pred.cpu(), target.cpu()):
+                            if per_image:
+                                score_image(index, image, p, t)
+                            if on_prediction is not None:
+                                on_prediction(index, p)
                 bar.update(len(group))
-        t0 = time.perf_counter()
-        cm = confmat.compute()
-        sync(device)
-        metric_s += time.perf_counter() - t0
+        with timed("metric"):
+            cm = confmat.compute()
     seconds = time.perf_counter() - start
     bar.close()
     return PassResult(
         confmat=cm.cpu(),
         per_image=rows,
-        worst=keep.items,
+        worst=kept,
         images=len(data),
         seconds=seconds,
-        metric_seconds=metric_s,
-        per_image_seconds=per_image_s,
+        metric_seconds=spent["metric"],
+        per_image_seconds=spent["per_image"],
         indices=row_indices,
     )
 
 
 def gather_pass(result: PassResult, *, worst: int) -> PassResult:
-    """The pass over all ranks' shares as one: confusion matrices summed over the ranks (``all_reduce``),
-    per-image rows in data-set order, the ``worst`` lowest-mIoU images of all (the same choice as one
-    process makes), images counted over the ranks, the slowest rank's seconds. Without a process group,
-    ``result`` itself.
+    """The ranks' shares joined into one pass: confusion matrices summed, per-image rows in data-set
+    order, the ``worst`` lowest-mIoU images of all (as one process chooses them), images counted over the
+    ranks, the slowest rank's seconds. Without a process group, ``result`` itself.
     """
-    shares = all_gather(
-        {
-            "rows": result.per_image,
-            "indices": result.indices,
-            "worst": result.worst,
-            "images": result.images,
-            "seconds": (result.seconds, result.metric_seconds, result.per_image_seconds),
-        }
-    )
+    shares: list[PassResult] = all_gather(result)
     if len(shares) == 1:
         return result
-    confmat = all_reduce_sum(result.confmat)
-    pairs = (pair for s in shares for pair in zip(s["indices"], s["rows"]))
-    ordered = sorted(pairs, key=lambda pair: pair[0])
-    keep = _Worst(worst)
-    for item in sorted((w for s in shares for w in s["worst"]), key=lambda w: w["index"]):
-        if keep.wants(item["mean_iou"], item["index"]):
-            keep.add(item)
-    seconds, metric_s, per_image_s = (max(s["seconds"][k] for s in shares) for k in range(3))
+    ordered = sorted((pair for s in shares for pair in zip(s.indices, s.per_image)), key=lambda p: p[0])
     return PassResult(
-        confmat=confmat,
+        confmat=torch.stack([s.confmat for s in shares]).sum(dim=0),
         per_image=[row for _, row in ordered],
-        worst=keep.items,
-        images=sum(s["images"] for s in shares),
-        seconds=seconds,
-        metric_seconds=metric_s,
-        per_image_seconds=per_image_s,
+        worst=sorted((w for s in shares for w in s.worst), key=_rank)[:worst],  # among the ranks' own worst
+        images=sum(s.images for s in shares),
+        seconds=max(s.seconds for s in shares),
+        metric_seconds=max(s.metric_seconds for s in shares),
+        per_image_seconds=max(s.per_image_seconds for s in shares),
         indices=[i for i, _ in ordered],
     )

@@ -1,19 +1,11 @@
-"""The training command: a LightningCLI with the data description linked into the model.
-
-``python scripts/train.py fit --config configs/camvid/fcn8s.yaml`` (also ``validate`` / ``test`` with
-``--ckpt_path``). Checkpoints (README "Long runs"):
-
-- ``best.ckpt``: the best epoch on val mIoU (the ``--checkpoint.*`` options);
-- ``last.ckpt``: the newest step, written at every training-epoch end (after validation, whatever it
-  scored; every N-th with ``--last_every_n_epochs N``), every ``--checkpoint_every`` minutes inside an
-  epoch, and when SIGTERM or Ctrl-C stops the run.
-  Lightning writes both atomically (a temporary file, then a rename). ``--ckpt_path last.ckpt`` resumes at
-  the saved global step with the same learning-rate schedule.
-"""
+"""The training command, a LightningCLI with the data description linked into the model. It writes
+``best.ckpt`` (best val mIoU, the ``--checkpoint.*`` options) and ``last.ckpt`` (the newest step, see
+:class:`LastCheckpoint`), both atomically; ``--ckpt_path last.ckpt`` resumes (README "Long runs")."""
 
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import shlex
 import signal
 import sys
@@ -31,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fcn.checkpoint import CheckpointError, read_checkpoint
+from fcn.cli import DEMO_CONFIG
 from fcn.data.datamodule import SegDataModule
 from fcn.data.errors import DataError
 from fcn.data.io import check_writable
@@ -59,22 +52,12 @@ class TrainingStopped(Exception):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` holding the newest step, whatever val scored (Lightning's ``save_last`` writes it only
-    when a top-k checkpoint is written since 2.6, so with ``save_top_k=1`` it was a copy of the best).
+    """Writes ``<dirpath>/last.ckpt`` with the newest step, whatever val scored (Lightning's ``save_last``
+    only follows top-k writes): every ``minutes`` minutes if > 0, else at every ``every_n_epochs``-th
+    training-epoch end and on SIGTERM / Ctrl-C (``stop_saver``). Two triggers cannot share one."""
 
-    Two stock triggers cannot share one ``ModelCheckpoint``, so :func:`last_checkpoints` makes one at every
-    training-epoch end (``stop_saver=True``: also the one that saves on SIGTERM / Ctrl-C) and one every
-    ``train_time_interval``, both writing ``<dirpath>/last.ckpt``.
-    """
-
-    def __init__(
-        self,
-        dirpath: str | Path | None,
-        *,
-        train_time_interval: timedelta | None = None,
-        every_n_epochs: int = 1,
-        stop_saver: bool = False,
-    ) -> None:
+    def __init__(self, dirpath: str | Path | None, *, every_n_epochs: int = 1, minutes: float = 0) -> None:
+        train_time_interval = timedelta(minutes=minutes) if minutes > 0 else None
         super().__init__(
             dirpath=dirpath,
             filename=self.CHECKPOINT_NAME_LAST,
@@ -85,19 +68,16 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_epochs=None if train_time_interval is not None else every_n_epochs,
             train_time_interval=train_time_interval,
         )
-        self.stop_saver = stop_saver
+        self.stop_saver = train_time_interval is None
         self.stopped_by: str | None = None  # "SIGTERM" / "SIGINT" once a signal stopped the run
         self.saved_on_stop: Path | None = None
         self._previous_sigint: Any = None  # SIGINT's handler before on_train_start, put back at the end
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning's own SIGTERM handler runs a collective broadcast inside the handler and forwards the
-        # signal to the other ranks: with DDP, a SIGTERM to the process group (every rank broadcasting from
-        # its handler) or to one rank (which stops a batch before the others) deadlocks. Ctrl-C raises
-        # KeyboardInterrupt wherever each rank is. Here both only note the signal; the ranks agree on it at
-        # the next batch end (one all-reduce of a flag, DDP only), and Lightning then stops every rank at the
-        # same step (its SIGTERM path). A second Ctrl-C stops at once. Lightning puts SIGTERM's previous
-        # handler back when the run ends; SIGINT's is put back by ``_restore_sigint``.
+        # Lightning's SIGTERM handler broadcasts from inside the handler, which deadlocks DDP whether one
+        # rank or all get the signal. Here SIGTERM and Ctrl-C only note it; the ranks agree on it at the
+        # next batch end and Lightning stops all at the same step. A second Ctrl-C stops at once.
+        # Lightning restores SIGTERM's previous handler; ``_restore_sigint`` restores SIGINT's.
         super().on_train_start(trainer, pl_module)
         if not self.stop_saver or threading.current_thread() is not threading.main_thread():
             return
@@ -135,8 +115,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
-        # A signal ends in Lightning's SIGTERMException (a SystemExit) after the current batch; a second
-        # Ctrl-C in KeyboardInterrupt. Any other error is a bug or bad input, not a stop to resume from.
+        # A signal ends in SIGTERMException (a SystemExit), a second Ctrl-C in KeyboardInterrupt; not others.
         if not self.stop_saver or not isinstance(exception, (KeyboardInterrupt, SystemExit)):
             return
         if self.stopped_by is None:
@@ -151,26 +130,18 @@ class LastCheckpoint(ModelCheckpoint):
 def last_checkpoints(
     dirpath: str | Path | None, *, every_minutes: float, every_n_epochs: int = 1
 ) -> list[LastCheckpoint]:
-    """The ``last.ckpt`` writers: at the end of every ``every_n_epochs``-th training epoch and on stop,
-    and every ``every_minutes`` minutes of training (none when ``every_minutes`` is 0)."""
-    writers = [LastCheckpoint(dirpath, every_n_epochs=every_n_epochs, stop_saver=True)]
+    """The :class:`LastCheckpoint` writers: epoch ends and stops, and a timer when ``every_minutes`` > 0."""
+    writers = [LastCheckpoint(dirpath, every_n_epochs=every_n_epochs)]
     if every_minutes > 0:
-        writers.append(LastCheckpoint(dirpath, train_time_interval=timedelta(minutes=every_minutes)))
+        writers.append(LastCheckpoint(dirpath, minutes=every_minutes))
     return writers
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal, a list equal to a tuple with the same items included."""
-    sequences = (list, tuple)
-    return list(a) == list(b) if isinstance(a, sequences) and isinstance(b, sequences) else a == b
-
-
 class FCNCLI(LightningCLI):
-    """LightningCLI with the data description linked into the model, checkpointing on val mIoU and a
-    ``last.ckpt`` that always holds the newest step."""
+    """LightningCLI with the data description linked into the model, ``best.ckpt`` and ``last.ckpt``."""
 
-    def __init__(self, *args: Any, command: Sequence[str] = (), **kwargs: Any) -> None:
-        self.command = list(command)  # the arguments as given, for the resume command
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.command = list(kwargs.get("args") or sys.argv[1:])  # the arguments given, for the resume command
         self.last_writers: list[LastCheckpoint] = []
         try:
             super().__init__(*args, **kwargs)
@@ -211,9 +182,8 @@ class FCNCLI(LightningCLI):
 
     # -- before anything is built ----------------------------------------------------------------------
     def parse_arguments(self, parser, args) -> None:  # type: ignore[override]
-        """Parse, then check what needs no instantiation (before Lightning reads ``--ckpt_path``'s
-        hyper-parameters into the config). ``--print_config`` also shows the values the data module gives
-        the model (it knows them once instantiated), as comments after the config."""
+        """Parse, then check what needs no instantiation (before Lightning reads ``--ckpt_path``). Here
+        ``--print_config`` also shows the values the data module gives the model, as comments."""
         argv = list(sys.argv[1:] if args is None else args)
         show = any(a == "--print_config" or a.startswith("--print_config=") for a in argv)
         if show:
@@ -245,7 +215,9 @@ class FCNCLI(LightningCLI):
         params = inspect.signature(SegmentationModule.__init__).parameters  # every linked key has a default
         for key, flag in LINKED.items():
             value = init.get(key, params[key].default)
-            if value is not None and not _same(value, params[key].default):
+            if isinstance(value, list):
+                value = tuple(value)  # as the tuple defaults (mean, std)
+            if value is not None and value != params[key].default:
                 raise SettingError(
                     f"--model.init_args.{key} is set by the data module and would be ignored; "
                     f"it comes from {flag}"
@@ -255,24 +227,15 @@ class FCNCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         best = trainer.checkpoint_callback
         if self.subcommand == "fit" and best is not None:
-            every = float(self.config[self.subcommand].get("checkpoint_every") or 0)
+            config = self.config["fit"]
+            every, n = float(config.get("checkpoint_every") or 0), int(config.get("last_every_n_epochs", 1))
             if every < 0:
                 raise SettingError(f"--checkpoint_every must be 0 or more minutes, got {every}")
-            n = int(self.config[self.subcommand].get("last_every_n_epochs", 1))
             if n < 1:
                 raise SettingError(f"--last_every_n_epochs must be 1 or more, got {n}")
             self.last_writers = last_checkpoints(best.dirpath, every_minutes=every, every_n_epochs=n)
             trainer.callbacks.extend(self.last_writers)
         return trainer
-
-    # -- checks before fit/validate/test -----------------------------------------------------------------
-    def _check_outputs(self) -> None:
-        check_writable(self.trainer.default_root_dir)
-        for logger in self.trainer.loggers:
-            check_writable(logger.save_dir, "the logger's save_dir (--trainer.logger)")
-        best = self.trainer.checkpoint_callback
-        if best is not None and best.dirpath is not None:
-            check_writable(best.dirpath, "--checkpoint.dirpath")
 
     def _check_ckpt_path(self, sub: str) -> None:
         ckpt = self.config[sub].get("ckpt_path")
@@ -283,42 +246,41 @@ class FCNCLI(LightningCLI):
             if dirpath is None:
                 return  # Lightning looks for it in its default folder and says so
             ckpt = str(Path(dirpath) / "last.ckpt")
-        path = Path(ckpt)
-        if path.is_dir():
-            raise CheckpointError(f"--ckpt_path {ckpt} is a folder; pass the .ckpt file (e.g. its last.ckpt)")
-        if not path.is_file():
-            raise CheckpointError(f"--ckpt_path {ckpt} does not exist; pass a .ckpt written by training")
         try:
-            read_checkpoint(path)  # weights_only load + validation: one line instead of Lightning's traceback
+            read_checkpoint(ckpt)  # weights_only load + validation: one line instead of Lightning's traceback
         except CheckpointError as err:
             raise CheckpointError(f"--ckpt_path: {err} (or start without --ckpt_path)") from err
 
     def before_fit(self) -> None:
-        self._check_outputs()
+        check_writable(self.trainer.default_root_dir)
+        for logger in self.trainer.loggers:
+            check_writable(logger.save_dir, "the logger's save_dir (--trainer.logger)")
+        best = self.trainer.checkpoint_callback
+        if best is not None and best.dirpath is not None:
+            check_writable(best.dirpath, "--checkpoint.dirpath")
         for advice in emulated_bf16(self.trainer, self.model, native=cpu_has_native_bf16()):
             rank_zero_warn(advice)
 
+    def after_fit(self) -> None:
+        best = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and best is not None and best.best_model_score is not None:
+            print(f"val mIoU: {float(best.best_model_score):.3f}")
+            print(f"best checkpoint: {best.best_model_path}")
+
     # -- stops -------------------------------------------------------------------------------------------
     def _stopped(self, writer: LastCheckpoint) -> TrainingStopped:
+        saved, message = writer.saved_on_stop, f"stopped by {writer.stopped_by}"
+        if saved is None:
+            message += " before the first step (nothing saved)"
+        else:
+            old, args = "--ckpt_path", self.command  # without the old --ckpt_path (and its value)
+            cleaned = [a for i, a in enumerate(args) if not a.startswith(old) and args[i - 1 : i] != [old]]
+            program = sys.argv[0] if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+            python = ["python"] if program.endswith(".py") else []
+            command = shlex.join([*python, program, *cleaned, "--ckpt_path", str(saved)])
+            message += f" at global step {self.trainer.global_step}; saved {saved}; resume with: {command}"
         code = 130 if writer.stopped_by == "SIGINT" else 143  # 128 + the signal's number
-        if writer.saved_on_stop is None:
-            message = f"stopped by {writer.stopped_by} before the first step (nothing saved)"
-            return TrainingStopped(message, code, report=self.trainer.is_global_zero)
-        step = self.trainer.global_step
-        cleaned = list(self.command)  # without the old --ckpt_path
-        while "--ckpt_path" in cleaned:
-            i = cleaned.index("--ckpt_path")
-            del cleaned[i : i + 2]
-        cleaned = [a for a in cleaned if not a.startswith("--ckpt_path=")]
-        program = sys.argv[0] if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
-        python = ["python"] if program.endswith(".py") else []
-        command = shlex.join([*python, program, *cleaned, "--ckpt_path", str(writer.saved_on_stop)])
-        return TrainingStopped(
-            f"stopped by {writer.stopped_by} at global step {step}; saved {writer.saved_on_stop}; "
-            f"resume with: {command}",
-            code,
-            report=self.trainer.is_global_zero,
-        )
+        return TrainingStopped(message, code, report=self.trainer.is_global_zero)
 
 
 def emulated_bf16(trainer: Trainer, model: LightningModule, *, native: bool) -> list[str]:
@@ -330,32 +292,31 @@ def emulated_bf16(trainer: Trainer, model: LightningModule, *, native: bool) -> 
         "this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated: "
         "~14x slower than fp32 (docs/RESULTS.md section 8)"
     )
-    found = []
-    if "bf16" in str(trainer.precision):
-        found.append(f"--trainer.precision {trainer.precision}: {why}; add --trainer.precision 32")
-    if getattr(model.hparams, "teacher_precision", None) == "bf16":
-        found.append(
-            f"--model.init_args.teacher_precision bf16: {why}; add --model.init_args.teacher_precision 32"
+    teacher = getattr(model.hparams, "teacher_precision", None)
+    flags = {"--trainer.precision": trainer.precision, "--model.init_args.teacher_precision": teacher}
+    return [f"{flag} {value}: {why}; add {flag} 32" for flag, value in flags.items() if "bf16" in str(value)]
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python scripts/train.py [fit|validate|test] --config FILE ...`` (no arguments: the demo); fit prints
+    the best val mIoU and checkpoint. Returns the exit code (130 / 143 after Ctrl-C / SIGTERM)."""
+    try:
+        FCNCLI(
+            SegmentationModule,
+            SegDataModule,
+            subclass_mode_model=True,
+            args=list(argv) or ["fit", "--config", str(DEMO_CONFIG)],
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": False},
         )
-    return found
-
-
-def run_cli(args: Sequence[str] | None) -> FCNCLI:
-    """Run the training CLI on ``args`` (without the program name; None: ``sys.argv``) and return it."""
-    return FCNCLI(
-        SegmentationModule,
-        SegDataModule,
-        subclass_mode_model=True,
-        args=None if args is None else list(args),
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
-        command=sys.argv[1:] if args is None else args,
-    )
-
-
-def summarise_fit(cli: FCNCLI) -> None:
-    ckpt = cli.trainer.checkpoint_callback
-    if ckpt is None or ckpt.best_model_score is None:
-        return
-    print(f"val mIoU: {float(ckpt.best_model_score):.3f}")
-    print(f"best checkpoint: {ckpt.best_model_path}")
+    except TrainingStopped as stop:
+        if stop.report:
+            print(stop, file=sys.stderr)
+        # The loader workers the run left ignore the first SIGTERM (fcn.data.datamodule.seed_worker);
+        # end them without PyTorch's SIGCHLD handler turning each exit into a traceback.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join(timeout=10)
+        return stop.exit_code
+    return 0

@@ -95,7 +95,7 @@ def test_teacher_is_frozen_and_class_checked(tmp_path) -> None:
     teacher = load_teacher(str(path), num_classes=4)
     assert not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
-    with pytest.raises(CheckpointError, match="has 4 classes but the student/data has 11"):
+    with pytest.raises(CheckpointError, match="has 4 classes but the data has 11"):
         load_teacher(str(path), num_classes=11)
 
 
@@ -267,7 +267,7 @@ def test_distill_bad_configuration(demo) -> None:
         _module(distill_mode="offline")
     with pytest.raises(ValueError, match="distill_mode must be one of"):
         _module(distill_mode="online", teacher_checkpoint=str(ckpt))
-    with pytest.raises(CheckpointError, match="has 11 classes but the student/data has 19"):
+    with pytest.raises(CheckpointError, match="has 11 classes but the data has 19"):
         from fcn.lit import DistillationModule
 
         DistillationModule(model="student", num_classes=19, teacher_checkpoint=str(ckpt))

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from fcn.models import ModelError, build_model, list_models
-from fcn.models.fcn import transfer_weights
-from fcn.models.init import bilinear_kernel, make_upsampler
+from fcn.models.fcn import bilinear_kernel, make_upsampler, transfer_weights
 from fcn.models.vgg import VGG16Backbone
 
 SMALL = {"fc_dim": 64, "width_mult": 0.125}  # demo-sized VGG: same topology, fast on CPU

@@ -1,4 +1,4 @@
-"""The shared dataset: file pairs → ``(image, mask)`` through an explicit label table."""
+"""The shared dataset: file pairs -> ``(image, mask)`` through an explicit label table."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ UNKNOWN_LABELS = ("error", "ignore")
 
 
 def label_table(mapping: dict[int, int], *, size: int = 256) -> np.ndarray:
-    """A lookup table ``raw value -> train id`` (int64) with :data:`UNKNOWN` for every value not in
-    ``mapping``. Negative raw values (e.g. Cityscapes' license plate, -1) never occur in label files and
-    are skipped."""
+    """Int64 lookup table ``raw value -> train id``, :data:`UNKNOWN` where ``mapping`` has none (negative raw
+    values never occur in label files and are skipped)."""
     lut = np.full(max(size, max((k + 1 for k in mapping), default=0)), UNKNOWN, dtype=np.int64)
     for raw, train_id in mapping.items():
         if raw >= 0:
@@ -37,8 +36,8 @@ def pair_by_stem(
     where: str,
     image_stem: Callable[[Path], str] = lambda p: p.stem,
 ) -> list[tuple[Path, Path]]:
-    """Match images and labels by key (the file stem by default); unmatched or ambiguous files on either
-    side raise one :class:`DataError` listing a few of them. Pairs come in the images' order."""
+    """``(image, label)`` pairs in the images' order, matched by key (the file stem by default); unmatched
+    or ambiguous files raise one :class:`DataError` listing a few of them."""
     by_key: dict[str, Path] = {}  # masks
     image_keys: dict[str, Path] = {}
     duplicates = []
@@ -63,13 +62,8 @@ def pair_by_stem(
 
 
 class SegmentationDataset(Dataset):
-    """Map file pairs to ``(image, mask)``.
-
-    Without a transform: ``image`` uint8 ``(H, W, 3)`` RGB, ``mask`` int64 ``(H, W)`` train ids with
-    ``ignore_index`` for void. With an albumentations transform (see :mod:`fcn.data.transforms`):
-    a float tensor ``(3, H, W)`` and an int64 tensor ``(H, W)``. Raw label values outside the table raise
-    :class:`DataError` (``unknown_labels="error"``) or become ``ignore_index`` (``"ignore"``).
-    """
+    """File pairs -> ``(image, mask)`` as docs/DESIGN.md's dataset contract says; raw label values outside
+    the table ``lut`` raise :class:`DataError` (``unknown_labels="error"``) or become ``ignore_index``."""
 
     def __init__(
         self,
@@ -97,8 +91,7 @@ class SegmentationDataset(Dataset):
         self.name = name
         self._lut = lut = np.asarray(lut, dtype=np.int64)
         known = lut != UNKNOWN
-        # Masks stay uint8 through augmentation when every train id fits (faster resampling, 8x less
-        # memory); the last step turns them into int64.
+        # masks stay uint8 through augmentation when every train id fits (faster, 8x less memory)
         values = np.append(lut[known], ignore_index)
         self._dtype = np.uint8 if values.min() >= 0 and values.max() <= 255 else np.int32
         if self._dtype == np.uint8 and len(lut) >= 256:
@@ -129,8 +122,7 @@ class SegmentationDataset(Dataset):
         )
 
     def map_labels(self, raw: np.ndarray, path: Path | str = "?") -> np.ndarray:
-        """Raw label values → train ids (uint8 when they fit, else int32) through the table; values
-        outside it raise :class:`DataError` or become ``ignore_index``."""
+        """Raw label values -> train ids (uint8 when they fit, else int32) through the table."""
         if raw.dtype == np.uint8 and self._lut8 is not None:
             if self.unknown_labels == "error" and cv2.countNonZero(cv2.LUT(raw, self._unknown8)):
                 raise self._unknown_error(raw, self._unknown8[raw].astype(bool), path)
@@ -146,7 +138,7 @@ class SegmentationDataset(Dataset):
         return mapped.astype(self._dtype)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw pair: RGB uint8 image and train-id mask (uint8 or int32), checked for equal size."""
+        """RGB uint8 image and train-id mask (uint8 or int32) of a pair, checked for equal size."""
         img_path, mask_path = self.samples[index]
         image = read_image(img_path)
         raw = read_mask(mask_path)
@@ -164,8 +156,7 @@ class SegmentationDataset(Dataset):
 def apply_transform(
     transform: Callable[..., dict[str, Any]] | None, image: np.ndarray, mask: np.ndarray
 ) -> Any:
-    """``(image, int64 mask)`` arrays without a transform; else the transform's image and its mask (tensor or
-    array) as an int64 tensor."""
+    """``(image, int64 mask)`` arrays without a transform, else the transformed image and int64 mask."""
     if transform is None:
         return image, mask.astype(np.int64)
     out = transform(image=image, mask=mask)

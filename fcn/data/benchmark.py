@@ -16,34 +16,24 @@ import cv2
 import torch
 from torch.utils.data import DataLoader
 
-from fcn.data.base import SegmentationDataset
+from fcn.data.base import SegmentationDataset, apply_transform
 from fcn.data.camvid import CamVid
 from fcn.data.datamodule import collate, seed_worker
 from fcn.data.demo import make_demo_dataset
 from fcn.data.transforms import train_transform
 
 
-def pipeline_images_per_second(ds: SegmentationDataset, *, n: int = 100) -> float:
-    """In-process (one worker's) rate of ``ds[i]``: decode both PNGs, map labels, augment, to tensors."""
+def stage_milliseconds(ds: SegmentationDataset, *, n: int = 100) -> dict[str, float]:
+    """Mean in-process (one worker's) milliseconds per ``ds[i]`` of its two stages: ``load`` (decode both
+    PNGs, label table) and ``augment`` (transform, to tensors)."""
     n = min(n, len(ds))
     ds[0]  # warm-up (first decode, albumentations setup)
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[i]
-    return n / (time.perf_counter() - t0)
-
-
-def stage_milliseconds(ds: SegmentationDataset, *, n: int = 50) -> dict[str, float]:
-    """Mean milliseconds per image of the two stages: ``load`` (decode + label table) and ``augment``."""
-    n = min(n, len(ds))
-    ds[0]  # warm-up
     load = augment = 0.0
     for i in range(n):
         t0 = time.perf_counter()
         image, mask = ds.load(i)
         t1 = time.perf_counter()
-        if ds.transform is not None:
-            ds.transform(image=image, mask=mask)
+        apply_transform(ds.transform, image, mask)  # ds[i] is these two steps
         load, augment = load + t1 - t0, augment + time.perf_counter() - t1
     return {"load": 1000 * load / n, "augment": 1000 * augment / n}
 
@@ -65,21 +55,22 @@ def epoch_seconds(ds: SegmentationDataset, *, batch_size: int = 8, num_workers: 
     return time.perf_counter() - t0
 
 
-def run(root: Path, *, crop: Sequence[int], n: int, workers: int, batch_size: int) -> dict[str, float | int | str]:
+def run(
+    root: Path, *, crop: Sequence[int], n: int, workers: int, batch_size: int
+) -> dict[str, float | int | str]:
     """All figures for the train split of a CamVid-layout data set at ``root``."""
     ds = CamVid(root, "train", transform=train_transform(crop_size=crop, scale_range=(0.5, 2.0)))
     h, w = ds.load(0)[0].shape[:2]
-    stages = stage_milliseconds(ds, n=min(n, 50))
-    ips = pipeline_images_per_second(ds, n=n)
+    ms = stage_milliseconds(ds, n=n)
     sec = epoch_seconds(ds, batch_size=batch_size, num_workers=workers)
     return {
         "data": str(root),
         "images": len(ds),
         "image_size": f"{h}x{w}",
         "crop": f"{crop[0]}x{crop[1]}",
-        "load_ms": round(stages["load"], 2),
-        "augment_ms": round(stages["augment"], 2),
-        "images_per_second_one_worker": round(ips, 1),
+        "load_ms": round(ms["load"], 2),
+        "augment_ms": round(ms["augment"], 2),
+        "images_per_second_one_worker": round(1000 / (ms["load"] + ms["augment"]), 1),
         "workers": workers,
         "batch_size": batch_size,
         "epoch_seconds": round(sec, 3),

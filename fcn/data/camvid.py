@@ -13,33 +13,21 @@ from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, requir
 from fcn.data.errors import DataError
 from fcn.data.io import MASK_EXTENSIONS, list_images, read_mask, write_bytes_atomic
 
-CLASSES = (
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-)
-# The SegNet tutorial's CamVid colours, in class order.
-PALETTE = (
-    (128, 128, 128),
-    (128, 0, 0),
-    (192, 192, 128),
-    (128, 64, 128),
-    (60, 40, 222),
-    (128, 128, 0),
-    (192, 128, 128),
-    (64, 64, 128),
-    (64, 0, 128),
-    (64, 64, 0),
-    (0, 128, 192),
-)
+# class -> the SegNet tutorial's CamVid colour, in train-id order
+_COLOURS = {
+    "Sky": (128, 128, 128),
+    "Building": (128, 0, 0),
+    "Pole": (192, 192, 128),
+    "Road": (128, 64, 128),
+    "Pavement": (60, 40, 222),
+    "Tree": (128, 128, 0),
+    "SignSymbol": (192, 128, 128),
+    "Fence": (64, 64, 128),
+    "Car": (64, 0, 128),
+    "Pedestrian": (64, 64, 0),
+    "Bicyclist": (0, 128, 192),
+}
+CLASSES, PALETTE = tuple(_COLOURS), tuple(_COLOURS.values())
 VOID = 11
 LAYOUT = """  ROOT/train/*.png   ROOT/trainannot/*.png   (labels: 0-10 classes, 11 void)
   ROOT/val/*.png     ROOT/valannot/*.png
@@ -47,7 +35,7 @@ LAYOUT = """  ROOT/train/*.png   ROOT/trainannot/*.png   (labels: 0-10 classes, 
 
 
 def camvid_table(ignore_index: int = 255) -> np.ndarray:
-    """Raw CamVid label → train id: 0–10 unchanged, 11 (void) → ``ignore_index``."""
+    """Raw CamVid label -> train id: 0-10 unchanged, 11 (void) -> ``ignore_index``."""
     return label_table({**{i: i for i in range(len(CLASSES))}, VOID: ignore_index})
 
 
@@ -93,15 +81,11 @@ class CamVid(SegmentationDataset):
 def median_frequency_weights(
     root: str | Path, split: str = "train", *, frames: Collection[str] | None = None
 ) -> list[float]:
-    """Median-frequency class weights (Eigen & Fergus): ``median(freq) / freq[c]`` over the split's labels
-    (only those of the image file names in ``frames`` when given, e.g. a labelled subset).
-
-    ``freq[c]`` is the pixel count of class ``c`` over the total pixels of the images where ``c`` appears.
-    Classes that never appear get weight 0.
-    """
+    """Median-frequency class weights (Eigen & Fergus) ``median(freq) / freq[c]`` over the split's labels
+    (only the image names in ``frames`` when given). ``freq[c]``: pixels of class ``c`` over the pixels of
+    the images where it appears; absent classes get 0."""
     n = len(CLASSES)
-    counts = np.zeros(n, dtype=np.float64)
-    image_pixels = np.zeros(n, dtype=np.float64)
+    counts, image_pixels = np.zeros((2, n), dtype=np.float64)
     for image_path, mask_path in camvid_pairs(root, split):
         if frames is not None and image_path.name not in frames:
             continue
@@ -110,26 +94,22 @@ def median_frequency_weights(
         counts += hist
         image_pixels[hist > 0] += raw.size
     present = counts > 0
-    freq = np.zeros(n)
-    freq[present] = counts[present] / image_pixels[present]
+    freq = np.divide(counts, image_pixels, out=np.zeros(n), where=present)
     median = float(np.median(freq[present])) if present.any() else 0.0
     return [float(median / f) if f > 0 else 0.0 for f in freq]
 
 
 # -- labelled subsets (the label-scarce protocol of configs/camvid_cpu/) -----------------------------------
 def sequence_of(name: str) -> str:
-    """The video sequence of a CamVid frame name: the part before the first ``_`` (``0016E5_07959.png`` ->
-    ``0016E5``); a name without ``_`` is its own sequence's stem."""
+    """The video sequence of a frame: its stem before the first ``_`` (``0016E5_07959.png`` -> ``0016E5``)."""
     return Path(name).stem.split("_", 1)[0]
 
 
 def spread_subset(names: Sequence[str], fraction: float = 0.25) -> list[str]:
-    """``round(fraction * len(names))`` frames spread evenly over the sequences and over time in each.
+    """``round(fraction * len(names))`` frames spread evenly over the sequences and over time, sorted.
 
-    Every sequence gets the same share (``fraction`` of its frames, the remainders handed out by largest
-    remainder, ties to the sequence first by name); within a sequence sorted by name, ``k`` of ``n`` frames
-    are taken at the centres of ``k`` equal spans (index ``floor((i + 0.5) * n / k)``), i.e. every 4th
-    frame for a quarter. Deterministic; returns the chosen names sorted.
+    Each sequence gets ``fraction`` of its frames (remainders by largest remainder, ties by name); of
+    its ``n`` frames sorted by name, ``k`` are the centres of ``k`` equal spans (every 4th for a quarter).
     """
     if not 0 < fraction <= 1:
         raise DataError(f"fraction must be in (0, 1], got {fraction}")
@@ -153,8 +133,8 @@ def spread_subset(names: Sequence[str], fraction: float = 0.25) -> list[str]:
 def write_subset_list(
     root: str | Path, output: str | Path, *, split: str = "train", fraction: float = 0.25
 ) -> list[str]:
-    """Choose :func:`spread_subset` of a CamVid split's image file names and write them to ``output``, one a
-    line (the file ``--data.train_list`` reads); returns the names. The shipped quarter list is::
+    """Write :func:`spread_subset` of a split's image names to ``output``, one a line (a ``--data.train_list``
+    file); returns the names. The shipped quarter list is::
 
         python -c "from fcn.data.camvid import write_subset_list as w; \\
             w('data/camvid', 'configs/camvid_cpu/train_quarter.txt')"

@@ -1,4 +1,4 @@
-"""The LightningDataModule: data set choice, splits, loaders and the data description the model links to."""
+"""The LightningDataModule: data set choice, splits, loaders, and the data description the model links to."""
 
 from __future__ import annotations
 
@@ -32,13 +32,10 @@ CLASS_WEIGHTINGS = (None, "median_frequency", "sqrt_median_frequency")
 
 
 class PermutationStream(Sampler[int]):
-    """``num_samples`` indices per epoch taken from an endless stream of random permutations of
-    ``range(size)``: every index once before any repeats, and the next epoch goes on where this one stopped.
-
-    The unlabeled loader uses it so that the labelled set sets the epoch's length whatever the pool's size.
-    Not a ``RandomSampler``, so Lightning shards it across DDP ranks (``DistributedSamplerWrapper``) instead
-    of replacing it with a sampler over the whole pool.
-    """
+    """``num_samples`` indices per epoch from an endless stream of random permutations of ``range(size)``
+    (every index once before any repeats; the next epoch goes on where this one stopped), so the labelled
+    set sets the epoch's length. Not a ``RandomSampler``: Lightning shards it across DDP ranks instead of
+    replacing it."""
 
     def __init__(self, size: int, *, num_samples: int, generator: torch.Generator) -> None:
         if size < 1 or num_samples < 1:
@@ -72,10 +69,6 @@ def build_dataset(
     raise DataError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 
-def _end_on_next_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def read_frame_list(path: str | Path) -> list[str]:
     """Image file names from a list file, one a line (blank lines and ``#`` comments skipped)."""
     path = Path(path)
@@ -96,17 +89,15 @@ def read_frame_list(path: str | Path) -> list[str]:
 
 
 def select_frames(ds: Dataset, names: Sequence[str], source: str | Path) -> tuple[Dataset, list[Path]]:
-    """Split a labelled data set by image file name: ``(a copy holding only the listed frames, the image
-    paths of the other frames)``. A listed name that is not in ``ds`` (or matches two images) is a
-    :class:`DataError`."""
+    """``(a copy of ds with only the listed frames, the image paths of the others)``; a listed name missing
+    from ``ds`` or matching two images is a :class:`DataError`."""
     by_name: dict[str, int] = Counter(image.name for image, _ in ds.samples)
     missing = [name for name in names if name not in by_name]
     if missing:
         raise DataError(
-            f"frame list {source} names {len(missing)} frame(s) that are not in {ds.name}, "
-            f"e.g. {missing[:5]}; "
-            "point --data.data_root at the data the list was made for, or regenerate the list "
-            "(fcn.data.camvid.write_subset_list)"
+            f"frame list {source} names {len(missing)} frame(s) that are not in {ds.name}, e.g. "
+            f"{missing[:5]}; point --data.data_root at the data the list was made for, or regenerate the "
+            "list (fcn.data.camvid.write_subset_list)"
         )
     ambiguous = [name for name in names if by_name[name] > 1]
     if ambiguous:
@@ -118,29 +109,16 @@ def select_frames(ds: Dataset, names: Sequence[str], source: str | Path) -> tupl
     return subset, [image for image, _ in ds.samples if image.name not in listed]
 
 
-def unlabeled_images(paths: Sequence[Path], *, transform: Any, ignore_index: int) -> UnlabeledImageFolder:
-    """The image files ``paths`` as an :class:`UnlabeledImageFolder` (all-ignore masks, same loader path as
-    ``unlabeled_root``)."""
-    if not paths:
-        raise DataError("the unlabeled pool is empty")
-    parent = Path(os.path.commonpath([p.parent for p in paths]))
-    pool = UnlabeledImageFolder(parent, transform=transform, ignore_index=ignore_index)
-    pool.paths = sorted(paths)
-    pool.relative_paths = [p.relative_to(parent) for p in pool.paths]
-    return pool
-
-
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: give every loader worker its own deterministic numpy / random / albumentations
-    seed (derived from the loader's generator, so the same seed gives the same batches); OpenCV runs
-    single-threaded inside workers (the workers are the parallelism).
+    """``worker_init_fn``: each worker gets its own numpy / random / albumentations seed from the loader's
+    generator (same seed, same batches) and single-threaded OpenCV.
 
-    A Ctrl-C or a scheduler's SIGTERM sent to the whole process group is for the main process, which saves
-    and shuts the workers down (a worker killed first ends the run in a DataLoader traceback): workers
-    ignore SIGINT and their first SIGTERM; a second SIGTERM (the main process terminating them) ends them.
+    Ctrl-C or SIGTERM sent to the process group is for the main process, which saves and stops the workers
+    (a worker dying first ends the run in a DataLoader traceback): workers ignore SIGINT and their first
+    SIGTERM; the second (the main process terminating them) ends them.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _end_on_next_sigterm)
+    signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     info = get_worker_info()
     seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
     np.random.seed(seed)
@@ -148,10 +126,9 @@ def seed_worker(worker_id: int) -> None:
     # 0 = no thread pool. Not 1: resizing OpenCV's pthreads pool in a forked child whose parent already
     # used the pool deadlocks (tests/test_datamodule.py::test_workers_survive_a_parent_that_used_opencv).
     cv2.setNumThreads(0)
-    ds = info.dataset if info is not None else None
-    transform = getattr(ds, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    ds = getattr(info, "dataset", None)
+    if hasattr(getattr(ds, "transform", None), "set_random_seed"):
+        ds.transform.set_random_seed(seed)
 
 
 def collate(batch: list[Any]) -> Any:
@@ -181,34 +158,29 @@ def _pair(value: Sequence[Any], name: str, kind: type, *, ordered: bool = False)
 
 
 class SegDataModule(L.LightningDataModule):
-    """Loaders for one data set; exposes ``num_classes``, ``ignore_index``, ``class_names``, ``palette``,
-    ``mean``, ``std`` (and ``class_weights``) right after construction, for linking into the model.
+    """Loaders for one data set; ``num_classes``, ``ignore_index``, ``class_names``, ``palette``, ``mean``,
+    ``std`` (and ``class_weights``) are there right after construction, for linking into the model.
 
     Args:
-        dataset: ``demo`` (generated under ``data_root`` when missing), ``camvid``, ``cityscapes`` or
-            ``folder``.
-        data_root: the data set's root folder (see ``data/README.md`` for the layouts).
+        dataset: ``demo`` (generated in ``data_root`` when missing), ``camvid``, ``cityscapes``, ``folder``.
+        data_root: the data set's root folder (layouts: ``data/README.md``).
         train_split, val_split, test_split: split names (CamVid's test split is withheld: test on val).
         batch_size, val_batch_size: per process. num_workers, pin_memory, persistent_workers: loaders.
-        crop_size, scale_range: training crops and random scaling; eval_size: optional eval resize.
-        brightness_range: the training jitter's brightness factors (low, high); see
-            ``fcn.data.transforms.train_transform``.
+        crop_size, scale_range, brightness_range: training crops, random scaling and the brightness jitter's
+            (low, high) factors (``fcn.data.transforms.train_transform``); eval_size: optional eval resize.
         ignore_index: void label; unknown_labels: ``error`` or ``ignore`` for values outside the table.
         label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``; classes_file: folder data's YAML
             (default ``<data_root>/classes.yaml``).
-        class_weighting: None, ``median_frequency`` (CamVid/demo; computed from the training labels) or
-            ``sqrt_median_frequency`` (their square roots: a softer push towards the rare classes).
-        unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation;
-            the train loader then yields ``{"labeled": ..., "unlabeled": ...}`` (unlabeled batches of
-            ``round(batch_size * unlabeled_ratio)`` random crops). The labelled set sets the epoch's length:
-            each epoch draws as many unlabeled batches as there are labelled ones, walking through random
-            permutations of the whole pool (a pool larger than an epoch's share is covered over epochs).
-        train_list: a file of image file names, one a line: the labelled training set is only these frames
-            of the train split (e.g. ``configs/camvid_cpu/train_quarter.txt``); median-frequency class
-            weights then come from them alone. A listed frame missing from the split is a ``DataError``.
-        unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (their
-            labels unused), loaded like ``unlabeled_root``'s images; needs ``train_list``, excludes
-            ``unlabeled_root``.
+        class_weighting: None, ``median_frequency`` (CamVid/demo, from the training labels) or
+            ``sqrt_median_frequency`` (their square roots: a softer push towards rare classes).
+        unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation; the
+            train loader then yields ``{"labeled": ..., "unlabeled": ...}``, the unlabeled batches
+            ``round(batch_size * unlabeled_ratio)`` random crops, as many as labelled batches per epoch
+            (walking through permutations of the whole pool over the epochs).
+        train_list: a file of image names, one a line: the labelled training set is only these frames of the
+            train split (e.g. ``configs/camvid_cpu/train_quarter.txt``), median-frequency weights too.
+        unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (labels
+            unused); needs ``train_list``, excludes ``unlabeled_root``.
         seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
             (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
     """
@@ -261,10 +233,7 @@ class SegDataModule(L.LightningDataModule):
         if not float(unlabeled_ratio) > 0:
             raise DataError(f"unlabeled_ratio must be positive, got {unlabeled_ratio}")
         if unlabeled_from_train and not train_list:
-            raise DataError(
-                "unlabeled_from_train needs train_list (the labelled frames; the other training frames are "
-                "the unlabeled pool)"
-            )
+            raise DataError("unlabeled_from_train needs train_list (the other training frames are the pool)")
         if unlabeled_from_train and unlabeled_root:
             raise DataError("give either unlabeled_root or unlabeled_from_train, not both")
         self.dataset = dataset
@@ -289,14 +258,9 @@ class SegDataModule(L.LightningDataModule):
         self.unlabeled_from_train = bool(unlabeled_from_train)
         self._train_frames = read_frame_list(train_list) if train_list else None
         self.seed = int(seed)
-        self.demo = {
-            "n_train": demo_train,
-            "n_val": demo_val,
-            "n_test": demo_test,
-            "size": _pair(demo_size, "demo_size", int),
-            "seed": self.seed,
-        }
-        # The description linked into the model.
+        self.demo = {"n_train": demo_train, "n_val": demo_val, "n_test": demo_test, "seed": self.seed}
+        self.demo["size"] = _pair(demo_size, "demo_size", int)
+        # the description linked into the model
         if dataset == "folder":
             meta = read_class_file(classes_file or self.data_root / "classes.yaml")
             classes, palette = meta["classes"], meta["palette"]
@@ -317,8 +281,7 @@ class SegDataModule(L.LightningDataModule):
 
     @property
     def class_weights(self) -> list[float] | None:
-        """Median-frequency weights (or their square roots) from the training labels when ``class_weighting``
-        asks for them."""
+        """Median-frequency weights (or their square roots) of the training labels, if ``class_weighting``."""
         if self.class_weighting is None:
             return None
         if self.dataset not in ("camvid", "demo"):
@@ -394,18 +357,19 @@ class SegDataModule(L.LightningDataModule):
         return bool(self.unlabeled_root or self.unlabeled_from_train)
 
     def _unlabeled_pool(self) -> Dataset:
-        if self.unlabeled_root:
-            return UnlabeledImageFolder(
-                self.unlabeled_root, transform=self._train_transform(), ignore_index=self.ignore_index
-            )
-        everything = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs())
-        _, rest = select_frames(everything, self._train_frames, self.train_list)
-        if not rest:
-            raise DataError(
-                f"train_list {self.train_list} holds every training frame: nothing is left for the "
-                "unlabeled pool (unlabeled_from_train)"
-            )
-        return unlabeled_images(rest, transform=self._train_transform(), ignore_index=self.ignore_index)
+        """``unlabeled_root``'s images, or the training frames not in ``train_list`` loaded the same way."""
+        root, paths = self.unlabeled_root, None
+        if not root:
+            everything = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs())
+            _, paths = select_frames(everything, self._train_frames, self.train_list)
+            if not paths:
+                raise DataError(
+                    f"train_list {self.train_list} holds every training frame: nothing is left for the "
+                    "unlabeled pool (unlabeled_from_train)"
+                )
+            root = os.path.commonpath([p.parent for p in paths])
+        tf = self._train_transform()
+        return UnlabeledImageFolder(root, transform=tf, ignore_index=self.ignore_index, paths=paths)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()  # no-op unless the demo data is missing (e.g. outside a Trainer)
@@ -424,14 +388,12 @@ class SegDataModule(L.LightningDataModule):
     def _loader(
         self, ds: Dataset, *, batch_size: int, shuffle: bool, salt: int = 0, num_samples: int | None = None
     ) -> DataLoader:
-        # one generator per loader and rank: shuffling and worker seeds are reproducible, and DDP ranks
-        # do not draw the same augmentations
+        # one generator per loader and rank: reproducible, and DDP ranks draw different augmentations
         loader_seed = self.seed + 104729 * salt
         generator = torch.Generator().manual_seed(loader_seed + 7919 * self._rank())
         sampler = None
         if num_samples is not None:
-            # The same stream on every rank: under DDP Lightning wraps it in a DistributedSamplerWrapper that
-            # hands each rank a disjoint share of it, so the ranks together walk one permutation of the pool.
+            # the same stream on every rank: Lightning's DistributedSamplerWrapper gives each a disjoint share
             stream_generator = torch.Generator().manual_seed(loader_seed)
             sampler = PermutationStream(len(ds), num_samples=num_samples, generator=stream_generator)
         return DataLoader(

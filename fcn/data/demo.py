@@ -1,9 +1,7 @@
-"""Synthetic street scenes with CamVid's 11 classes, written in CamVid (or Cityscapes) layout.
-
-Each frame has a horizon, sky, buildings with windows, a road in perspective with lane markings,
-pavements, a fence, trees, poles with signs, cars, pedestrians and cyclists, drawn with textures,
-noise and varied lighting. Deterministic given the seed; small enough for a CPU demo, and the label
-values are CamVid's (0–10, 11 void), so demo checkpoints also run on real CamVid.
+"""Synthetic street scenes with CamVid's 11 classes (sky, buildings, a road in perspective, pavements,
+fences, trees, poles with signs, cars, pedestrians, cyclists; textures, noise, varied lighting), written in
+CamVid (or Cityscapes) layout. Deterministic given the seed; labels are CamVid's (0-10, 11 void), so demo
+checkpoints also run on real CamVid.
 """
 
 from __future__ import annotations
@@ -11,29 +9,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from fcn.data.camvid import CLASSES, VOID
 from fcn.data.errors import DataError
-from fcn.data.io import write_bytes_atomic
+from fcn.data.io import write_png_atomic
 
 VERSION = 1
 SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST = range(11)
-# CamVid class → Cityscapes labelId, for the Cityscapes layout (void → 0 "unlabeled").
+# CamVid class -> Cityscapes labelId, for the Cityscapes layout (void -> 0 "unlabeled")
 TO_CITYSCAPES = {SKY: 23, BUILDING: 11, POLE: 17, ROAD: 7, PAVEMENT: 8, TREE: 21, SIGN: 20, FENCE: 13}
 TO_CITYSCAPES |= {CAR: 26, PEDESTRIAN: 24, BICYCLIST: 25, VOID: 0}
-
-
-def _noise(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
-    return rng.normal(0.0, scale, (h, w, 1))
 
 
 def _fill(
     img: np.ndarray, lab: np.ndarray, mask: np.ndarray, colour, cls: int, rng, tex: float = 8.0
 ) -> None:
     h, w = mask.shape
-    base = np.asarray(colour, dtype=np.float32)[None, None, :] + _noise(rng, h, w, tex)
+    base = np.asarray(colour, dtype=np.float32)[None, None, :] + rng.normal(0.0, tex, (h, w, 1))
     img[mask] = base[mask]
     lab[mask] = cls
 
@@ -43,7 +36,7 @@ def _jitter(rng: np.random.Generator, colour, amount: float = 25.0) -> np.ndarra
 
 
 def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One RGB uint8 frame and its CamVid label map (0–10, 11 void)."""
+    """One RGB uint8 frame and its CamVid label map (0-10, 11 void)."""
     h, w = size
     img = np.zeros((h, w, 3), np.float32)
     lab = np.full((h, w), VOID, np.uint8)
@@ -54,7 +47,7 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
     # sky: vertical gradient
     sky_top, sky_bottom = _jitter(rng, (110, 150, 215), 20), _jitter(rng, (190, 210, 235), 15)
     t = (yy / max(horizon, 1))[..., None]
-    sky = sky_top * (1 - t) + sky_bottom * t + _noise(rng, h, w, 3)
+    sky = sky_top * (1 - t) + sky_bottom * t + rng.normal(0.0, 3, (h, w, 1))
     m = yy < horizon
     img[m], lab[m] = sky[m], SKY
 
@@ -67,9 +60,8 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
         colour = rng.choice([(150, 90, 70), (170, 160, 150), (120, 110, 100), (200, 180, 150)])
         _fill(img, lab, block, _jitter(rng, colour, 20), BUILDING, rng, tex=6)
         step_y, step_x = int(rng.integers(6, 11)), int(rng.integers(6, 11))
-        windows = (
-            block & ((yy - top) % step_y < step_y // 2) & ((xx - x) % step_x < step_x // 2) & (yy > top + 2)
-        )
+        windows = block & ((yy - top) % step_y < step_y // 2) & ((xx - x) % step_x < step_x // 2)
+        windows &= yy > top + 2
         img[windows] = _jitter(rng, (60, 70, 90), 15)
         x += bw + int(rng.integers(0, 6))
 
@@ -90,12 +82,8 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
     if rng.random() < 0.7:
         side = rng.choice([-1, 1])
         fence_top = horizon + int(rng.uniform(0.0, 0.12) * h)
-        fence = (
-            pave
-            & (yy >= fence_top)
-            & (yy < fence_top + int(0.12 * h))
-            & ((xx - vanish_x) * side > half_road + 4)
-        )
+        fence = pave & (yy >= fence_top) & (yy < fence_top + int(0.12 * h))
+        fence &= (xx - vanish_x) * side > half_road + 4
         _fill(img, lab, fence, _jitter(rng, (120, 100, 80), 15), FENCE, rng, tex=4)
         slats = fence & (xx % 4 == 0)
         img[slats] *= 0.6
@@ -160,20 +148,16 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.nd
 
     # lighting, sensor noise, and a little void (e.g. an occluded corner)
     img = img * rng.uniform(0.7, 1.25) + rng.uniform(-15, 15, 3)[None, None, :]
-    img += _noise(rng, h, w, 4)
+    img += rng.normal(0.0, 4, (h, w, 1))  # sensor noise
     if rng.random() < 0.3:
         corner = (yy > h * 0.9) & (xx < w * rng.uniform(0.1, 0.3))
-        img[corner] = 0
-        lab[corner] = VOID
+        img[corner], lab[corner] = 0, VOID
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
 def _write(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, data = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    write_bytes_atomic(path, data.tobytes())
+    write_png_atomic(path, array)
 
 
 def make_demo_dataset(
@@ -186,9 +170,9 @@ def make_demo_dataset(
     size: tuple[int, int] = (120, 160),
     seed: int = 0,
 ) -> Path:
-    """Write the demo data set under ``root`` unless an identical one (same manifest ``demo.json``: seed,
-    sizes, generator version) is already there; returns ``root``. Frames of an older demo set there are
-    replaced, other files are left alone. About 60 frames/s at 120x160 on one CPU core."""
+    """Write the demo data set under ``root`` unless one with the same manifest ``demo.json`` (seed, sizes,
+    generator version) is there; returns ``root``. An older demo set's frames are replaced, other files
+    left alone. About 60 frames/s at 120x160 on one CPU core."""
     if layout not in ("camvid", "cityscapes"):
         raise DataError(f"layout must be 'camvid' or 'cityscapes', got {layout!r}")
     h, w = (int(v) for v in size)

@@ -1,19 +1,12 @@
-"""Your own data: ``images/`` + ``masks/`` matched by file stem, classes from ``classes.yaml``; and an
-unlabeled image folder (recursive) for inference and semi-supervised distillation.
-
-``classes.yaml``::
-
-    classes: [road, sidewalk, building, ...]   # train ids 0..C-1 in this order
-    palette: [[128, 64, 128], ...]             # optional, one RGB per class
-    ignore_index: 255                          # optional, the void value in the masks
-
-A split is a sub-folder (``ROOT/<split>/images``, ``ROOT/<split>/masks``) or, if that does not exist,
-the root itself (``ROOT/images``, ``ROOT/masks``).
+"""Your own data: ``images/`` + ``masks/`` matched by path, classes from ``classes.yaml`` (``classes:
+[road, ...]`` in train-id order, optional ``palette: [[r, g, b], ...]`` and ``ignore_index: 255``); a split
+is ``ROOT/<split>/`` or, without one, ``ROOT`` itself. And an unlabeled image folder (recursive) for
+inference and semi-supervised distillation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +40,13 @@ def read_class_file(path: str | Path) -> dict[str, Any]:
     classes = [str(c) for c in data["classes"]]
     if len(set(classes)) != len(classes):
         raise DataError(f"class file {path} lists a class name twice: {classes}")
-    palette = data.get("palette") or default_palette(len(classes))
     try:
-        palette = [[int(v) for v in c] for c in palette]
-    except (TypeError, ValueError) as err:
-        raise DataError(f"class file {path}: palette must be a list of [r, g, b] integer triples") from err
+        palette = [[int(v) for v in c] for c in data.get("palette") or default_palette(len(classes))]
+    except (TypeError, ValueError):
+        palette = []  # not integer triples
     if len(palette) != len(classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
         raise DataError(
-            f"class file {path}: palette needs one [r, g, b] (0-255) per class ({len(classes)} classes)"
+            f"class file {path}: palette needs one [r, g, b] (ints 0-255) per class, {len(classes)} in all"
         )
     try:
         ignore_index = int(data.get("ignore_index", 255))
@@ -65,33 +57,9 @@ def read_class_file(path: str | Path) -> dict[str, Any]:
     return {"classes": classes, "palette": palette, "ignore_index": ignore_index}
 
 
-def _key(base: Path) -> Callable[[Path], str]:
-    """Match by the path below ``images/`` or ``masks/`` without extension (``a/b.jpg`` ↔ ``a/b.png``)."""
-    return lambda p: p.relative_to(base).with_suffix("").as_posix()
-
-
-def folder_pairs(root: str | Path, split: str | None) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` paths below ``ROOT/<split>/{images,masks}`` (or ``ROOT/{images,masks}``)."""
-    root = require_dir(Path(root), what="data root", layout=LAYOUT)
-    base = root / split if split and (root / split).is_dir() else root
-    if split and base == root and not (root / "images").is_dir():
-        raise DataError(f"split folder {root / split} does not exist. Expected layout:\n{LAYOUT}")
-    img_dir = require_dir(base / "images", what="image folder", layout=LAYOUT)
-    mask_dir = require_dir(base / "masks", what="mask folder", layout=LAYOUT)
-    return pair_by_stem(
-        list_images(img_dir, recursive=True),
-        list_images(mask_dir, recursive=True, extensions=MASK_EXTENSIONS),
-        image_stem=_key(img_dir),
-        mask_stem=_key(mask_dir),
-        where=f"folder data set {base}",
-    )
-
-
 class FolderDataset(SegmentationDataset):
-    """``images/`` + ``masks/`` pairs with class names from ``classes.yaml`` (see the module doc).
-
-    Mask value ``i`` is ``classes[i]``; ``ignore_index`` (from the YAML unless given) marks void.
-    """
+    """``images/`` + ``masks/`` pairs: mask value ``i`` is ``classes[i]`` of ``classes.yaml``;
+    ``ignore_index`` (the YAML's unless given) marks void."""
 
     def __init__(
         self,
@@ -111,8 +79,21 @@ class FolderDataset(SegmentationDataset):
         table = {i: i for i in range(n)}
         if 0 <= ignore < 65536:
             table[ignore] = ignore
+        root = require_dir(Path(root), what="data root", layout=LAYOUT)
+        base = root / split if split and (root / split).is_dir() else root
+        if split and base == root and not (root / "images").is_dir():
+            raise DataError(f"split folder {root / split} does not exist. Expected layout:\n{LAYOUT}")
+        img_dir = require_dir(base / "images", what="image folder", layout=LAYOUT)
+        mask_dir = require_dir(base / "masks", what="mask folder", layout=LAYOUT)
+        pairs = pair_by_stem(  # by the path below images/ and masks/ without extension: a/b.jpg with a/b.png
+            list_images(img_dir, recursive=True),
+            list_images(mask_dir, recursive=True, extensions=MASK_EXTENSIONS),
+            image_stem=lambda p: p.relative_to(img_dir).with_suffix("").as_posix(),
+            mask_stem=lambda p: p.relative_to(mask_dir).with_suffix("").as_posix(),
+            where=f"folder data set {base}",
+        )
         super().__init__(
-            folder_pairs(root, split),
+            pairs,
             classes=meta["classes"],
             palette=meta["palette"],
             lut=label_table(table),
@@ -125,9 +106,9 @@ class FolderDataset(SegmentationDataset):
 
 
 class UnlabeledImageFolder(Dataset):
-    """Every image below ``root`` (recursive; png jpg jpeg bmp tif tiff webp, any case; hidden files
-    skipped). Items are ``(image, mask)`` with a mask that is all ``ignore_index``, so batches collate
-    like labelled ones. ``paths`` holds the files, ``relative_paths`` their place below ``root``."""
+    """Every image below ``root`` (recursive, any letter case, hidden files skipped; or only ``paths``) as
+    ``(image, mask)`` with an all-``ignore_index`` mask, so batches collate like labelled ones. ``paths``
+    holds the files, ``relative_paths`` their place below ``root``."""
 
     def __init__(
         self,
@@ -135,9 +116,10 @@ class UnlabeledImageFolder(Dataset):
         *,
         transform: Callable[..., dict[str, Any]] | None = None,
         ignore_index: int = 255,
+        paths: Sequence[Path] | None = None,
     ) -> None:
         self.root = require_dir(Path(root), what="unlabeled image folder", layout=UNLABELED_LAYOUT)
-        self.paths = list_images(self.root, recursive=True)
+        self.paths = list_images(self.root, recursive=True) if paths is None else sorted(paths)
         if not self.paths:
             raise DataError(
                 f"unlabeled image folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "

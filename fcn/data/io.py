@@ -1,16 +1,7 @@
-"""Image files, in and out: the one reader of the data sets, predict, evaluate and report, and the
-one writer of their PNGs.
-
-Reading: images of any common kind (grayscale, gray + alpha, RGBA, 16-bit, float TIFF) become RGB uint8
-``(H, W, 3)`` as a viewer shows them (EXIF orientation applied); label maps are returned exactly as
-stored (uint8 or uint16 ids, palette PNGs as their indices, no orientation). Unreadable, truncated and
-non-image files raise one :class:`DataError` naming the file. :func:`probe_size` reads a size from the
-header only.
-
-Writing: :func:`colorize` / :func:`overlay` turn class ids into pictures, :func:`encode_png` encodes
-(label maps through Pillow, which writes palette PNGs; other arrays through OpenCV) and
-:func:`write_bytes_atomic` writes a file whole or not at all; :func:`check_writable` proves a folder
-can be written before a long run.
+"""Image files in and out: the one reader of the data sets, predict, evaluate and report, and the one writer
+of their PNGs. Images become RGB uint8 ``(H, W, 3)`` as a viewer shows them (EXIF orientation applied);
+label maps come back as stored. Unreadable, truncated and non-image files raise one :class:`DataError`
+naming the file. Writes are atomic (temporary file + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -21,7 +12,7 @@ import os
 import secrets
 import struct
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -30,12 +21,10 @@ import numpy as np
 from fcn.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".jp2")
-
-# The largest image the readers decode, in pixels (64 Mpx, e.g. 8192 x 8192): a header claiming more (a
-# corrupt or hostile file) is refused before decoding, which would allocate its pixels (OpenCV raises
-# cv2.error past its own 1 Gpx limit). Below Pillow's decompression-bomb limit, whose error means "larger".
-MAX_IMAGE_PIXELS = 1 << 26
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+# The largest image decoded (64 Mpx): a header claiming more (corrupt or hostile) is refused before decoding
+# allocates it. Below Pillow's decompression-bomb limit, whose error therefore means "larger".
+MAX_IMAGE_PIXELS = 1 << 26
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 
@@ -50,22 +39,9 @@ def list_images(
     )
 
 
-def _read_bytes(path: Path, what: str) -> np.ndarray:
-    try:
-        return np.fromfile(path, dtype=np.uint8)  # one read; also works for non-ASCII paths
-    except OSError as err:
-        raise DataError(
-            f"cannot read {what} {path} ({err.strerror or err}); check that it exists and is readable"
-        ) from err
-
-
 def jpeg_truncated(data: np.ndarray) -> bool:
-    """Whether JPEG bytes were cut short: OpenCV may still decode them (grey bottom rows), so the last scan
-    (SOS) must be followed by the end marker (EOI). False for other formats.
-
-    ``FF DA`` cannot occur inside entropy-coded data (``FF`` is stuffed there), so the last one found is the
-    last scan's header, after any EXIF thumbnail; data appended after EOI (phone cameras) is allowed.
-    """
+    """Whether JPEG bytes were cut short (OpenCV decodes them with grey bottom rows): no end marker after
+    the last scan header ``FF DA`` (which cannot occur in entropy-coded data). False for other formats."""
     if data[:2].tobytes() != _JPEG_SOI:
         return False
     raw = data.tobytes()
@@ -74,40 +50,32 @@ def jpeg_truncated(data: np.ndarray) -> bool:
 
 
 def exif_orientation(data: np.ndarray) -> int:
-    """The EXIF orientation (1-8) of encoded image bytes; 1 (as stored) without EXIF or with an orientation
-    Pillow cannot parse (OpenCV's own readers ignore such tags too). Only the header is parsed."""
+    """The EXIF orientation (1-8) of encoded image bytes, from the header; 1 without a (valid) one."""
     head = data[:8].tobytes()
     if head.startswith(_JPEG_SOI) and b"Exif\x00\x00" not in data[:65536].tobytes():
-        return 1  # the common cases without Pillow: a JPEG without an EXIF segment, a PNG without
-    if head == _PNG_SIGNATURE and b"eXIf" not in data.tobytes():  # an eXIf chunk (Pillow would decode
-        return 1  # the whole PNG to look for one after the pixels)
+        return 1  # skip Pillow in the common cases: a JPEG without EXIF segment, a PNG without eXIf chunk
+    if head == _PNG_SIGNATURE and b"eXIf" not in data.tobytes():
+        return 1
     if head.startswith(b"BM"):  # BMP: no EXIF
         return 1
     from PIL import Image
 
-    try:  # the bytes are in memory: an OSError here is Pillow's (UnidentifiedImageError, bad data)
+    try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
             value = im.getexif().get(0x0112, 1)
     except (OSError, SyntaxError, ValueError, struct.error):
-        return 1  # a format Pillow does not know, or a broken EXIF block: the image as stored
+        return 1  # unknown format or broken EXIF block: the image as stored
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-# EXIF orientation (2-8) -> the turn from the image as stored to the view it describes (1: as stored)
-_ORIENTATIONS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
-    2: lambda img: cv2.flip(img, 1),  # mirrored left-right
-    3: lambda img: cv2.rotate(img, cv2.ROTATE_180),
-    4: lambda img: cv2.flip(img, 0),  # mirrored top-bottom
-    5: cv2.transpose,  # mirrored along the main diagonal
-    6: lambda img: cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE),
-    7: lambda img: cv2.flip(cv2.transpose(img), -1),  # mirrored along the anti-diagonal
-    8: lambda img: cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE),
-}
+# EXIF orientation -> cv2.flip code (1 left-right, 0 top-bottom, -1 both) turning the stored image into the
+# view it describes, after a transpose for 5-8 (6: 90 degrees clockwise, 8: counter-clockwise)
+_FLIPS = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}
 
 
 def oversized(data: np.ndarray) -> str | None:
-    """Why encoded image bytes are too large to decode (a size over :data:`MAX_IMAGE_PIXELS` in their header;
-    nothing is decoded), or None (also for a format Pillow does not know, or broken: the decoder will tell)."""
+    """Why encoded image bytes are too large to decode (header size over :data:`MAX_IMAGE_PIXELS`), else
+    None (also for formats Pillow cannot parse: the decoder will tell)."""
     limit = f"over the limit of {MAX_IMAGE_PIXELS} (fcn.data.io.MAX_IMAGE_PIXELS)"
     head = data[:24].tobytes()
     if len(head) == 24 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
@@ -118,7 +86,7 @@ def oversized(data: np.ndarray) -> str | None:
         try:
             with Image.open(io.BytesIO(data.tobytes())) as im:  # parses the header only
                 w, h = im.size
-        except Image.DecompressionBombError:  # past Pillow's own limit, whose size it does not report
+        except Image.DecompressionBombError:
             return f"its header claims more pixels than Pillow allows, {limit}"
         except Exception:
             return None
@@ -126,34 +94,39 @@ def oversized(data: np.ndarray) -> str | None:
 
 
 def _decode(path: Path, what: str, *, mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded image as stored, and the file's bytes; with ``mask`` a palette PNG gives its indices
-    (which OpenCV would expand to colours) and a truncated JPEG is not looked for."""
-    data = _read_bytes(path, what)
-    too_large = oversized(data)
-    if too_large:
-        raise DataError(f"cannot read {what} {path}: {too_large}; replace or remove it")
-    indices = _palette_indices(data, path) if mask else None
-    if indices is not None:
-        return indices, data
+    """The decoded image as stored and the file's bytes; with ``mask`` a palette PNG gives its indices
+    (OpenCV would expand them to colours) and truncated JPEGs are not looked for."""
+    fix = "replace or remove it"
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # one read; also works for non-ASCII paths
+    except OSError as err:
+        raise DataError(
+            f"cannot read {what} {path} ({err.strerror or err}); check that it exists and is readable"
+        ) from err
+    if too_large := oversized(data):
+        raise DataError(f"cannot read {what} {path}: {too_large}; {fix}")
+    head = data[:26].tobytes()
+    if mask and len(head) == 26 and head.startswith(_PNG_SIGNATURE) and head[25] == 3:  # IHDR colour type 3
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                return np.asarray(im.convert("P") if im.mode != "P" else im), data
+        except Exception as err:  # PIL raises many types for broken files
+            raise DataError(f"cannot read label file {path} ({err}); {fix}") from err
     try:
         img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as err:  # OpenCV refuses some headers it cannot decode (e.g. over its size limits)
-        raise DataError(f"cannot read {what} {path} ({first_cv2_line(err)}); replace or remove it") from err
+    except cv2.error as err:  # e.g. a header past OpenCV's size limits; its message ends with the reason
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        reason = f"OpenCV: {lines[-1]}" if lines else "OpenCV error"
+        raise DataError(f"cannot read {what} {path} ({reason}); {fix}") from err
     if img is None or img.size == 0 or (not mask and jpeg_truncated(data)):
-        raise DataError(
-            f"cannot read {what} {path} (corrupt, truncated or not an image); replace or remove it"
-        )
+        raise DataError(f"cannot read {what} {path} (corrupt, truncated or not an image); {fix}")
     return img, data
 
 
-def first_cv2_line(err: Exception) -> str:
-    """The reason in an OpenCV error (its message spans lines: file, function, then the reason)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return f"OpenCV: {lines[-1]}" if lines else "OpenCV error"
-
-
 def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
-    """Convert a decoded OpenCV image (gray / gray+alpha / BGR / BGRA; 8-, 16-bit or float) to RGB uint8."""
+    """A decoded OpenCV image (gray / gray+alpha / BGR / BGRA; 8-, 16-bit or float) as RGB uint8."""
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
     elif img.dtype.kind == "f":
@@ -161,45 +134,29 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
         img = np.clip(np.nan_to_num(img) * scale, 0, 255).astype(np.uint8)
     elif img.dtype != np.uint8:
         img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] < 3:  # gray, gray + alpha
+        img = np.ascontiguousarray(img[:, :, 0])
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    channels = img.shape[2]
-    if channels in (1, 2):  # gray, gray + alpha
-        return cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2RGB)
-    if channels == 4:
+    if img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB uint8 ``(H, W, 3)``, EXIF orientation applied (a phone photo stored sideways
-    comes out upright, as its label map was drawn); unreadable files raise :class:`DataError`."""
+    """An image as RGB uint8 ``(H, W, 3)``, EXIF orientation applied; unreadable files raise
+    :class:`DataError`."""
     img, data = _decode(Path(path), "image")
-    turn = _ORIENTATIONS.get(exif_orientation(data))
-    img = to_rgb_uint8(img)
-    return img if turn is None else turn(img)
-
-
-def _palette_indices(data: np.ndarray, path: Path) -> np.ndarray | None:
-    """The index plane of a palette ('P' mode) PNG, which OpenCV would expand to colours."""
-    head = data[:26].tobytes()
-    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[25] != 3:  # IHDR colour type 3
-        return None
-    try:
-        from PIL import Image  # ships with torchvision / matplotlib
-
-        with Image.open(io.BytesIO(data.tobytes())) as im:
-            return np.asarray(im.convert("P") if im.mode != "P" else im)
-    except Exception as err:  # PIL raises many types for broken files
-        raise DataError(f"cannot read label file {path} ({err}); replace or remove it") from err
+    img, orientation = to_rgb_uint8(img), exif_orientation(data)
+    if orientation >= 5:
+        img = cv2.transpose(img)
+    return cv2.flip(img, _FLIPS[orientation]) if orientation in _FLIPS else img
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a single-channel label map (uint8 or uint16 ids) as stored, without any interpolation.
-
-    Palette PNGs give their indices; a colour image whose three channels are equal is accepted as gray;
-    a genuinely colour-coded label raises :class:`DataError`.
-    """
+    """A single-channel label map (uint8 or uint16 ids) exactly as stored (no orientation). Palette PNGs
+    give their indices, colour images with three equal channels count as gray; real colour labels and
+    other pixel types raise :class:`DataError`."""
     path = Path(path)
     mask, _ = _decode(path, "label file", mask=True)
     if mask.ndim == 3:
@@ -231,8 +188,7 @@ def probe_size(path: str | Path) -> tuple[int, int] | None:
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """Class ids ``(H, W)`` -> RGB ``(H, W, 3)`` uint8; ids without a colour (ignore index, negative ids)
-    are black."""
+    """Class ids ``(H, W)`` -> RGB ``(H, W, 3)`` uint8; ids without a colour (ignore, negative) are black."""
     labels = np.asarray(labels)
     lut = np.zeros((max(256, len(palette), int(labels.max(initial=0)) + 1) + 1, 3), dtype=np.uint8)
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
@@ -251,26 +207,22 @@ def encode_png(
 ) -> bytes:
     """PNG bytes of ``array``: ``(H, W)`` or RGB ``(H, W, 3)``, uint8 or uint16.
 
-    With ``palette`` a uint8 ``(H, W)`` map of class ids becomes an indexed-colour PNG through Pillow
-    (which OpenCV cannot write; 256 entries, ids past the palette black; any viewer shows the colours,
-    decoders expand it to RGB); wider ids are coloured first. Everything else goes through OpenCV; uint8
-    maps with run-length deflate and no row filter (long runs of one id: 3x faster than the default).
+    With ``palette`` a uint8 ``(H, W)`` map becomes an indexed-colour PNG through Pillow (OpenCV cannot
+    write those; ids past the palette black); wider ids are coloured first. Everything else goes through
+    OpenCV; label maps with run-length deflate and, for uint8, no row filter (3x faster than the default).
     """
     if palette is not None and array.ndim == 2 and array.dtype == np.uint8:
         from PIL import Image
 
         image = Image.frombuffer("P", array.shape[::-1], np.ascontiguousarray(array), "raw", "P", 0, 1)
-        lut = np.zeros((256, 3), dtype=np.uint8)
-        colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
-        lut[: len(colours)] = colours
-        image.putpalette(lut.tobytes())
+        image.putpalette(colorize(np.arange(256, dtype=np.uint8), palette).tobytes())  # 256 entries
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=compression, compress_type=3)  # 3: zlib.Z_RLE
         return buf.getvalue()
     if palette is not None:
         array = colorize(array, palette)
     params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
-    if array.ndim == 2:  # label maps: run-length deflate is faster and smaller than the default here
+    if array.ndim == 2:
         params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
         if array.dtype == np.uint8 and hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11
             params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
@@ -282,20 +234,16 @@ def encode_png(
     return buf.tobytes()
 
 
-TMP_PREFIX = ".fcn-tmp-"
-
-
 def temp_name(path: Path) -> Path:
     """A hidden temporary name next to ``path`` (``.fcn-tmp-<stem>-<random>.tmp``, 48 random bits)."""
-    return path.parent / f"{TMP_PREFIX}{path.stem}-{secrets.token_hex(6)}.tmp"
+    return path.parent / f".fcn-tmp-{path.stem}-{secrets.token_hex(6)}.tmp"
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A hidden temporary file next to ``path`` (``.fcn-tmp-*``, never ``*.png``; named before it exists,
-    so a signal at any point after finds it to remove; the usual permissions, 0666 less the umask, unlike
-    ``tempfile.mkstemp``) to write; on success it replaces ``path`` (``os.replace``), else it is removed.
-    Readers and interrupted runs never see a truncated file."""
+    """A :func:`temp_name` file next to ``path`` (created before the body runs, so a signal always finds it
+    to remove; permissions 0666 less the umask, unlike ``mkstemp``) to write; on success it replaces
+    ``path`` (``os.replace``), else it is removed. Nobody ever sees a truncated file."""
     tmp = temp_name(Path(path))
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -308,9 +256,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
-    """Write ``data`` to ``path`` through :func:`atomic_path`. ``fsync`` also flushes the bytes to disk
-    first (a power loss then cannot leave an empty file under the final name); costly per file, so off
-    for predictions."""
+    """Write ``data`` to ``path`` through :func:`atomic_path`; ``fsync`` flushes it to disk first (a power
+    loss cannot leave an empty file; costly per file, so off for predictions)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         if fsync:
@@ -348,8 +295,7 @@ def check_writable(
 
 
 def missing_dirs(path: str | Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first (what ``mkdir(parents=True)``
-    would create): a failed command removes them again with :func:`remove_empty_dirs`."""
+    """``path`` and its ancestors that do not exist yet, deepest first (for :func:`remove_empty_dirs`)."""
     missing = []
     path = Path(os.path.abspath(Path(path).expanduser()))
     while not path.exists() and path != path.parent:

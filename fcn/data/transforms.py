@@ -11,7 +11,7 @@ from albumentations.pytorch import ToTensorV2
 
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
-# Stated, not left to albumentations' defaults: a mask must never be interpolated (labels are ids).
+# stated, not left to albumentations' defaults: masks (ids) are never interpolated
 _RESIZE = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST}
 
 
@@ -26,13 +26,9 @@ def train_transform(
     color_jitter: bool = True,
     brightness_range: Sequence[float] = (0.4, 1.4),
 ) -> A.Compose:
-    """Random scale → pad (image with the mean colour, mask with ``ignore_index``) → random crop →
-    horizontal flip → photometric jitter → normalise → tensors.
-
-    The jitter multiplies brightness by a factor drawn from ``brightness_range``: the default reaches
-    down to 0.4 because street footage at dusk is that much darker (CamVid 0001TP has a mean grey level
-    of ~60 against ~100 for 0016E5); a model trained with (0.7, 1.3) scored 25.7 mIoU on those frames
-    and 44.6 on the same frames brightened x1.67 (docs/RESULTS.md section 8)."""
+    """Random scale -> pad (image with the mean colour, mask with ``ignore_index``) -> random crop ->
+    horizontal flip -> photometric jitter (brightness factor from ``brightness_range``, down to 0.4 for
+    dusk footage: docs/RESULTS.md section 8) -> normalise -> tensors."""
     h, w = int(crop_size[0]), int(crop_size[1])
     lo, hi = float(scale_range[0]), float(scale_range[1])
     ops: list[A.BasicTransform] = []
@@ -63,7 +59,9 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
     size: Sequence[int] | None = None,
 ) -> A.Compose:
-    """Normalise (and optionally resize, mask nearest) → tensors. Keeps the size by default."""
-    ops: list[A.BasicTransform] = [A.Resize(int(size[0]), int(size[1]), **_RESIZE)] if size is not None else []
+    """Normalise (and resize to ``size`` if given) -> tensors."""
+    ops: list[A.BasicTransform] = (
+        [A.Resize(int(size[0]), int(size[1]), **_RESIZE)] if size is not None else []
+    )
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
     return A.Compose(ops)

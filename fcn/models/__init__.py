@@ -1,31 +1,24 @@
-"""Model registry: ``build_model(name, *, num_classes, **kwargs)`` and the list of names.
-
-Every model obeys one contract: ``model(x)`` maps ``(N, 3, H, W)`` to logits ``(N, C, H, W)`` at the input
-size; ``model(x, return_features=True)`` returns ``{"out", "c3", "c4", "c5"}``.
+"""Model registry: ``build_model(name, *, num_classes, **kwargs)`` over ``fcn32s``, ``fcn16s``, ``fcn8s``
+(VGG16) and the light ``student`` (MobileNetV3-Large). Every model obeys one contract: ``model(x)`` maps
+``(N, 3, H, W)`` to logits ``(N, C, H, W)`` at the input size; ``model(x, return_features=True)`` returns
+``{"out", "c3", "c4", "c5"}``.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 from torch import nn
 
 from fcn.models.errors import ModelError
+from fcn.models.fcn import FCN, MODES
+from fcn.models.student import MobileNetV3Backbone
+from fcn.models.vgg import VGG16Backbone, load_vgg16_state_dict
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a builder (keyword-only arguments, ``num_classes`` required) to the registry."""
-
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ModelError(f"model name {name!r} is registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+BACKBONES = ("vgg16", "vgg16_bn")
 
 
 def list_models() -> list[str]:
@@ -51,7 +44,65 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     return builder(**kwargs)
 
 
-# Register the builders (imported for their side effect).
-from fcn.models import builders as _builders  # noqa: E402,F401
+def fcn_vgg16(
+    stride: int,
+    *,
+    num_classes: int,
+    weights: str | Path | None = None,
+    backbone: str = "vgg16",
+    mode: str = "aligned",
+    learnable_upsampling: bool = True,
+    skip_scaling: bool = False,
+    fc_dim: int = 4096,
+    width_mult: float = 1.0,
+    dropout: float = 0.5,
+) -> FCN:
+    """FCN-``stride``s on VGG16. ``weights``: None (random), 'imagenet' (torchvision enum) or the path of a
+    torchvision VGG16 state dict; fc6/fc7 get the classifier's weights reshaped."""
+    if backbone not in BACKBONES:
+        raise ModelError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if mode not in MODES:
+        raise ModelError(f"mode must be one of {MODES}, got {mode!r}")
+    paper = mode == "paper"
+    trunk = VGG16Backbone(
+        batch_norm=backbone == "vgg16_bn",
+        first_padding=100 if paper else 1,
+        fc6_padding=0 if paper else 3,
+        fc_dim=fc_dim,
+        width_mult=width_mult,
+        dropout=dropout,
+    )
+    if weights is not None:
+        trunk.load_classifier_weights(load_vgg16_state_dict(weights, batch_norm=backbone == "vgg16_bn"))
+    return FCN(
+        trunk,
+        num_classes=num_classes,
+        stride=stride,
+        mode=mode,
+        learnable_upsampling=learnable_upsampling,
+        skip_scaling=skip_scaling,
+    )
 
-__all__ = ["ModelError", "build_model", "list_models", "register_model"]
+
+def student(
+    *,
+    num_classes: int,
+    weights: str | Path | None = None,
+    width_mult: float = 1.0,
+    learnable_upsampling: bool = True,
+) -> FCN:
+    """Light FCN-8s-style student on MobileNetV3-Large (``weights`` as for the FCNs)."""
+    trunk = MobileNetV3Backbone(width_mult=width_mult)
+    if weights is not None:
+        trunk.load_imagenet(weights)
+    return FCN(
+        trunk, num_classes=num_classes, stride=8, mode="aligned", learnable_upsampling=learnable_upsampling
+    )
+
+
+# name -> builder (keyword-only arguments, ``num_classes`` required; build_model reads their signatures)
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    **{f"fcn{stride}s": partial(fcn_vgg16, stride) for stride in (32, 16, 8)},
+    "student": student,
+}
+__all__ = ["ModelError", "build_model", "list_models"]

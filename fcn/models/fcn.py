@@ -1,18 +1,12 @@
-"""FCN-32s / FCN-16s / FCN-8s (Long, Shelhamer & Darrell): one class parametrised by output stride.
-
-Forward contract: ``model(x)`` maps ``(N, 3, H, W)`` to logits ``(N, C, H, W)`` at exactly the input size;
-``model(x, return_features=True)`` returns ``{"out", "c3", "c4", "c5"}`` (logits and the stride 8/16/32
-features) for distillation.
+"""FCN-32s / FCN-16s / FCN-8s (Long, Shelhamer & Darrell): one class parametrised by output stride, with
+the model contract of docs/DESIGN.md (logits at the input size; ``return_features`` adds c3/c4/c5).
 
 Two alignments:
 
-* ``"aligned"`` (default): conv1_1 padding 1, fc6 padding 3, upsampling layers with padding
-  ``factor // 2`` so every map is exactly ``factor`` times larger; fused maps are cropped at offset 0.
-  With ceil-mode pooling the bilinear upsampler puts each 1/s cell's value at its receptive-field
-  centre (``s * i + s / 2 - 0.5``), so this is geometrically exact and costs about half the FLOPs.
-* ``"paper"``: conv1_1 padding 100, fc6 without padding, unpadded upsampling and the Caffe crop
-  offsets (5 for pool4, 9 for pool3, and 19/27/31 for the final 32s/16s/8s output), as in the
-  reference implementation. The 100-pixel border roughly doubles the FLOPs at 360x480.
+* ``"aligned"`` (default): conv1_1 padding 1, fc6 padding 3, upsamplers padded ``factor // 2`` so every map
+  is exactly ``factor`` times larger, fused maps cropped at offset 0. With ceil-mode pooling the bilinear
+  upsampler puts each 1/s cell at its receptive-field centre: geometrically exact, about half the FLOPs.
+* ``"paper"``: conv1_1 padding 100, unpadded fc6 and upsamplers, and the reference's Caffe crop offsets.
 """
 
 from __future__ import annotations
@@ -21,16 +15,41 @@ import torch
 from torch import nn
 
 from fcn.models.errors import ModelError
-from fcn.models.init import make_upsampler, zero_init
 from fcn.models.score import score_conv
 
 MODES = ("aligned", "paper")
 STRIDES = (32, 16, 8)
-# Caffe crop offsets of the reference FCN (VGG16 with conv1_1 pad 100).
+# Caffe crop offsets of the reference FCN (VGG16 with conv1_1 pad 100)
 PAPER_SKIP_OFFSETS = {"c4": 5, "c3": 9}
 PAPER_FINAL_OFFSETS = {32: 19, 16: 27, 8: 31}
-# Scaling of pool4 / pool3 before their score layers in the "at-once" FCN-8s.
+# scaling of pool4 / pool3 before their score layers in the "at-once" FCN-8s
 AT_ONCE_SCALES = {"c4": 0.01, "c3": 0.0001}
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
+    """A ``(channels, channels, k, k)`` transposed-convolution weight upsampling each channel bilinearly (the
+    paper's ``upsample_filt``); with stride ``k / 2`` it is ``align_corners=False`` interpolation away from
+    the borders."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    filt_1d = 1 - (torch.arange(kernel_size, dtype=torch.float64) - center).abs() / factor
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=torch.float64)
+    weight[range(channels), range(channels)] = filt_1d[:, None] * filt_1d[None, :]
+    return weight.float()
+
+
+def make_upsampler(
+    channels: int, factor: int, *, padding: int = 0, learnable: bool = True
+) -> nn.ConvTranspose2d:
+    """A bias-free ``ConvTranspose2d`` (kernel ``2 * factor``, stride ``factor``) initialised to bilinear;
+    ``learnable=False`` freezes it, as in the paper's fixed upsampling."""
+    layer = nn.ConvTranspose2d(
+        channels, channels, kernel_size=2 * factor, stride=factor, padding=padding, bias=False
+    )
+    with torch.no_grad():
+        layer.weight.copy_(bilinear_kernel(channels, 2 * factor))
+    layer.weight.requires_grad_(learnable)
+    return layer
 
 
 def _crop(x: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
@@ -74,26 +93,28 @@ class FCN(nn.Module):
         self.mode = mode
         self.skip_scaling = skip_scaling
         ch = backbone.out_channels
-        paper = mode == "paper"
 
         def up(factor: int) -> nn.ConvTranspose2d:
-            pad = 0 if paper else factor // 2
+            pad = 0 if mode == "paper" else factor // 2
             return make_upsampler(num_classes, factor, padding=pad, learnable=learnable_upsampling)
 
-        # Zero-initialised class scoring, as in the reference (Caffe's default constant filler).
-        self.score_fr = zero_init(nn.Conv2d(ch["c5"], num_classes, kernel_size=1))
+        def score(key: str) -> nn.Conv2d:  # zero-initialised as in the reference: a new skip adds nothing
+            layer = nn.Conv2d(ch[key], num_classes, kernel_size=1)
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+            return layer
+
+        # layer names as in the reference; one 2x upsampling and one score layer per skip
+        self.score_fr = score("c5")
         self.skips = [k for k, s in (("c4", 16), ("c3", 8)) if stride <= s]
-        # One 2x upsampling + one zero-initialised score layer per skip, named as in the reference.
         if "c4" in self.skips:
-            self.upscore2 = up(2)
-            self.score_pool4 = zero_init(nn.Conv2d(ch["c4"], num_classes, kernel_size=1))
+            self.upscore2, self.score_pool4 = up(2), score("c4")
         if "c3" in self.skips:
-            self.upscore_pool4 = up(2)
-            self.score_pool3 = zero_init(nn.Conv2d(ch["c3"], num_classes, kernel_size=1))
+            self.upscore_pool4, self.score_pool3 = up(2), score("c3")
         self.upscore = up(stride)  # final: 1/stride -> 1/1
 
     def _fuse(self, coarse: torch.Tensor, skip: torch.Tensor, key: str) -> torch.Tensor:
-        """Add a skip score map to the 2x-upsampled coarser score map, cropped to a common size."""
+        """The 2x-upsampled coarser score map plus a skip score map, cropped to a common size."""
         if self.mode == "paper":
             skip = _crop(skip, PAPER_SKIP_OFFSETS[key], coarse.shape[-2], coarse.shape[-1])
         else:
@@ -114,20 +135,16 @@ class FCN(nn.Module):
             score = self._fuse(self.upscore_pool4(score), score_conv(self.score_pool3, pool3), "c3")  # 1/8
         offset = PAPER_FINAL_OFFSETS[self.stride] if self.mode == "paper" else 0
         out = _crop(self.upscore(score), offset, height, width)  # (N, C, H, W)
-        if return_features:
-            return {"out": out, **feats}
-        return out
+        return {"out": out, **feats} if return_features else out
 
 
 def transfer_weights(source: nn.Module, target: nn.Module) -> list[str]:
-    """Copy every parameter/buffer of ``source`` whose name and shape exist in ``target``.
+    """Copy every parameter/buffer of ``source`` whose name and shape exist in ``target``; returns the names.
 
-    Used for staged training (FCN-16s from FCN-32s, FCN-8s from FCN-16s): the backbone, ``score_fr``
-    and, from 16s to 8s, ``score_pool4`` / ``upscore2`` are shared; the new skip score layers stay
-    zero so the finer net starts from the coarser net's predictions. Returns the copied names.
+    For staged training (FCN-16s from FCN-32s, FCN-8s from FCN-16s): the new skip score layers stay zero, so
+    the finer net starts from the coarser net's predictions.
     """
-    src = source.state_dict()
-    dst = target.state_dict()
+    src, dst = source.state_dict(), target.state_dict()
     shared = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
     if not any(k.startswith("backbone.") for k in shared):
         raise ModelError(

@@ -1,11 +1,5 @@
-"""Inference-time model transforms: BatchNorm folded into the convolution before it, and convolutions
-that always use oneDNN on the CPU.
-
-In eval mode ``bn(conv(x))`` is an affine map per output channel, so it folds exactly (up to float
-rounding) into the convolution's weight and bias. torchvision's VGG16-BN and MobileNetV3 blocks are
-``nn.Sequential``s with a ``Conv2d`` directly followed by its ``BatchNorm2d``; those pairs are fused and
-the BatchNorm becomes ``nn.Identity``. On the CPU the student spends about a quarter of its forward pass
-in BatchNorm (see docs/RESULTS.md section 7).
+"""Inference-time model transforms: BatchNorm folded into the convolution before it (a quarter of the
+student's CPU forward pass, docs/RESULTS.md section 7), and convolutions that always use oneDNN on the CPU.
 """
 
 from __future__ import annotations
@@ -20,11 +14,9 @@ from fcn.models.errors import ModelError
 
 
 def fuse_conv_bn(model: nn.Module) -> int:
-    """Fold every ``Conv2d`` -> ``BatchNorm2d`` pair of consecutive ``nn.Sequential`` children, in place.
-
-    The model must be in eval mode (BatchNorm then uses its running statistics). Returns the number of
-    pairs fused (0 for a model without BatchNorm).
-    """
+    """Fold every ``Conv2d`` directly followed by its ``BatchNorm2d`` in an ``nn.Sequential`` (as in
+    torchvision's VGG16-BN and MobileNetV3) into the convolution, the BatchNorm becoming ``nn.Identity``;
+    in place, in eval mode (running statistics: exact up to rounding). Returns the number of pairs fused."""
     if model.training:
         raise ModelError("fuse_conv_bn needs a model in eval mode (call model.eval() first)")
     fused = 0
@@ -49,11 +41,9 @@ def fuse_conv_bn(model: nn.Module) -> int:
 class OneDNNConv2d(nn.Conv2d):
     """A ``Conv2d`` that always runs oneDNN's convolution for float32 CPU input (same results).
 
-    PyTorch sends single-threaded 1x1 convolutions with a batch under 16 to its reference im2col kernel
-    (``aten::_slow_conv2d_forward``; its heuristic expects that to be faster with one thread): with one
-    thread the student ran 147 of its 204 convolutions there and managed 43.7 images/s against 65.7 with
-    oneDNN throughout (docs/RESULTS.md section 7). With more threads the heuristic already picks oneDNN.
-    CUDA, other dtypes, autocast and string paddings take the usual path.
+    Single-threaded, PyTorch sends 1x1 convolutions with a batch under 16 to its slow reference im2col
+    kernel (the student: 43.7 images/s against 65.7 with oneDNN, docs/RESULTS.md section 7). CUDA, other
+    dtypes, autocast and string paddings take the usual path.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

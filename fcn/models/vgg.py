@@ -1,9 +1,8 @@
 """VGG16 feature extractor for the FCNs: pool3 (1/8), pool4 (1/16) and convolutionalised fc6/fc7 (1/32).
 
-The convolutional part is torchvision's ``vgg16`` / ``vgg16_bn`` ``features`` (same module indices, so a
-torchvision state dict loads unchanged), with every max-pool in ``ceil_mode`` as in Caffe, so that
-any input size maps to ``ceil(H / s)`` cells at stride ``s``. fc6 becomes a 7x7 convolution and fc7 a
-1x1 convolution of ``fc_dim`` (4096) channels, each followed by ReLU and dropout as in the paper.
+torchvision's ``vgg16`` / ``vgg16_bn`` ``features`` (same module indices: its state dicts load unchanged)
+with Caffe's ceil-mode pooling (``ceil(H / s)`` cells at stride ``s``); fc6 is a 7x7 and fc7 a 1x1
+convolution of ``fc_dim`` channels, each followed by ReLU and dropout as in the paper.
 """
 
 from __future__ import annotations
@@ -47,10 +46,9 @@ class VGG16Backbone(nn.Module):
         self.features = make_layers(cfg, batch_norm=batch_norm)
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         for i in pools:
-            self.features[i].ceil_mode = True  # Caffe pooling: cover the whole input
+            self.features[i].ceil_mode = True
         self.features[0].padding = (first_padding, first_padding)
-        # End indices (exclusive) of the stages that produce pool3, pool4 and pool5.
-        self._ends = (pools[2] + 1, pools[3] + 1, pools[4] + 1)
+        self._taps = {pools[2]: "c3", pools[3]: "c4"}  # pool3, pool4
         widths = [v for v in cfg if v != "M"]
         c3, c4, c5 = widths[6], widths[9], widths[12]  # conv3_3, conv4_3, conv5_3
         self.fc6 = nn.Conv2d(int(c5), fc_dim, kernel_size=7, padding=fc6_padding)
@@ -64,13 +62,11 @@ class VGG16Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats: dict[str, torch.Tensor] = {}
-        start = 0
-        for key, end in zip(("c3", "c4", "pool5"), self._ends):
-            for i in range(start, end):
-                x = self.features[i](x)
-            feats[key] = x  # c3: 1/8, c4: 1/16, pool5: 1/32
-            start = end
-        x = self.drop6(self.relu(self.fc6(feats.pop("pool5"))))  # (N, fc_dim, H/32, W/32)
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self._taps:
+                feats[self._taps[i]] = x  # c3: 1/8, c4: 1/16
+        x = self.drop6(self.relu(self.fc6(x)))  # pool5 (1/32) -> (N, fc_dim, H/32, W/32)
         feats["c5"] = self.drop7(self.relu(self.fc7(x)))
         return feats
 
@@ -99,12 +95,8 @@ class VGG16Backbone(nn.Module):
 
 
 def load_torchvision_weights(weights: str | Path, enum: WeightsEnum, *, kind: str) -> Mapping[str, Any]:
-    """A torchvision state dict from ``"imagenet"`` or a local file path.
-
-    ``"imagenet"`` uses torchvision's weights ``enum``: it reads ``$TORCH_HOME/hub/checkpoints`` and
-    downloads only if the file is not cached there. A path is read with ``torch.load(weights_only=True)``
-    and never downloads. ``kind`` names the architecture in the messages.
-    """
+    """A torchvision state dict from ``"imagenet"`` (torchvision's ``enum``: ``$TORCH_HOME`` cache, else a
+    download) or a local file path (``torch.load(weights_only=True)``); ``kind`` names it in messages."""
     if isinstance(weights, str) and weights.lower() == "imagenet":
         try:
             return enum.get_state_dict(progress=True)
@@ -129,8 +121,7 @@ def load_torchvision_weights(weights: str | Path, enum: WeightsEnum, *, kind: st
 
 
 def load_vgg16_state_dict(weights: str | Path, *, batch_norm: bool = False) -> dict[str, torch.Tensor]:
-    """A torchvision-format VGG16 state dict from ``"imagenet"`` (``VGG16_Weights.IMAGENET1K_V1`` or
-    ``VGG16_BN_Weights.IMAGENET1K_V1``) or a local file path (:func:`load_torchvision_weights`)."""
+    """A torchvision VGG16(-BN) state dict from ``"imagenet"`` or a file path, with its classifier."""
     enum = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
     state = load_torchvision_weights(weights, enum, kind="VGG16")
     if not isinstance(state, Mapping) or "classifier.0.weight" not in state:
