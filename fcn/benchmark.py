@@ -2,8 +2,7 @@
 
 ``python scripts/benchmark.py --models fcn8s fcn8s:paper student --size 360 480`` prints a Markdown table
 (parameters, GFLOPs, batch-1 latency, throughput, a training step, peak memory, GFLOP/s as a share of a
-matmul peak measured on the same machine) and writes JSON. Also ``predict --benchmark`` (the pipeline
-against the bare forward pass).
+matmul peak measured here) and writes JSON. Also ``predict --benchmark``: the pipeline vs the bare forward.
 """
 
 from __future__ import annotations
@@ -374,12 +373,10 @@ def benchmark_predict(
 ) -> dict[str, Any]:
     """Predict throughput against the bare forward pass, in one process: ``repeats`` full runs of
     :func:`~fcn.pipeline.run_predict` (warm-up included) alternating with :func:`benchmark_forward`.
-
-    Returns the medians ``predict_ips``, ``forward_ips`` and ``share`` (of the per-repeat ratios), the
-    per-repeat ``runs`` and page ``faults`` per image, ``stages`` (ms per image), ``forward_wall``,
-    ``overlap`` and the first run's ``failed`` count. Later runs write into a temporary folder inside
-    ``options.output`` (removed), or with ``rewrite`` over the first run's files.
-    """
+    Later runs write into a temporary folder inside ``options.output`` (removed), or with ``rewrite`` over
+    the first run's files. Returns the medians ``predict_ips``, ``forward_ips`` and ``share`` (of the
+    per-repeat ratios), the per-repeat ``runs`` and page ``faults`` per image, ``stages`` (ms per image),
+    ``forward_wall``, ``overlap`` and the first run's ``failed`` count."""
     if repeats < 1:
         raise PredictError(f"--benchmark needs at least 1 repeat, got {repeats}")
     runs: list[tuple[float, float]] = []

@@ -88,11 +88,9 @@ def plot_curves(
     runs: Sequence[Curves], output: str | Path, *, metric: str = "val/mIoU", loss: str = "train/loss"
 ) -> Path:
     """Plot ``metric`` and ``loss`` against epoch (0-based, as logged) for every run into one PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # a Figure of its own: no pyplot state
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot state
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
     ax_metric, ax_loss = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         for ax, values, style in ((ax_metric, run.metric, "o-"), (ax_loss, run.loss, "-")):

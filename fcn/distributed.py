@@ -1,9 +1,6 @@
-"""Predict and evaluate on many processes, GPUs and nodes: ``torchrun`` starts them, this module joins them.
-
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the predict and evaluate commands open one process group
-(:func:`process_group`), give each rank its share of the inputs (:func:`split_balanced`, the same on every
-rank) and gather the results (:func:`all_gather`). Without ``torchrun`` nothing here changes anything.
-"""
+"""Predict and evaluate on many processes, GPUs and nodes: ``torchrun`` starts them, this module joins them
+(``WORLD_SIZE`` > 1): one process group (:func:`process_group`), each rank's share of the inputs
+(:func:`split_balanced`, the same on every rank), the results gathered (:func:`all_gather`)."""
 
 from __future__ import annotations
 

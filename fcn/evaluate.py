@@ -1,8 +1,6 @@
 """``scripts/evaluate.py``: score a checkpoint on a labelled split at full resolution
-(:func:`fcn.scoring.evaluate_model`) and write the report directory (:func:`fcn.report.write_report`),
-optionally Cityscapes labelId PNGs. Under ``torchrun`` each rank scores its share and rank 0 writes the
-single-process report (timing: the slowest rank's).
-"""
+(:func:`fcn.scoring.evaluate_model`), write the report directory (:func:`fcn.report.write_report`) and
+optionally Cityscapes labelId PNGs. Under ``torchrun`` each rank scores a share; rank 0 writes the report."""
 
 from __future__ import annotations
 
@@ -82,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-type",
         choices=("labelIds", "labelTrainIds"),
         default="labelIds",
-        help="cityscapes: which gtFine label files to read (default labelIds)",
+        help="cityscapes: gtFine files to read (default %(default)s)",
     )
     p.add_argument("--classes-file", type=Path, help="folder: class file (default ROOT/classes.yaml)")
     p.add_argument(
         "--unknown-labels",
         choices=UNKNOWN_LABELS,
         default="error",
-        help="label values outside the class table: stop with an error, or ignore those pixels",
+        help="labels outside the class table: stop with an error, or ignore those pixels",
     )
     g = p.add_argument_group("prediction")
     g.add_argument("--sliding-window", action="store_true", help="average --crop windows every --stride")
@@ -102,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=[1.0],
         metavar="S",
-        help="multi-scale test-time augmentation, e.g. 0.5 0.75 1.0 1.25 (default: 1.0)",
+        help="multi-scale test-time augmentation, e.g. 0.5 0.75 1.0 1.25 (default 1.0)",
     )
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions (TTA)")
     g.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default 1)")
@@ -286,9 +284,8 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
         report_meta["labelids"] = str(args.write_labelids)
     if compare_result is not None:
         report_meta["compare_checkpoint"] = str(args.compare)
-        timing = compare_result.timing()
-        for key in ("seconds", "images_per_second", "metric_overhead"):
-            report_meta[f"compare_{key}"] = timing[key]
+        keys = ("seconds", "images_per_second", "metric_overhead")
+        report_meta |= {f"compare_{k}": v for k, v in compare_result.timing().items() if k in keys}
     metrics = write_report(
         args.output,
         confmat=result.confmat,
@@ -300,7 +297,16 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
         compare={names[1]: compare_result.confmat} if compare_result is not None else None,
         model_name=names[0],
     )
-    _print_summary(metrics, result, args)
+    print(format_summary_table(metrics))
+    for name, s in (metrics["comparison"] or {"models": {}})["models"].items():
+        miou = "n/a" if s["mean_iou"] is None else f"{100 * s['mean_iou']:.2f} %"
+        print(f"mean IoU {name}: {miou}")
+    t = result.timing()
+    print(
+        f"{result.images} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s); "
+        f"metric overhead {100 * t['metric_overhead']:.2f} % of the pass"
+    )
+    print(f"report: {args.output}")
     return 0
 
 
@@ -324,16 +330,3 @@ def _model_names(args: argparse.Namespace, meta: ModelMeta, other: ModelMeta | N
         return [main_name, args.compare_name]
     name = other.model_name
     return [main_name, f"{name} ({Path(args.compare).stem})" if name == main_name else name]
-
-
-def _print_summary(metrics: dict[str, Any], result: PassResult, args: argparse.Namespace) -> None:
-    print(format_summary_table(metrics))
-    for name, s in (metrics["comparison"] or {"models": {}})["models"].items():
-        miou = "n/a" if s["mean_iou"] is None else f"{100 * s['mean_iou']:.2f} %"
-        print(f"mean IoU {name}: {miou}")
-    t = result.timing()
-    print(
-        f"{result.images} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s); "
-        f"metric overhead {100 * t['metric_overhead']:.2f} % of the pass"
-    )
-    print(f"report: {args.output}")

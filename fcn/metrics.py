@@ -55,11 +55,8 @@ def _class_ids(preds: Tensor, target: Tensor, num_classes: int) -> Tensor:
 def _counts(
     preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None
 ) -> tuple[Tensor, Tensor]:
-    """Confusion counts ``(C, C)`` and the number of out-of-range predicted ids, without host sync.
-
-    Skipped pixels go to an extra "trash" bin rather than being masked out: boolean indexing would make
-    the shapes data-dependent and force a device-to-host copy.
-    """
+    """Confusion counts ``(C, C)`` and the number of out-of-range predicted ids, without host sync: skipped
+    pixels go to a "trash" bin, as boolean masking would make the shapes data-dependent (a host copy)."""
     c = num_classes
     pred = _class_ids(preds, target, c).reshape(-1).long()
     tgt = target.reshape(-1).long()
@@ -73,16 +70,9 @@ def _counts(
     if index.device.type == "cpu":
         # numpy's single-threaded bincount: torch's multi-threaded one slows down 10-40x on busy cores
         hist = torch.from_numpy(np.bincount(index.numpy(), minlength=nbins))
-    else:
-        hist = _scatter_histogram(index, nbins)
+    else:  # a scatter-add bincount: unlike CUDA's bincount, no host sync and deterministic
+        hist = index.new_zeros(nbins).scatter_add_(0, index, torch.ones_like(index))
     return hist[: c * c].reshape(c, c), hist[bad_pred]
-
-
-def _scatter_histogram(index: Tensor, nbins: int) -> Tensor:
-    """``torch.bincount(index, minlength=nbins)`` for indices in ``[0, nbins)``, for accelerators: unlike
-    CUDA's bincount it needs no host sync, and it stays deterministic."""
-    hist = torch.zeros(nbins, dtype=torch.long, device=index.device)
-    return hist.scatter_add_(0, index, torch.ones_like(index))
 
 
 def _check_int(name: str, value: Any, low: int | None) -> int | None:
@@ -161,11 +151,9 @@ class ConfusionMatrix(Metric):
 
 
 def score_tensors(confmat: Tensor | np.ndarray) -> dict[str, Tensor]:
-    """The metrics as float64 CPU tensors, NaN for n/a.
-
-    Keys: the :data:`SUMMARY_KEYS` (0-d), and ``(C,)`` ``per_class_iou``, ``per_class_accuracy``,
-    ``pixel_share`` (share of ground-truth pixels), ``gt_pixels``, ``pred_pixels``.
-    """
+    """The metrics as float64 CPU tensors (NaN for n/a): the :data:`SUMMARY_KEYS` (0-d), ``(C,)``
+    ``per_class_iou``, ``per_class_accuracy``, ``pixel_share`` (of ground-truth pixels), ``gt_pixels``,
+    ``pred_pixels``."""
     cm = _as_tensor(confmat).detach().to("cpu")
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
         raise ValueError(f"a confusion matrix must be square (C, C) with C >= 1, got shape {tuple(cm.shape)}")
@@ -222,10 +210,8 @@ def image_scores(
     num_classes: int,
     ignore_index: int | None = 255,
 ) -> dict[str, float | None]:
-    """``{"mean_iou", "pixel_accuracy"}`` of one image (``None`` when it has no labelled pixel).
-
-    ``pred``: ids ``(H, W)`` or logits ``(C, H, W)``, optionally with a leading batch of 1.
-    """
+    """``{"mean_iou", "pixel_accuracy"}`` of one image (``None`` when it has no labelled pixel); ``pred``:
+    ids ``(H, W)`` or logits ``(C, H, W)``, optionally with a leading batch of 1."""
     p, t = _as_tensor(pred), _as_tensor(target)
     if p.is_floating_point() and p.ndim == t.ndim + 1 and p.shape[0] == num_classes:
         p, t = p.unsqueeze(0), t.unsqueeze(0)  # (C, H, W) logits of one image

@@ -9,8 +9,7 @@ Layout written by :func:`write_report`::
     per_image.csv         one row per image (only when per-image results are given)
     worst/NN_<name>.png   image | ground-truth colours | prediction colours, worst first (when given)
 
-Every file is written atomically. Percentages in report.md and the console table are the JSON fractions
-times 100; n/a (see :mod:`fcn.metrics`) is shown as "n/a".
+Every file is written atomically; percentages are the JSON fractions times 100, n/a written "n/a".
 """
 
 from __future__ import annotations
@@ -109,7 +108,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str]) -> bytes:
     """PNG bytes of the row-normalised confusion matrix (%), class names on both axes (Agg backend)."""
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     cm = _to_numpy(confmat).astype(np.float64)
@@ -118,7 +116,6 @@ def confusion_matrix_png(confmat: Tensor | np.ndarray, class_names: Sequence[str
         norm = cm / cm.sum(axis=1, keepdims=True)  # 0 / 0 = NaN: a class absent from the gt
     side = max(6.0, 0.5 * n + 3.0)
     fig = Figure(figsize=(side + 1.0, side), dpi=100)
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps["Blues"].with_extremes(bad="#dddddd")  # grey rows: classes absent from the gt
     im = ax.imshow(np.ma.masked_invalid(norm * 100.0), cmap=cmap, vmin=0.0, vmax=100.0)
@@ -210,11 +207,6 @@ def _comparison(
     return {"model": model_name, "class_names": list(scores["class_names"]), "models": models, "delta": delta}
 
 
-def _class_pcts(scores: Mapping[str, Any], i: int) -> list[str]:
-    """Class ``i``'s IoU, accuracy and pixel share in %."""
-    return [_pct(scores[key][i]) for key in _PER_CLASS]
-
-
 def format_summary_table(scores: Mapping[str, Any]) -> str:
     """Plain-text table of the four metrics and per-class IoU / accuracy / pixel share (in %)."""
     names = scores["class_names"]
@@ -222,7 +214,7 @@ def format_summary_table(scores: Mapping[str, Any]) -> str:
     width = max([5, *(len(n) for n in names)])
     lines += ["", f"{'id':>3}  {'class':<{width}}  {'IoU %':>7}  {'acc %':>7}  {'share %':>7}"]
     for i, name in enumerate(names):
-        iou, acc, share = _class_pcts(scores, i)
+        iou, acc, share = (_pct(scores[key][i]) for key in _PER_CLASS)
         lines.append(f"{i:>3}  {name:<{width}}  {iou:>7}  {acc:>7}  {share:>7}")
     return "\n".join(lines)
 
@@ -283,7 +275,8 @@ def render_markdown(
         "| ---: | --- | ---: | ---: | ---: |",
     ]
     for i, name in enumerate(scores["class_names"]):
-        out.append(f"| {i} | {_md_escape(name)} | " + " | ".join(_class_pcts(scores, i)) + " |")
+        pcts = " | ".join(_pct(scores[k][i]) for k in _PER_CLASS)
+        out.append(f"| {i} | {_md_escape(name)} | {pcts} |")
     out += [
         "",
         "IoU n/a: the class is neither in the ground truth nor predicted. "
@@ -325,16 +318,14 @@ def write_report(
     """Write the report directory (see the module docstring) and return the content of metrics.json.
 
     - ``confmat``: the evaluated model's ``(C, C)`` matrix (e.g. ``ConfusionMatrix.compute()``).
-    - ``per_image``: rows with ``file``, ``mean_iou``, ``pixel_accuracy`` (:func:`fcn.metrics.image_scores`)
-      and optionally more columns.
+    - ``per_image``: rows of ``file`` and :func:`~fcn.metrics.image_scores` (more columns allowed).
     - ``worst_images``: in the order to show, dicts with ``name``, ``image`` (RGB ``(H, W, 3)`` uint8),
       ``target`` and ``pred`` (``(H, W)`` class ids; void drawn black) and optionally ``mean_iou``.
     - ``meta``: free key/values shown at the top; ``compare``: other models' matrices by name, compared
       with ``model_name`` side by side.
 
     Raises :class:`ReportError` (an ``OSError``) naming the directory when it cannot be written, and
-    ``ValueError`` for inconsistent inputs (before anything is written).
-    """
+    ``ValueError`` for inconsistent inputs (before anything is written)."""
     out_dir = Path(output_dir)
     scores = segmentation_scores(confmat, class_names)
     comparison = _comparison(scores, compare, model_name) if compare else None
@@ -354,8 +345,7 @@ def write_report(
     files = ["report.md", "metrics.json", "per_class.csv", "confusion_matrix.png"]
     per_image_summary = None
     if per_image is not None:
-        vals = [float(r["mean_iou"]) for r in per_image if r.get("mean_iou") is not None]
-        vals = [v for v in vals if not math.isnan(v)]
+        vals = [float(v) for r in per_image if (v := r.get("mean_iou")) is not None and not math.isnan(v)]
         per_image_summary = {
             "count": len(per_image),
             "mean_of_mean_iou": float(np.mean(vals)) if vals else None,

@@ -1,8 +1,5 @@
-"""One evaluation pass: a predictor over a labelled data set, scored with the training metrics.
-
-:func:`evaluate_model` is the pass (:mod:`fcn.evaluate` is its command line); under ``torchrun`` each rank
-scores its share and :func:`gather_pass` joins the shares into the result of one pass over all of them.
-"""
+"""One evaluation pass (:func:`evaluate_model`; :mod:`fcn.evaluate` is its command line): a predictor over a
+labelled data set, scored with the training metrics. :func:`gather_pass` joins the ranks' shares."""
 
 from __future__ import annotations
 
@@ -85,8 +82,7 @@ class _Indexed(Dataset):
         self.dataset = dataset
         length = len(dataset) if limit is None else min(limit, len(dataset))
         self.indices = list(range(length)) if indices is None else [int(i) for i in indices]
-        bad = [i for i in self.indices if not 0 <= i < length]
-        if bad:
+        if bad := [i for i in self.indices if not 0 <= i < length]:
             raise ValueError(f"indices {bad[:5]} are outside the {length} images evaluated")
 
     def __len__(self) -> int:
@@ -144,12 +140,10 @@ def evaluate_model(
     desc: str = "evaluate",
     indices: Sequence[int] | None = None,
 ) -> PassResult:
-    """Run ``predictor`` over ``dataset`` (normalised with the predictor's mean/std) and score it.
-
-    One :class:`ConfusionMatrix` on the predictor's device; with ``per_image`` every image is scored too
-    (:func:`image_scores`) and the ``worst`` lowest-mIoU images are kept. ``on_prediction(index, pred)``
-    receives each image's class ids ``(H, W)`` on the CPU. ``indices``: score only these of the first
-    ``limit`` images (a rank's share; :func:`gather_pass` joins the ranks' results).
+    """Run ``predictor`` over ``dataset`` (normalised with the predictor's mean/std) and score it: one
+    :class:`ConfusionMatrix`, and with ``per_image`` each image's :func:`image_scores` and the ``worst``
+    lowest-mIoU images. ``on_prediction(index, pred)`` gets each image's class ids ``(H, W)`` on the CPU.
+    ``indices``: score only these of the first ``limit`` images (a rank's share, see :func:`gather_pass`).
     """
     device, meta = predictor.device, predictor.meta
     num_classes = meta.num_classes
@@ -193,8 +187,7 @@ def evaluate_model(
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
-            errors = [item for item in batch if isinstance(item, DataError)]
-            if errors:
+            if errors := [item for item in batch if isinstance(item, DataError)]:
                 raise errors[0]  # see _Indexed
             for _, same_shape in itertools.groupby(batch, key=lambda item: item[1].shape):
                 group = list(same_shape)
@@ -231,8 +224,7 @@ def evaluate_model(
 def gather_pass(result: PassResult, *, worst: int) -> PassResult:
     """The ranks' shares joined into one pass: confusion matrices summed, per-image rows in data-set
     order, the ``worst`` lowest-mIoU images of all (as one process chooses them), images counted over the
-    ranks, the slowest rank's seconds. Without a process group, ``result`` itself.
-    """
+    ranks, the slowest rank's seconds. Without a process group, ``result`` itself."""
     shares: list[PassResult] = all_gather(result)
     if len(shares) == 1:
         return result

@@ -183,12 +183,6 @@ def test_reset_and_state_reduction():
     assert metric.full_state_update is False and metric.is_differentiable is False
 
 
-def test_scatter_histogram_equals_bincount():
-    g = torch.Generator().manual_seed(5)
-    index = torch.randint(0, 38, (5000,), generator=g)
-    assert torch.equal(M._scatter_histogram(index, 40), torch.bincount(index, minlength=40))
-
-
 def test_invalid_inputs_raise_clear_errors():
     metric = ConfusionMatrix(3)
     with pytest.raises(ValueError, match="do not match"):
@@ -278,6 +272,9 @@ def test_cuda_update_has_no_host_sync_and_matches_cpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(gpu.compute().cpu(), cpu.compute())
+    gpu.update(torch.full_like(target_gpu, c), target_gpu)  # out-of-range ids: counted on the device
+    with pytest.raises(ValueError, match="outside"):
+        gpu.compute()
 
 
 # -- real DDP (2 processes, gloo) ---------------------------------------------------------------------

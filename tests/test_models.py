@@ -43,11 +43,12 @@ def test_full_size_parameter_count_matches_paper() -> None:
     assert 134e6 < n < 135e6  # the paper's FCN-8s VGG16: ~134M
 
 
-def test_fc6_fc7_transplant_is_exact() -> None:
+def test_fc6_fc7_transplant_is_exact(tmp_path) -> None:
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16(weights=None).eval()
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
     backbone = VGG16Backbone().eval()  # aligned paddings; 224x224 -> pool5 7x7
-    backbone.load_classifier_weights(vgg.state_dict())
+    backbone.load_imagenet(tmp_path / "vgg16.pth")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = vgg.classifier[:5](torch.flatten(vgg.avgpool(vgg.features(x)), 1))  # fc7 + ReLU

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from fcn.data.io import read_image, read_mask
 
 UNKNOWN = int(np.iinfo(np.int64).min)  # marks raw values not in a table (-1 may be a valid ignore index)
 UNKNOWN_LABELS = ("error", "ignore")
+Transform = Callable[..., dict[str, Any]]  # albumentations style: transform(image=..., mask=...) -> dict
 
 
 def label_table(mapping: dict[int, int], *, size: int = 256) -> np.ndarray:
@@ -32,9 +33,9 @@ def pair_by_stem(
     images: Sequence[Path],
     masks: Sequence[Path],
     *,
-    mask_stem: Callable[[Path], str],
     where: str,
     image_stem: Callable[[Path], str] = lambda p: p.stem,
+    mask_stem: Callable[[Path], str] = lambda p: p.stem,
 ) -> list[tuple[Path, Path]]:
     """``(image, label)`` pairs in the images' order, matched by key (the file stem by default); unmatched
     or ambiguous files raise one :class:`DataError` listing a few of them."""
@@ -43,8 +44,7 @@ def pair_by_stem(
     duplicates = []
     for files, stem, keys in ((masks, mask_stem, by_key), (images, image_stem, image_keys)):
         for path in files:
-            key = stem(path)
-            if key in keys:
+            if (key := stem(path)) in keys:
                 duplicates.append(f"{keys[key]} / {path}")
             keys[key] = path
     problems = [f"{len(duplicates)} name(s) used twice, e.g. {duplicates[:3]}"] if duplicates else []
@@ -63,7 +63,8 @@ def pair_by_stem(
 
 class SegmentationDataset(Dataset):
     """File pairs -> ``(image, mask)`` as docs/DESIGN.md's dataset contract says; raw label values outside
-    the table ``lut`` raise :class:`DataError` (``unknown_labels="error"``) or become ``ignore_index``."""
+    the table ``lut`` (a :func:`label_table` or its mapping) raise :class:`DataError` or, with
+    ``unknown_labels="ignore"``, become ``ignore_index``."""
 
     def __init__(
         self,
@@ -71,10 +72,10 @@ class SegmentationDataset(Dataset):
         *,
         classes: Sequence[str],
         palette: Sequence[Sequence[int]],
-        lut: np.ndarray,
+        lut: np.ndarray | Mapping[int, int],
         ignore_index: int = 255,
         unknown_labels: str = "error",
-        transform: Callable[..., dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         name: str = "dataset",
         hint: str = "",
     ) -> None:
@@ -89,7 +90,7 @@ class SegmentationDataset(Dataset):
         self.unknown_labels = unknown_labels
         self.transform = transform
         self.name = name
-        self._lut = lut = np.asarray(lut, dtype=np.int64)
+        self._lut = lut = label_table(lut) if isinstance(lut, Mapping) else np.asarray(lut, dtype=np.int64)
         known = lut != UNKNOWN
         # masks stay uint8 through augmentation when every train id fits (faster, 8x less memory)
         values = np.append(lut[known], ignore_index)
@@ -153,9 +154,7 @@ class SegmentationDataset(Dataset):
         return apply_transform(self.transform, *self.load(index))
 
 
-def apply_transform(
-    transform: Callable[..., dict[str, Any]] | None, image: np.ndarray, mask: np.ndarray
-) -> Any:
+def apply_transform(transform: Transform | None, image: np.ndarray, mask: np.ndarray) -> Any:
     """``(image, int64 mask)`` arrays without a transform, else the transformed image and int64 mask."""
     if transform is None:
         return image, mask.astype(np.int64)

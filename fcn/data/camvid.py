@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
+from fcn.data.base import SegmentationDataset, Transform, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
 from fcn.data.io import MASK_EXTENSIONS, list_images, read_mask, write_bytes_atomic
 
@@ -48,7 +47,6 @@ def camvid_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     return pair_by_stem(
         list_images(img_dir),
         list_images(ann_dir, extensions=MASK_EXTENSIONS),
-        mask_stem=lambda p: p.stem,
         where=f"CamVid {root} split {split!r}",
     )
 
@@ -61,7 +59,7 @@ class CamVid(SegmentationDataset):
         root: str | Path,
         split: str = "train",
         *,
-        transform: Callable[..., dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         ignore_index: int = 255,
         unknown_labels: str = "error",
     ) -> None:

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fcn.data.base import SegmentationDataset, label_table, pair_by_stem, require_dir
+from fcn.data.base import SegmentationDataset, Transform, label_table, pair_by_stem, require_dir
 from fcn.data.errors import DataError
 
 # labelId: (name, trainId, colour) of every official label (cityscapesScripts labels.py); trainId 255 is
@@ -104,7 +102,7 @@ class Cityscapes(SegmentationDataset):
         root: str | Path,
         split: str = "train",
         *,
-        transform: Callable[..., dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         label_type: str = "labelIds",
         ignore_index: int = 255,
         unknown_labels: str = "error",

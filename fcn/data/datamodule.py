@@ -111,12 +111,9 @@ def select_frames(ds: Dataset, names: Sequence[str], source: str | Path) -> tupl
 
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn``: each worker gets its own numpy / random / albumentations seed from the loader's
-    generator (same seed, same batches) and single-threaded OpenCV.
-
-    Ctrl-C or SIGTERM sent to the process group is for the main process, which saves and stops the workers
-    (a worker dying first ends the run in a DataLoader traceback): workers ignore SIGINT and their first
-    SIGTERM; the second (the main process terminating them) ends them.
-    """
+    generator (same seed, same batches) and single-threaded OpenCV. Workers ignore SIGINT and their first
+    SIGTERM: those are for the main process, which saves and then ends them with a second SIGTERM (a worker
+    dying first would end the run in a DataLoader traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     info = get_worker_info()
@@ -162,27 +159,29 @@ class SegDataModule(L.LightningDataModule):
     ``std`` (and ``class_weights``) are there right after construction, for linking into the model.
 
     Args:
-        dataset: ``demo`` (generated in ``data_root`` when missing), ``camvid``, ``cityscapes``, ``folder``.
+        dataset: ``demo`` (generated in ``data_root`` when missing), ``camvid``, ``cityscapes`` or ``folder``.
         data_root: the data set's root folder (layouts: ``data/README.md``).
-        train_split, val_split, test_split: split names (CamVid's test split is withheld: test on val).
-        batch_size, val_batch_size: per process. num_workers, pin_memory, persistent_workers: loaders.
-        crop_size, scale_range, brightness_range: training crops, random scaling and the brightness jitter's
-            (low, high) factors (``fcn.data.transforms.train_transform``); eval_size: optional eval resize.
-        ignore_index: void label; unknown_labels: ``error`` or ``ignore`` for values outside the table.
-        label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``; classes_file: folder data's YAML
-            (default ``<data_root>/classes.yaml``).
-        class_weighting: None, ``median_frequency`` (CamVid/demo, from the training labels) or
+        test_split: the split ``trainer.test`` uses (CamVid's test split is withheld: test on val).
+        batch_size: training batch per process; val_batch_size is evaluation's.
+        crop_size: training crops (H, W).
+        scale_range: (low, high) random scale factors of the training images, applied before cropping.
+        brightness_range: (low, high) factors of the brightness jitter (``fcn.data.transforms``).
+        eval_size: resize evaluation images to (H, W); default: as they are.
+        ignore_index: the void label (folder data: the YAML's unless given).
+        unknown_labels: ``error`` or ``ignore`` (as void) for label values outside the class table.
+        label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``.
+        classes_file: folder data's class YAML (default ``<data_root>/classes.yaml``).
+        class_weighting: ``median_frequency`` (CamVid/demo, from the training labels) or
             ``sqrt_median_frequency`` (their square roots: a softer push towards rare classes).
-        unlabeled_root, unlabeled_ratio: an unlabeled image folder for semi-supervised distillation; the
-            train loader then yields ``{"labeled": ..., "unlabeled": ...}``, the unlabeled batches
-            ``round(batch_size * unlabeled_ratio)`` random crops, as many as labelled batches per epoch
-            (walking through permutations of the whole pool over the epochs).
-        train_list: a file of image names, one a line: the labelled training set is only these frames of the
-            train split (e.g. ``configs/camvid_cpu/train_quarter.txt``), median-frequency weights too.
+        unlabeled_root: an unlabeled image folder for semi-supervised distillation: the train loader then
+            yields ``{"labeled": ..., "unlabeled": ...}``, as many unlabeled batches as labelled ones.
+        unlabeled_ratio: unlabeled batches hold ``round(batch_size * unlabeled_ratio)`` random crops.
+        train_list: a file of image names, one a line: train (and weigh classes) on these frames of the train
+            split only (e.g. ``configs/camvid_cpu/train_quarter.txt``).
         unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (labels
             unused); needs ``train_list``, excludes ``unlabeled_root``.
-        seed: loader shuffling and augmentation seed. demo_*: size of the generated demo data
-            (``demo_test`` extra frames in ``test/``, e.g. as an unlabeled pool).
+        seed: loader shuffling and augmentation seed.
+        demo_test: extra demo frames in ``test/`` (e.g. an unlabeled pool) besides demo_train / demo_val.
     """
 
     def __init__(
@@ -248,9 +247,6 @@ class SegDataModule(L.LightningDataModule):
         self.scale_range = _pair(scale_range, "scale_range", float, ordered=True)
         self.brightness_range = _pair(brightness_range, "brightness_range", float, ordered=True)
         self.eval_size = _pair(eval_size, "eval_size", int) if eval_size else None
-        self.unknown_labels = unknown_labels
-        self.label_type = label_type
-        self.classes_file = classes_file
         self.class_weighting = class_weighting
         self.unlabeled_root = unlabeled_root
         self.unlabeled_ratio = float(unlabeled_ratio)
@@ -259,7 +255,7 @@ class SegDataModule(L.LightningDataModule):
         self._train_frames = read_frame_list(train_list) if train_list else None
         self.seed = int(seed)
         self.demo = {"n_train": demo_train, "n_val": demo_val, "n_test": demo_test, "seed": self.seed}
-        self.demo["size"] = _pair(demo_size, "demo_size", int)
+        self.demo["size"] = list(_pair(demo_size, "demo_size", int))
         # the description linked into the model
         if dataset == "folder":
             meta = read_class_file(classes_file or self.data_root / "classes.yaml")
@@ -272,6 +268,9 @@ class SegDataModule(L.LightningDataModule):
         if 0 <= ignore_index < len(classes):
             raise DataError(f"ignore_index {ignore_index} collides with class id {ignore_index}")
         self.ignore_index = ignore_index
+        extra = {"cityscapes": {"label_type": label_type}, "folder": {"classes_file": classes_file}}
+        self._kwargs = {"ignore_index": ignore_index, "unknown_labels": unknown_labels}  # for build_dataset
+        self._kwargs |= extra.get(dataset, {})
         self.num_classes = len(classes)
         self.class_names = list(classes)
         self.palette = [list(map(int, c)) for c in palette]
@@ -308,22 +307,13 @@ class SegDataModule(L.LightningDataModule):
             found = json.loads(manifest.read_text())
         except (OSError, ValueError):
             found = {}
-        wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in self.demo.items()}
-        differ = {k: found.get(k) for k, v in wanted.items() if found.get(k) != v}
+        differ = {k: found.get(k) for k, v in self.demo.items() if found.get(k) != v}
         if differ:
             warnings.warn(
-                f"demo data in {self.data_root} was generated with {differ}, not {wanted}; using it as it is "
-                f"(delete {self.data_root} to regenerate)",
+                f"demo data in {self.data_root} was generated with {differ}, not {self.demo}; using it as it "
+                f"is (delete {self.data_root} to regenerate)",
                 stacklevel=2,
             )
-
-    def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"ignore_index": self.ignore_index, "unknown_labels": self.unknown_labels}
-        if self.dataset == "cityscapes":
-            kw["label_type"] = self.label_type
-        if self.dataset == "folder":
-            kw["classes_file"] = self.classes_file
-        return kw
 
     def _rank(self) -> int:
         return int(self.trainer.global_rank) if self.trainer is not None else 0
@@ -346,7 +336,7 @@ class SegDataModule(L.LightningDataModule):
             tf = self._train_transform()
         else:
             tf = eval_transform(mean=self.mean, std=self.std, size=self.eval_size)
-        ds = build_dataset(self.dataset, self.data_root, self.splits[split], transform=tf, **self._kwargs())
+        ds = build_dataset(self.dataset, self.data_root, self.splits[split], transform=tf, **self._kwargs)
         if split == "train" and self._train_frames:
             ds, _ = select_frames(ds, self._train_frames, self.train_list)
         return ds
@@ -360,7 +350,7 @@ class SegDataModule(L.LightningDataModule):
         """``unlabeled_root``'s images, or the training frames not in ``train_list`` loaded the same way."""
         root, paths = self.unlabeled_root, None
         if not root:
-            everything = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs())
+            everything = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs)
             _, paths = select_frames(everything, self._train_frames, self.train_list)
             if not paths:
                 raise DataError(

@@ -6,6 +6,7 @@ checkpoints also run on real CamVid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -180,7 +181,6 @@ def make_demo_dataset(
         raise DataError(
             f"demo data needs sizes of at least 32x32 and counts >= 0, got {size}, {n_train}/{n_val}"
         )
-    size = (h, w)
     root = Path(root)
     manifest = {
         "generator": "fcn.data.demo",
@@ -189,17 +189,15 @@ def make_demo_dataset(
         "n_train": n_train,
         "n_val": n_val,
         "n_test": n_test,
-        "size": list(size),
+        "size": [h, w],
         "seed": seed,
         "classes": list(CLASSES),
     }
     path = root / "demo.json"
     if path.is_file():
-        try:
+        with contextlib.suppress(ValueError):
             if json.loads(path.read_text()) == manifest:
                 return root
-        except ValueError:
-            pass
         path.unlink()  # written last: a half-written set never looks complete
         for old in root.glob("**/demo_*.png"):  # frames of the previous demo set
             old.unlink()
@@ -208,7 +206,7 @@ def make_demo_dataset(
     for k, (split, count) in enumerate(zip(("train", "val", "test"), (n_train, n_val, n_test))):
         for i in range(count):
             rng = np.random.default_rng([seed, 1_000_000 * k + i])
-            image, label = render_scene(rng, size)
+            image, label = render_scene(rng, (h, w))
             name = f"demo_{i:05d}"
             if layout == "camvid":
                 _write(root / split / f"{name}.png", image)

@@ -6,7 +6,7 @@ inference and semi-supervised distillation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from torch.utils.data import Dataset
 
-from fcn.data.base import SegmentationDataset, apply_transform, label_table, pair_by_stem, require_dir
+from fcn.data.base import SegmentationDataset, Transform, apply_transform, pair_by_stem, require_dir
 from fcn.data.errors import DataError
 from fcn.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, list_images, read_image
 from fcn.palette import default_palette
@@ -66,7 +66,7 @@ class FolderDataset(SegmentationDataset):
         root: str | Path,
         split: str | None = None,
         *,
-        transform: Callable[..., dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         classes_file: str | Path | None = None,
         ignore_index: int | None = None,
         unknown_labels: str = "error",
@@ -76,9 +76,6 @@ class FolderDataset(SegmentationDataset):
         n = len(meta["classes"])
         if 0 <= ignore < n:
             raise DataError(f"ignore_index {ignore} collides with class id {ignore} of {n} classes")
-        table = {i: i for i in range(n)}
-        if 0 <= ignore < 65536:
-            table[ignore] = ignore
         root = require_dir(Path(root), what="data root", layout=LAYOUT)
         base = root / split if split and (root / split).is_dir() else root
         if split and base == root and not (root / "images").is_dir():
@@ -96,7 +93,7 @@ class FolderDataset(SegmentationDataset):
             pairs,
             classes=meta["classes"],
             palette=meta["palette"],
-            lut=label_table(table),
+            lut={i: i for i in (*range(n), ignore) if i < 65536},  # ids as they are (masks: 16-bit)
             ignore_index=ignore,
             unknown_labels=unknown_labels,
             transform=transform,
@@ -114,7 +111,7 @@ class UnlabeledImageFolder(Dataset):
         self,
         root: str | Path,
         *,
-        transform: Callable[..., dict[str, Any]] | None = None,
+        transform: Transform | None = None,
         ignore_index: int = 255,
         paths: Sequence[Path] | None = None,
     ) -> None:

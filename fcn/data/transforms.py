@@ -60,8 +60,5 @@ def eval_transform(
     size: Sequence[int] | None = None,
 ) -> A.Compose:
     """Normalise (and resize to ``size`` if given) -> tensors."""
-    ops: list[A.BasicTransform] = (
-        [A.Resize(int(size[0]), int(size[1]), **_RESIZE)] if size is not None else []
-    )
-    ops += [A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()]
-    return A.Compose(ops)
+    resize = [A.Resize(int(size[0]), int(size[1]), **_RESIZE)] if size is not None else []
+    return A.Compose([*resize, A.Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()])

@@ -16,7 +16,7 @@ from torch import nn
 from fcn.models.errors import ModelError
 from fcn.models.fcn import FCN, MODES
 from fcn.models.student import MobileNetV3Backbone
-from fcn.models.vgg import VGG16Backbone, load_vgg16_state_dict
+from fcn.models.vgg import VGG16Backbone
 
 BACKBONES = ("vgg16", "vgg16_bn")
 
@@ -57,23 +57,16 @@ def fcn_vgg16(
     width_mult: float = 1.0,
     dropout: float = 0.5,
 ) -> FCN:
-    """FCN-``stride``s on VGG16. ``weights``: None (random), 'imagenet' (torchvision enum) or the path of a
-    torchvision VGG16 state dict; fc6/fc7 get the classifier's weights reshaped."""
+    """FCN-``stride``s on VGG16; ``weights``: None (random), 'imagenet' or a torchvision VGG16 file."""
     if backbone not in BACKBONES:
         raise ModelError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     if mode not in MODES:
         raise ModelError(f"mode must be one of {MODES}, got {mode!r}")
-    paper = mode == "paper"
     trunk = VGG16Backbone(
-        batch_norm=backbone == "vgg16_bn",
-        first_padding=100 if paper else 1,
-        fc6_padding=0 if paper else 3,
-        fc_dim=fc_dim,
-        width_mult=width_mult,
-        dropout=dropout,
+        batch_norm=backbone == "vgg16_bn", mode=mode, fc_dim=fc_dim, width_mult=width_mult, dropout=dropout
     )
     if weights is not None:
-        trunk.load_classifier_weights(load_vgg16_state_dict(weights, batch_norm=backbone == "vgg16_bn"))
+        trunk.load_imagenet(weights)
     return FCN(
         trunk,
         num_classes=num_classes,

@@ -1,7 +1,5 @@
 """FCN-32s / FCN-16s / FCN-8s (Long, Shelhamer & Darrell): one class parametrised by output stride, with
-the model contract of docs/DESIGN.md (logits at the input size; ``return_features`` adds c3/c4/c5).
-
-Two alignments:
+the model contract of docs/DESIGN.md (logits at the input size; ``return_features`` adds c3/c4/c5). Modes:
 
 * ``"aligned"`` (default): conv1_1 padding 1, fc6 padding 3, upsamplers padded ``factor // 2`` so every map
   is exactly ``factor`` times larger, fused maps cropped at offset 0. With ceil-mode pooling the bilinear
@@ -67,7 +65,7 @@ class FCN(nn.Module):
         backbone: module returning ``{"c3", "c4", "c5"}`` features with an ``out_channels`` dict.
         num_classes: number of output classes ``C``.
         stride: 32 (no skip), 16 (+ pool4) or 8 (+ pool4 + pool3).
-        mode: ``"aligned"`` or ``"paper"`` (the backbone must be built with the matching paddings).
+        mode: ``"aligned"`` or ``"paper"`` (the backbone must be built in the same mode).
         learnable_upsampling: if False the bilinear upsampling layers are frozen.
         skip_scaling: scale pool4/pool3 by 0.01/0.0001 before scoring (the "at-once" FCN-8s).
     """

@@ -23,8 +23,7 @@ def fuse_conv_bn(model: nn.Module) -> int:
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        names = list(seq._modules)
-        for first, second in itertools.pairwise(names):
+        for first, second in itertools.pairwise(list(seq._modules)):
             conv, bn = seq._modules[first], seq._modules[second]
             if (
                 type(conv) is nn.Conv2d

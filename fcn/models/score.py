@@ -14,24 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _bf16_on_cpu(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    if x.device.type != "cpu":
-        return False
-    if x.dtype == torch.bfloat16 or conv.weight.dtype == torch.bfloat16:
-        return True
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
 def score_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``; the bias added after a bias-free convolution when a bf16 CPU backward would compute its
     gradient (same values up to one bf16 rounding)."""
     bias = conv.bias
-    if (
-        bias is None
-        or not (torch.is_grad_enabled() and bias.requires_grad)
-        or conv.padding_mode != "zeros"
-        or not _bf16_on_cpu(x, conv)
-    ):
+    if bias is None or not (torch.is_grad_enabled() and bias.requires_grad) or conv.padding_mode != "zeros":
+        return conv(x)
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if x.device.type != "cpu" or not (torch.bfloat16 in (x.dtype, conv.weight.dtype) or autocast_bf16):
         return conv(x)
     out = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return out + bias.to(out.dtype).view(1, -1, 1, 1)

@@ -24,8 +24,7 @@ class VGG16Backbone(nn.Module):
 
     Args:
         batch_norm: use the ``vgg16_bn`` layout (for training from scratch).
-        first_padding: padding of conv1_1; 100 reproduces the paper, 1 is the aligned mode.
-        fc6_padding: padding of the 7x7 fc6 convolution; 0 in the paper, 3 in the aligned mode.
+        mode: ``"aligned"`` (conv1_1 padding 1, fc6 padding 3) or ``"paper"`` (100 and 0, as the reference).
         fc_dim: channels of fc6/fc7 (4096 in the paper; smaller only for demo-sized models).
         width_mult: scales every conv width (1.0 for pretrained weights; < 1 for demo-sized models).
         dropout: dropout probability after fc6 and fc7.
@@ -35,8 +34,7 @@ class VGG16Backbone(nn.Module):
         self,
         *,
         batch_norm: bool = False,
-        first_padding: int = 1,
-        fc6_padding: int = 3,
+        mode: str = "aligned",
         fc_dim: int = 4096,
         width_mult: float = 1.0,
         dropout: float = 0.5,
@@ -47,11 +45,12 @@ class VGG16Backbone(nn.Module):
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
         for i in pools:
             self.features[i].ceil_mode = True
-        self.features[0].padding = (first_padding, first_padding)
+        paper = mode == "paper"
+        self.features[0].padding = (100, 100) if paper else (1, 1)
         self._taps = {pools[2]: "c3", pools[3]: "c4"}  # pool3, pool4
         widths = [v for v in cfg if v != "M"]
         c3, c4, c5 = widths[6], widths[9], widths[12]  # conv3_3, conv4_3, conv5_3
-        self.fc6 = nn.Conv2d(int(c5), fc_dim, kernel_size=7, padding=fc6_padding)
+        self.fc6 = nn.Conv2d(int(c5), fc_dim, kernel_size=7, padding=0 if paper else 3)
         self.fc7 = nn.Conv2d(fc_dim, fc_dim, kernel_size=1)
         self.relu = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(dropout)
@@ -70,24 +69,33 @@ class VGG16Backbone(nn.Module):
         feats["c5"] = self.drop7(self.relu(self.fc7(x)))
         return feats
 
-    def load_classifier_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a torchvision VGG16 state dict: ``features.*`` as is, fc6/fc7 reshaped into convs."""
+    def load_imagenet(self, weights: str | Path) -> None:
+        """Load ``"imagenet"`` (torchvision enum) or a local torchvision VGG16(-BN) state dict: ``features.*``
+        as is, the classifier's fc6/fc7 reshaped into convolutions."""
         if self.width_mult != 1.0 or self.fc6.out_channels != 4096:
             raise ModelError(
                 "pretrained VGG16 weights need the full-size backbone; "
                 f"got width_mult={self.width_mult}, fc_dim={self.fc6.out_channels}: "
                 "use width_mult=1.0 and fc_dim=4096, or weights=None"
             )
-        feats = {k[len("features.") :]: v for k, v in state_dict.items() if k.startswith("features.")}
+        kind = "vgg16_bn" if self.batch_norm else "vgg16"
+        enum = VGG16_BN_Weights.IMAGENET1K_V1 if self.batch_norm else VGG16_Weights.IMAGENET1K_V1
+        state = load_torchvision_weights(weights, enum, kind="VGG16")
+        if not isinstance(state, Mapping) or "classifier.0.weight" not in state:
+            raise ModelError(
+                f"{Path(str(weights)).expanduser()} is not a torchvision VGG16 state dict "
+                f"(no 'classifier.0.weight'); save one with torch.save(torchvision.models.{kind}("
+                "weights=...).state_dict(), path)"
+            )
+        feats = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         try:
             self.features.load_state_dict(feats, strict=True)
             with torch.no_grad():
-                self.fc6.weight.copy_(state_dict["classifier.0.weight"].view(self.fc6.weight.shape))
-                self.fc6.bias.copy_(state_dict["classifier.0.bias"])
-                self.fc7.weight.copy_(state_dict["classifier.3.weight"].view(self.fc7.weight.shape))
-                self.fc7.bias.copy_(state_dict["classifier.3.bias"])
+                self.fc6.weight.copy_(state["classifier.0.weight"].view(self.fc6.weight.shape))
+                self.fc6.bias.copy_(state["classifier.0.bias"])
+                self.fc7.weight.copy_(state["classifier.3.weight"].view(self.fc7.weight.shape))
+                self.fc7.bias.copy_(state["classifier.3.bias"])
         except (KeyError, RuntimeError) as err:
-            kind = "vgg16_bn" if self.batch_norm else "vgg16"
             raise ModelError(
                 f"the weights are not a torchvision {kind} state dict ({err}); "
                 f"save one with torch.save(torchvision.models.{kind}(weights=...).state_dict(), path)"
@@ -118,16 +126,3 @@ def load_torchvision_weights(weights: str | Path, enum: WeightsEnum, *, kind: st
             f"could not read weights file {path} ({err}); it must be a torch.save()d state dict"
         ) from err
     return state["state_dict"] if isinstance(state, Mapping) and "state_dict" in state else state
-
-
-def load_vgg16_state_dict(weights: str | Path, *, batch_norm: bool = False) -> dict[str, torch.Tensor]:
-    """A torchvision VGG16(-BN) state dict from ``"imagenet"`` or a file path, with its classifier."""
-    enum = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
-    state = load_torchvision_weights(weights, enum, kind="VGG16")
-    if not isinstance(state, Mapping) or "classifier.0.weight" not in state:
-        raise ModelError(
-            f"{Path(str(weights)).expanduser()} is not a torchvision VGG16 state dict "
-            "(no 'classifier.0.weight'); "
-            "save one with torch.save(torchvision.models.vgg16(weights=...).state_dict(), path)"
-        )
-    return dict(state)
