@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from fcn.callbacks import ProgressLine, ValPredictionGrid, count_images, format_duration, prediction_grid
-from fcn.cli import _delegate
+from fcn.cli import plot_curves_main
 from fcn.curves import main as curves_main
 from fcn.curves import read_curves
 from fcn.data.camvid import PALETTE
@@ -186,7 +186,7 @@ def test_plot_curves_from_two_runs(tmp_path) -> None:
 
 
 def test_plot_curves_errors(tmp_path, capsys) -> None:
-    script = _delegate("fcn.curves")
+    script = plot_curves_main
     assert script([str(tmp_path / "nowhere"), "--output", str(tmp_path / "c.png")]) == 2
     assert "error: run " in capsys.readouterr().err and not (tmp_path / "c.png").exists()
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
