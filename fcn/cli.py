@@ -7,12 +7,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from fcn import tuning  # no torch: its settings come before torch loads
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
 def _user_error(err: BaseException) -> BaseException | None:

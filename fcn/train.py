@@ -23,12 +23,14 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from fcn.checkpoint import CheckpointError, read_checkpoint
-from fcn.cli import DEMO_CONFIG
 from fcn.data.datamodule import SegDataModule
 from fcn.data.errors import DataError
 from fcn.data.io import check_writable
 from fcn.lit import SegmentationModule, SettingError
 from fcn.tuning import cpu_has_native_bf16
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"  # what `python scripts/train.py` runs without arguments
 
 # Model arguments that the data module sets (linked at instantiation), with the flag that sets them.
 LINKED = {

@@ -275,7 +275,7 @@ def test_distill_bad_configuration(demo) -> None:
 
 def _mode_args(config, demo, out, *, batch_size, epochs, self_start_epoch) -> list[str]:
     """``scripts/train.py`` arguments for one demo distillation config on the tiny demo data."""
-    from fcn.cli import CONFIG_DIR
+    from fcn.train import CONFIG_DIR
 
     root, ckpt = demo
     args = [

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from fcn.checkpoint import load_model, save_checkpoint
-from fcn.cli import DEMO_CONFIG, train_main
+from fcn.cli import train_main
 from fcn.data.datamodule import SegDataModule
 from fcn.data.demo import make_demo_dataset
 from fcn.lit import SegmentationModule
 from fcn.models import build_model
+from fcn.train import DEMO_CONFIG
 
 TINY = {"width_mult": 0.125, "fc_dim": 32, "dropout": 0.0}
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
