@@ -339,3 +339,59 @@ def test_each_mode_trains_under_ddp(config, demo, tmp_path) -> None:
     assert state and not any(k.startswith(("teacher", "ema")) for k in state)
     model, info = load_model(out / "ckpt" / "best.ckpt")
     assert info.model_name == "student" and model(torch.randn(1, 3, 48, 64)).shape == (1, 11, 48, 64)
+
+
+def test_cutmix_pastes_the_next_sample_inside_one_box() -> None:
+    from fcn.distill import cutmix, cutmix_boxes
+
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(64, 30, 40)
+    assert boxes.shape == (64, 30, 40) and boxes.dtype == torch.bool
+    for box in boxes:  # one axis-aligned rectangle (or nothing): rows x columns it touches
+        rows, cols = box.any(1), box.any(0)
+        assert torch.equal(box, rows[:, None] & cols[None, :])
+    share = boxes.float().mean((1, 2))
+    assert 0.3 < share.mean() < 0.6 and share.max() > 0.8 and share.min() < 0.1  # uniform share
+    x = torch.arange(3.0)[:, None, None, None].expand(3, 2, 30, 40)  # sample i is all i
+    mixed = cutmix(x, boxes[:3])
+    for i, box in enumerate(boxes[:3]):
+        assert torch.equal(mixed[i][:, box], torch.full_like(mixed[i][:, box], (i - 1) % 3))
+        assert torch.equal(mixed[i][:, ~box], torch.full_like(mixed[i][:, ~box], i))
+
+
+def test_semi_cutmix_mixes_student_inputs_and_teacher_logits_alike(demo) -> None:
+    """The student sees the CutMixed unlabeled crops; its targets (KD and pseudo-labels) are the teacher's
+    logits of the whole crops, mixed with the same boxes (the teacher never sees the mixed crops)."""
+    from fcn.distill import cutmix, cutmix_boxes
+
+    _, ckpt = demo
+    module = _module(
+        teacher_checkpoint=str(ckpt),
+        distill_mode="semi",
+        unlabeled_cutmix=True,
+        pseudo_threshold=0.0,
+        temperature=1.0,
+    )
+    labeled = (torch.randn(2, 3, 32, 48), torch.randint(0, 11, (2, 32, 48)))
+    unlabeled = torch.randn(4, 3, 32, 48)
+    seen = {"student": [], "teacher": []}
+    for name, net in (("student", module.model), ("teacher", module.teacher)):
+        net.register_forward_hook(lambda m, args, out, name=name: seen[name].append((args[0], out["out"])))
+    torch.manual_seed(3)
+    total = module.training_step({"labeled": labeled, "unlabeled": (unlabeled, None)}, 0)
+    torch.manual_seed(3)
+    boxes = cutmix_boxes(4, 32, 48)
+    assert boxes.any() and not boxes.all()
+    (_, s_l), (x_s, s_u) = seen["student"]
+    (_, t_l), (x_t, t_u) = seen["teacher"]
+    assert torch.equal(x_t, unlabeled) and torch.equal(x_s, cutmix(unlabeled, boxes))
+    target = cutmix(t_u, boxes)
+    expected = (
+        module.loss(s_l, labeled[1]) + pixel_kd_loss(s_l, t_l)
+        + pixel_kd_loss(s_u, target) + module.loss(s_u, target.argmax(1))
+    )  # fmt: skip
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="unlabeled_cutmix .* needs distill_mode='semi'"):
+        _module(teacher_checkpoint=str(ckpt), unlabeled_cutmix=True)
+    with pytest.raises(ValueError, match="pairwise_weight = channel_weight = 0"):
+        _module(teacher_checkpoint=str(ckpt), distill_mode="semi", unlabeled_cutmix=True, channel_weight=1.0)
