@@ -80,26 +80,6 @@ def pseudo_labels(teacher_logits: Tensor, *, threshold: float, ignore_index: int
     return torch.where(prob >= threshold, label, torch.full_like(label, ignore_index))
 
 
-def cutmix_boxes(n: int, height: int, width: int, *, device: torch.device | None = None) -> Tensor:
-    """``(N, H, W)`` bool masks with one box each, covering a uniform-random share of the frame at a
-    random place (CutMix, Yun et al. 2019; as the perturbation of semi-supervised segmentation, French et
-    al. 2020). Draws from torch's global generator, so ``seed_everything`` fixes it."""
-    side = torch.rand(n).sqrt()  # the box has the frame's aspect ratio and area share side**2
-    h, w = (side * height).long(), (side * width).long()
-    top = (torch.rand(n) * (height - h + 1)).long()
-    left = (torch.rand(n) * (width - w + 1)).long()
-    rows, cols = torch.arange(height)[None, :, None], torch.arange(width)[None, None, :]
-    inside_rows = (rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
-    inside_cols = (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
-    return (inside_rows & inside_cols).to(device)
-
-
-def cutmix(x: Tensor, boxes: Tensor) -> Tensor:
-    """Paste, inside each ``(N, H, W)`` box, the next sample of the batch (``x.roll(1, 0)``) into
-    ``x`` ``(N, C, H, W)``: the same boxes mix images and their per-pixel targets alike."""
-    return torch.where(boxes[:, None], x.roll(1, dims=0), x)
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Put a teacher in eval mode and stop every gradient to it."""
     return model.eval().requires_grad_(False)

@@ -233,9 +233,7 @@ class DistillationModule(SegmentationModule):
 
     Modes: ``offline``, a frozen teacher from ``teacher_checkpoint``; ``semi``, as offline plus unlabeled
     images (``data.unlabeled_root``) supervised by the teacher's soft predictions and its pseudo-labels
-    (confidence >= ``pseudo_threshold``), weighted by ``unlabeled_weight``; with ``unlabeled_cutmix`` the
-    student sees the unlabeled crops CutMixed in pairs and the teacher's logits of the whole crops are
-    mixed alike, so the student learns under a perturbation its teacher did not see; ``self``, from epoch
+    (confidence >= ``pseudo_threshold``), weighted by ``unlabeled_weight``; ``self``, from epoch
     ``self_start_epoch`` on an EMA (``ema_decay``) or a frozen snapshot of the student is the teacher.
 
     Loss: ``ce_weight`` x CE + ``kd_weight`` x pixel KD (``temperature``) + ``pairwise_weight`` x affinity
@@ -262,15 +260,9 @@ class DistillationModule(SegmentationModule):
         self_teacher: str = "ema",
         ema_decay: float = 0.99,
         teacher_precision: str = "32",
-        unlabeled_cutmix: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if unlabeled_cutmix and (distill_mode != "semi" or pairwise_weight > 0 or channel_weight > 0):
-            raise SettingError(
-                "--model.init_args.unlabeled_cutmix mixes the unlabeled images and the teacher's logits: it "
-                "needs distill_mode='semi' and pairwise_weight = channel_weight = 0"
-            )
         _one_of("teacher_precision", teacher_precision, TEACHER_PRECISIONS)
         _one_of("distill_mode", distill_mode, DISTILL_MODES)
         _one_of("self_teacher", self_teacher, SELF_TEACHERS)
@@ -398,13 +390,8 @@ class DistillationModule(SegmentationModule):
             total = total + self._weighted(losses)
             logs.update(losses)
             if unlabeled is not None and hp.distill_mode == "semi":
-                x_u = unlabeled[0]
-                t_u = self.run_teacher(teacher, x_u)
-                if hp.unlabeled_cutmix:
-                    n, _, height, width = x_u.shape
-                    boxes = distill.cutmix_boxes(n, height, width, device=x_u.device)
-                    x_u, t_u = distill.cutmix(x_u, boxes), {"out": distill.cutmix(t_u["out"], boxes)}
-                s_u = self.run(self.model, x_u, return_features=True)
+                s_u = self.run(self.model, unlabeled[0], return_features=True)
+                t_u = self.run_teacher(teacher, unlabeled[0])
                 labels = distill.pseudo_labels(
                     t_u["out"], threshold=hp.pseudo_threshold, ignore_index=hp.ignore_index
                 )
