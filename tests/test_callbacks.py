@@ -186,11 +186,10 @@ def test_plot_curves_from_two_runs(tmp_path) -> None:
 
 
 def test_plot_curves_errors(tmp_path, capsys) -> None:
-    script = plot_curves_main
-    assert script([str(tmp_path / "nowhere"), "--output", str(tmp_path / "c.png")]) == 2
+    assert plot_curves_main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "c.png")]) == 2
     assert "error: run " in capsys.readouterr().err and not (tmp_path / "c.png").exists()
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    assert script([str(tmp_path / "bad.csv")]) == 2
+    assert plot_curves_main([str(tmp_path / "bad.csv")]) == 2
     assert "not a CSVLogger metrics file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         curves_main([str(tmp_path / "bad.csv"), "--labels", "x", "y"])
