@@ -469,11 +469,11 @@ def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], options:
     if size is None:
         raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
     x = torch.randn(options.batch_size, 3, *size, device=predictor.device)
-    predict_logits(predictor, x, **options.strategy())  # warm-up
+    predict_logits(predictor, x, exposure=predictor.exposure, **options.strategy())  # warm-up
     sync(predictor.device)
     batches = _forward_batches(items, options.batch_size)
     start = time.perf_counter()
     for _ in range(batches):
-        predict_logits(predictor, x, **options.strategy())
+        predict_logits(predictor, x, exposure=predictor.exposure, **options.strategy())
     sync(predictor.device)
     return batches * options.batch_size / max(time.perf_counter() - start, 1e-9)

@@ -171,8 +171,10 @@ class ValPredictionGrid(Callback):
         hp = pl_module.hparams
         was_training = pl_module.training
         pl_module.eval()
+        x = images.to(pl_module.device)
+        exposure = getattr(pl_module, "exposure", None)  # as the val pass: fcn.lit.SegmentationModule
         with torch.no_grad():
-            preds = pl_module(images.to(pl_module.device)).argmax(1)
+            preds = pl_module(exposure(x) if exposure is not None else x).argmax(1)
         pl_module.train(was_training)
         num_classes = int(hp.get("num_classes", preds.max().item() + 1))
         palette, ignore = hp.get("palette") or default_palette(num_classes), int(hp.get("ignore_index", 255))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fcn.data.io import atomic_path
+from fcn.exposure import check_exposure_target
 from fcn.models import ModelError, build_model, list_models
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD, default_palette
 
@@ -41,6 +42,7 @@ class ModelMeta:
     mean: list[float]
     std: list[float]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    exposure_target: float | None = None  # fcn.exposure: inference scales each image's mean grey to it
 
     def to_json(self) -> str:
         """One JSON object (used for TorchScript extra files)."""
@@ -130,8 +132,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMet
 def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) -> dict[str, Any]:
     """Validate and normalise the data description of a checkpoint or an export's metadata (defaults for
     missing optional fields): ``num_classes``, ``class_names``, ``palette``, ``ignore_index``, ``mean``,
-    ``std``, ``model_kwargs``. Raises one :class:`CheckpointError` naming the field and ``source``, ending
-    with ``fix``."""
+    ``std``, ``model_kwargs``, ``exposure_target``. Raises one :class:`CheckpointError` naming the field
+    and ``source``, ending with ``fix``."""
 
     def bad(name: str, problem: str) -> CheckpointError:
         return CheckpointError(f"{source}: {name} {problem}; {fix}")
@@ -166,12 +168,17 @@ def check_description(data: Mapping[str, Any], *, source: str | Path, fix: str) 
     kwargs = data.get("model_kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise bad("model_kwargs", f"must be a mapping, got {_short(kwargs)}")
+    try:
+        exposure = check_exposure_target(data.get("exposure_target"))
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}; {fix}") from err
     return {
         "num_classes": num_classes,
         "class_names": [str(n) for n in names],
         "palette": [[int(v) for v in c] for c in palette],
         "ignore_index": int(ignore_index),
         "model_kwargs": dict(kwargs),
+        "exposure_target": exposure,
         **stats,
     }
 
@@ -221,11 +228,13 @@ def save_checkpoint(
     ignore_index: int = 255,
     mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
     std: tuple[float, ...] | list[float] = IMAGENET_STD,
+    exposure_target: float | None = None,
 ) -> Path:
     """Write a minimal self-describing checkpoint (what :func:`read_checkpoint` needs) for a model not
     trained by ``scripts/train.py`` (tests, conversions)."""
     description = {"num_classes": int(model.num_classes), "class_names": class_names, "palette": palette}
     description.update(ignore_index=ignore_index, mean=mean, std=std, model_kwargs=model_kwargs)
+    description.update(exposure_target=exposure_target)
     hp = {
         "model": model_name,
         **check_description(description, source=path, fix="pass a valid data description"),

@@ -31,8 +31,16 @@ from fcn.distributed import (
     split_balanced,
     world_from_env,
 )
+from fcn.exposure import EXPOSURE_HELP, exposure_argument
 from fcn.inputs import input_weights
-from fcn.predictor import PRECISIONS, InferenceError, Predictor, load_predictor, resolve_device
+from fcn.predictor import (
+    PRECISIONS,
+    InferenceError,
+    Predictor,
+    load_predictor,
+    resolve_device,
+    set_exposure_target,
+)
 from fcn.report import ReportError, format_summary_table, write_report
 from fcn.scoring import PassResult, PredictOptions, evaluate_model, gather_pass
 from fcn.tuning import onednn_convolutions
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-scale test-time augmentation, e.g. 0.5 0.75 1.0 1.25 (default 1.0)",
     )
     g.add_argument("--flip", action="store_true", help="add horizontally flipped predictions (TTA)")
+    g.add_argument("--exposure-target", type=exposure_argument, metavar="GREY|off", help=EXPOSURE_HELP)
     g.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass (default 1)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast precision")
@@ -225,10 +234,12 @@ def main(argv: list[str]) -> int:
 def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.device, world: World) -> int:
     onednn = onednn_convolutions()
     predictor = load_predictor(args.checkpoint, device=device, precision=args.precision, onednn=onednn)
+    set_exposure_target(predictor, args.exposure_target)
     meta = predictor.meta
     other: Predictor | None = None
     if args.compare is not None:
         other = load_predictor(args.compare, device=device, precision=args.precision, onednn=onednn)
+        set_exposure_target(other, args.exposure_target)
         same = "compare models trained on the same classes"
         _require_classes(args, meta, other.meta.class_names, f"--compare checkpoint {args.compare}", same)
     names = _model_names(args, meta, other.meta if other else None)
@@ -271,7 +282,9 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
         "data_root": str(args.data_root),
         "split": args.split,
         "images": result.images,
-        "prediction": options.describe(),
+        "prediction": options.describe()
+        + (f", exposure to grey {meta.exposure_target:g}" if meta.exposure_target is not None else ""),
+        "exposure_target": meta.exposure_target,
         "options": {
             **asdict(options),  # sliding_window, crop, stride, scales, flip
             "batch_size": args.batch_size,

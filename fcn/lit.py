@@ -14,6 +14,7 @@ from torch import nn
 
 from fcn import distill
 from fcn.checkpoint import CheckpointError, load_model
+from fcn.exposure import ExposureNorm, check_exposure_target
 from fcn.losses import segmentation_loss
 from fcn.metrics import ConfusionMatrix, segmentation_scores
 from fcn.models import build_model
@@ -65,6 +66,10 @@ class SegmentationModule(L.LightningModule):
         label_smoothing, ohem_fraction: see :func:`fcn.losses.segmentation_loss`.
         init_from: checkpoint of a coarser model to start from (FCN-16s from FCN-32s, 8s from 16s).
         channels_last, compile: channels-last memory format; ``nn.Module.compile`` (same checkpoint keys).
+        exposure_target: mean grey level (0-255) that inference scales each whole image to
+            (:mod:`fcn.exposure`; the training frames' mean), stored in the checkpoint; the val and test
+            passes apply it too, so the logged val mIoU is what ``evaluate.py`` reports. Training crops
+            are not scaled. None: off.
     """
 
     def __init__(
@@ -90,9 +95,14 @@ class SegmentationModule(L.LightningModule):
         init_from: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        exposure_target: float | None = None,
     ) -> None:
         super().__init__()
         _one_of("optimizer", optimizer, OPTIMIZERS)
+        try:
+            check_exposure_target(exposure_target)
+        except ValueError as err:
+            raise SettingError(f"--model.init_args.{err}") from err
         if class_weights is not None and len(class_weights) != num_classes:
             raise SettingError(f"class_weights has {len(class_weights)} values for {num_classes} classes")
         _check_settings(locals())
@@ -108,6 +118,7 @@ class SegmentationModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         if compile:
             self.model.compile()
+        self.exposure = ExposureNorm(exposure_target, mean, std) if exposure_target is not None else None
 
     # -- model -------------------------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
@@ -157,7 +168,7 @@ class SegmentationModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, masks = batch
-        logits = self(images)
+        logits = self(self.exposure(images) if self.exposure is not None else images)
         getattr(self, f"{stage}_confmat").update(logits, masks)
         self.log(f"{stage}/loss", self.loss(logits, masks), sync_dist=True, batch_size=images.shape[0])
 

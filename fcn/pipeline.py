@@ -262,7 +262,7 @@ def _predict_group(
     samples, images = group
     x = predictor.normalize(images)
     start = time.perf_counter()
-    logits = predict_logits(predictor, x, **options.strategy())
+    logits = predict_logits(predictor, x, exposure=predictor.exposure, **options.strategy())
     if timer is not None:
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)

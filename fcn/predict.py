@@ -20,9 +20,18 @@ import torch
 
 from fcn import distributed
 from fcn.data.io import check_writable, missing_dirs, remove_empty_dirs
+from fcn.exposure import EXPOSURE_HELP, exposure_argument
 from fcn.inputs import OUTPUT_MARKER, collect_inputs, input_weights
 from fcn.pipeline import OUTPUT_KINDS, PredictError, PredictInterrupted, PredictOptions, run_predict
-from fcn.predictor import DEVICES, PRECISIONS, InferenceError, Predictor, load_predictor, resolve_device
+from fcn.predictor import (
+    DEVICES,
+    PRECISIONS,
+    InferenceError,
+    Predictor,
+    load_predictor,
+    resolve_device,
+    set_exposure_target,
+)
 from fcn.tuning import onednn_convolutions
 from fcn.video import is_video
 
@@ -61,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", **hw, help="default: half the crop")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
     parser.add_argument("--flip", action="store_true", help="add horizontally flipped predictions (TTA)")
+    parser.add_argument("--exposure-target", type=exposure_argument, metavar="GREY|off", help=EXPOSURE_HELP)
     # older commands: `--tta flip` is now --flip (the spelling of scripts/evaluate.py)
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=DEVICES, default="auto")
@@ -153,7 +163,9 @@ def _main(args: argparse.Namespace, world: distributed.World) -> int:
 
     def load() -> Predictor:  # not called when --skip-existing finds every output present
         flags = {name: getattr(args, name) for name in ("precision", "channels_last", "fuse")}
-        return load_predictor(args.checkpoint, device=device, onednn=onednn_convolutions(), **flags)
+        predictor = load_predictor(args.checkpoint, device=device, onednn=onednn_convolutions(), **flags)
+        set_exposure_target(predictor, args.exposure_target)
+        return predictor
 
     if args.benchmark:
         if any(is_video(it.path) for it in items):

@@ -14,6 +14,7 @@ callable; :func:`labels_and_confidence`, :func:`label_arrays` and :func:`class_i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 import zipfile
@@ -28,6 +29,7 @@ from torch import nn
 from fcn import checkpoint
 from fcn.checkpoint import TORCHSCRIPT_META_FILE, CheckpointError, ModelMeta, first_line
 from fcn.data.io import colorize, read_image
+from fcn.exposure import ExposureNorm
 from fcn.models.fuse import fuse_conv_bn, use_onednn_convolutions
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,6 +70,12 @@ class Predictor:
     def num_classes(self) -> int:
         return self.meta.num_classes
 
+    @property
+    def exposure(self) -> ExposureNorm | None:
+        """The exposure normalisation the model was trained for (``meta.exposure_target``), or None."""
+        target = self.meta.exposure_target
+        return None if target is None else ExposureNorm(target, self.meta.mean, self.meta.std)
+
     def cpu_threads(self) -> int:
         """CPU threads the model's forward pass runs on."""
         return torch.get_num_threads()
@@ -105,7 +113,7 @@ class Predictor:
         if batch.dtype != np.uint8 or batch.shape[-1:] != (3,) or batch.ndim not in (3, 4):
             raise InferenceError(f"segment takes RGB uint8 (H, W, 3) or (N, H, W, 3), got {batch.shape}")
         x = self.normalize(torch.from_numpy(np.ascontiguousarray(batch.reshape(-1, *batch.shape[-3:]))))
-        ids = predict_logits(self, x, **strategy).argmax(1)  # type: ignore[arg-type]
+        ids = predict_logits(self, x, exposure=self.exposure, **strategy).argmax(1)  # type: ignore[arg-type]
         labels = ids.to(torch.uint8 if self.num_classes <= 256 else torch.int32).cpu().numpy()
         return labels[0] if batch.ndim == 3 else labels
 
@@ -191,6 +199,14 @@ class OnnxPredictor(Predictor):
         arr = x.detach().float().cpu().contiguous().numpy()
         (out,) = self.session.run(None, {self.input_name: arr})
         return torch.from_numpy(out).to(self.device)
+
+
+def set_exposure_target(predictor: Predictor, value: float | str | None) -> None:
+    """Apply ``--exposure-target`` (:func:`fcn.exposure.exposure_argument`): None keeps the model's,
+    ``"off"`` drops it, a number replaces it."""
+    if value is not None:
+        target = None if value == "off" else float(value)
+        predictor.meta = dataclasses.replace(predictor.meta, exposure_target=target)
 
 
 def _check_class_count(path: str | Path, outputs: int, meta: ModelMeta) -> None:
@@ -309,15 +325,19 @@ def predict_logits(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     window_batch: int = 4,
+    exposure: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits ``(N, C, H, W)`` of a normalised batch ``x`` ``(N, 3, H, W)``: the whole image, at a fixed
     ``resize=(h, w)``, or by sliding window (``crop``, ``stride``: default half the crop); with TTA every
     ``scales`` factor (bilinear) and, with ``flip``, its mirror. Several views return the log of their mean
-    softmax (so arg-max and confidence follow the TTA average)."""
+    softmax (so arg-max and confidence follow the TTA average). ``exposure`` (a predictor's
+    :attr:`Predictor.exposure`) first scales each whole image's brightness."""
     if resize is not None and crop is not None:
         raise InferenceError("choose either a fixed resize or a sliding window, not both")
     if not scales or any(s <= 0 for s in scales):
         raise InferenceError(f"scales must be positive, got {list(scales)}")
+    if exposure is not None:
+        x = exposure(x)
     size = (int(x.shape[-2]), int(x.shape[-1]))
     base = resize or size
     if crop is not None and stride is None:

@@ -184,6 +184,7 @@ def evaluate_model(
             del kept[worst:]
 
     bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
+    exposure = predictor.exposure
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
@@ -193,7 +194,7 @@ def evaluate_model(
                 group = list(same_shape)
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
-                pred = predict_logits(predictor, x, **options.strategy()).argmax(dim=1)
+                pred = predict_logits(predictor, x, exposure=exposure, **options.strategy()).argmax(dim=1)
                 sync(device)
                 with timed("metric"):
                     confmat.update(pred, target)

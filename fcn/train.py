@@ -41,6 +41,7 @@ LINKED = {
     "mean": "the data module (ImageNet statistics, what the backbones expect)",
     "std": "the data module (ImageNet statistics, what the backbones expect)",
     "class_weights": "--data.class_weighting median_frequency",
+    "exposure_target": "--data.exposure_target (auto: the training frames' mean grey level)",
 }
 
 

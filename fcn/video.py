@@ -286,7 +286,7 @@ def predict_video(
                 if overlap:  # the next batch decodes beside this one's forward pass
                     ahead = pool.submit(reader.read)
                 x, frames = predictor.normalize(torch.from_numpy(batch["input"])), batch["frames"]
-                logits = predict_logits(predictor, x, **o.strategy())
+                logits = predict_logits(predictor, x, exposure=predictor.exposure, **o.strategy())
                 height, width = frames[0].shape[:2]
                 if tuple(logits.shape[-2:]) != (height, width):  # --resize: back to the frame's size
                     logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)

@@ -137,6 +137,31 @@ def test_helpers() -> None:
     assert count_images({"labeled": (x, x), "unlabeled": (x[:2], x[:2])}) == 6
 
 
+def test_grid_predictions_use_the_modules_exposure(demo_root, tmp_path) -> None:
+    """The grid shows what the val pass scores: predictions of exposure-scaled frames."""
+    dm = SegDataModule(dataset="camvid", data_root=str(demo_root), num_workers=0)
+    torch.manual_seed(0)
+    module = SegmentationModule(model="fcn8s", model_kwargs=TINY, palette=dm.palette, exposure_target=40.0)
+    for layer in (module.model.score_fr, module.model.score_pool4, module.model.score_pool3):
+        torch.nn.init.normal_(layer.weight, std=0.5)  # predictions that vary with the input
+    grid_cb = ValPredictionGrid(every_n_epochs=1, num_images=2)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[grid_cb], default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(module, datamodule=dm, verbose=False)
+    written = cv2.cvtColor(cv2.imread(str(tmp_path / "val_grids" / "epoch_000.png")), cv2.COLOR_BGR2RGB)
+    images, masks = grid_cb._samples(trainer)
+    with torch.no_grad():
+        scaled, plain = (module(x).argmax(1) for x in (module.exposure(images), images))
+
+    def grid(preds: torch.Tensor) -> np.ndarray:
+        return prediction_grid(images, masks, preds, palette=dm.palette, ignore_index=255)
+
+    assert np.array_equal(written, grid(scaled))
+    assert not np.array_equal(written, grid(plain))  # the target (40: much darker) changes the picture
+
+
 def test_prediction_grid_colours_and_void() -> None:
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     rgb = torch.tensor([10, 128, 250], dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 2, 3) / 255

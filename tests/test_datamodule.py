@@ -189,6 +189,24 @@ def test_class_weights(demo) -> None:
         _dm(demo, class_weighting="inverse")
 
 
+def test_exposure_target_auto_is_the_training_frames_mean_grey(demo, tmp_path) -> None:
+    def grey(name: str) -> float:
+        return float(cv2.cvtColor(cv2.imread(str(demo / "train" / name)), cv2.COLOR_BGR2GRAY).mean())
+
+    names = sorted(p.name for p in (demo / "train").glob("*.png"))
+    assert _dm(demo).exposure_target is None and _dm(demo, exposure_target=90).exposure_target == 90.0
+    auto = _dm(demo, exposure_target="auto").exposure_target
+    assert auto == pytest.approx(np.mean([grey(n) for n in names]), abs=0.051)  # every frame once, to 0.1
+    listed = tmp_path / "labelled.txt"
+    listed.write_text("demo_00001.png\ndemo_00004.png\n")
+    subset = _dm(demo, exposure_target="auto", train_list=str(listed)).exposure_target
+    assert subset == pytest.approx((grey("demo_00001.png") + grey("demo_00004.png")) / 2, abs=0.051)
+    assert subset != auto
+    for bad in (0, 300, "bright"):
+        with pytest.raises(DataError, match=r"exposure_target .*or auto"):
+            _dm(demo, exposure_target=bad)
+
+
 def test_bad_settings_are_data_errors(demo, tmp_path) -> None:
     for kw, match in (
         ({"dataset": "kitti"}, "unknown dataset 'kitti'"),

@@ -21,6 +21,7 @@ from fcn.data.datamodule import build_dataset
 from fcn.data.demo import make_demo_dataset
 from fcn.data.transforms import eval_transform
 from fcn.evaluate import class_mismatch, labelid_filename, main
+from fcn.exposure import ExposureNorm
 from fcn.metrics import image_scores, segmentation_scores
 from fcn.models import build_model
 from fcn.predictor import predict_logits
@@ -194,6 +195,27 @@ def test_flip_and_multi_scale_tta_run(ckpt, root, tmp_path):
     assert "flip" in metrics["meta"]["prediction"]
 
 
+def test_exposure_target_matches_an_independent_pass_and_is_reported(ckpt, root, tmp_path, data_info):
+    out = tmp_path / "exposure"
+    assert main(_args(ckpt, root, out, "--exposure-target", "200")) == 0
+    info = load_model(ckpt)[1]
+    cm, _ = _reference(ckpt, root, exposure=ExposureNorm(200.0, info.mean, info.std))
+    metrics = _metrics(out)
+    assert np.array_equal(np.array(metrics["confusion_matrix"]), cm)
+    assert not np.array_equal(cm, _reference(ckpt, root)[0])  # the gain changed predictions
+    assert metrics["meta"]["exposure_target"] == 200.0
+    assert metrics["meta"]["prediction"] == "whole image, exposure to grey 200"
+    # a checkpoint that carries the target applies it unasked; `off` drops it
+    model, _ = load_model(ckpt)
+    carried = save_checkpoint(tmp_path / "e.ckpt", model=model, model_name="student",
+                              class_names=data_info["classes"], exposure_target=200)  # fmt: skip
+    assert main(_args(carried, root, tmp_path / "carried")) == 0
+    assert _metrics(tmp_path / "carried")["confusion_matrix"] == metrics["confusion_matrix"]
+    assert main(_args(carried, root, tmp_path / "off", "--exposure-target", "off")) == 0
+    assert _metrics(tmp_path / "off")["meta"]["exposure_target"] is None
+    assert np.array_equal(np.array(_metrics(tmp_path / "off")["confusion_matrix"]), _reference(ckpt, root)[0])
+
+
 def test_compare_puts_both_models_in_one_report(ckpt, ckpt2, root, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = _args(ckpt, root, out, "--compare", str(ckpt2), "--compare-name", "teacher", "--worst", "0")
@@ -294,6 +316,13 @@ def test_unwritable_report_directory_fails_before_evaluating(ckpt, root, tmp_pat
 def test_inconsistent_options_are_refused(ckpt, root, tmp_path, capsys, extra, needle):
     assert evaluate_main(_args(ckpt, root, tmp_path / "out", *extra)) == 2
     assert needle in _error(capsys)
+
+
+def test_a_bad_exposure_target_is_a_usage_error(ckpt, root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_args(ckpt, root, tmp_path / "out", "--exposure-target", "300"))
+    assert exc.value.code == 2 and not (tmp_path / "out").exists()
+    assert "--exposure-target: '300' is not a mean grey level in (0, 255]" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_refused(root, tmp_path, capsys):

@@ -21,7 +21,7 @@ from fcn.cli import predict_main
 from fcn.inputs import OUTPUT_MARKER, collect_inputs
 from fcn.models import build_model
 from fcn.pipeline import PredictOptions, run_predict, size_batches, spare_cores
-from fcn.predictor import Predictor
+from fcn.predictor import Predictor, load_predictor, set_exposure_target
 from fcn.tuning import PREDICT_SPINCOUNT, short_openmp_spin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,6 +322,22 @@ def test_flip_old_spelling(data: dict[str, Path], tmp_path: Path) -> None:
         conf[name] = _read(tmp_path / name / "confidence" / "day" / "c.png")
     assert np.array_equal(conf["flip"], conf["tta_flip"])
     assert not np.array_equal(conf["flip"], conf["none"])
+
+
+def test_exposure_target_reaches_the_batch_pipeline(data: dict[str, Path], tmp_path: Path) -> None:
+    """``--exposure-target`` scales each image before the model, on the pipeline's cv2.LUT path too."""
+    base = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--outputs", "label"]
+    assert _run(*base, "--exposure-target", 200, "--output", tmp_path / "exposure") == 0
+    assert _run(*base, "--output", tmp_path / "plain") == 0
+    predictor = load_predictor(data["ckpt"], device="cpu")
+    set_exposure_target(predictor, 200.0)
+    image = data["src"] / "city" / "day" / "c.png"
+    labels = _read(tmp_path / "exposure" / "label" / "day" / "c.png")
+    assert np.array_equal(labels, predictor.segment(image))
+    assert not np.array_equal(labels, _read(tmp_path / "plain" / "label" / "day" / "c.png"))
+    with pytest.raises(SystemExit):
+        predict_main([*map(str, base), "--exposure-target", "-1", "--output", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_skip_existing_resumes(data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

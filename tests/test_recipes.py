@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fcn.checkpoint import save_checkpoint
+from fcn.checkpoint import read_checkpoint, save_checkpoint
 from fcn.cli import train_main
 from fcn.data.camvid import CLASSES, PALETTE, camvid_pairs, sequence_of, spread_subset, write_subset_list
 from fcn.data.datamodule import SegDataModule, read_frame_list
@@ -87,6 +87,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
     precision = "bf16-mixed" if is_teacher else 32  # bf16 pays for VGG's convolutions only
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("cpu", 1, precision)
     assert data["brightness_range"] == [0.4, 1.4]
+    assert data["exposure_target"] == "auto"  # the training frames' mean grey, into the checkpoint
     # the student-alone recipes and the teachers moved to the softer weights (RESULTS 8); the
     # distillation recipes keep the full weights they were measured with
     second_stage = name.endswith("_ft")  # whole frames from the first stage's best.ckpt
@@ -149,6 +150,8 @@ def test_recipe_trains_one_tiny_epoch(
     assert train_main(args) == 0
     out = tmp_path / "outputs" / "camvid_cpu" / config.stem
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    _, meta = read_checkpoint(out / "checkpoints" / "best.ckpt")
+    assert meta.exposure_target is not None and 0 < meta.exposure_target <= 255  # auto, resolved
     assert (out / "val_grids" / "epoch_000.png").is_file()  # the last epoch always gets a grid
     assert list((out / "logs").glob("version_*/metrics.csv"))
     assert re.search(r"epoch 1/1  step \d+  train [\d.]+ img/s  val mIoU \d\.\d{3}", caplog.text)

@@ -24,7 +24,9 @@ from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
+from fcn.data.io import read_image
 from fcn.data.transforms import eval_transform, train_transform
+from fcn.exposure import check_exposure_target, image_mean_grey
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
 
 DATASETS = ("demo", "camvid", "cityscapes", "folder")
@@ -180,6 +182,9 @@ class SegDataModule(L.LightningDataModule):
             split only (e.g. ``configs/camvid_cpu/train_quarter.txt``).
         unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (labels
             unused); needs ``train_list``, excludes ``unlabeled_root``.
+        exposure_target: ``auto`` (the mean grey level of the training frames, ``train_list``'s when given),
+            a grey level in (0, 255], or None (off): linked into the model, whose inference scales each
+            image to it (:mod:`fcn.exposure`); training crops are not scaled.
         seed: loader shuffling and augmentation seed.
         demo_test: extra demo frames in ``test/`` (e.g. an unlabeled pool) besides demo_train / demo_val.
     """
@@ -209,6 +214,7 @@ class SegDataModule(L.LightningDataModule):
         unlabeled_ratio: float = 1.0,
         train_list: str | None = None,
         unlabeled_from_train: bool = False,
+        exposure_target: float | str | None = None,
         seed: int = 0,
         demo_train: int = 160,
         demo_val: int = 40,
@@ -235,6 +241,11 @@ class SegDataModule(L.LightningDataModule):
             raise DataError("unlabeled_from_train needs train_list (the other training frames are the pool)")
         if unlabeled_from_train and unlabeled_root:
             raise DataError("give either unlabeled_root or unlabeled_from_train, not both")
+        if exposure_target != "auto":
+            try:
+                exposure_target = check_exposure_target(exposure_target)
+            except ValueError as err:
+                raise DataError(f"{err}, or auto (the training frames' mean)") from err
         self.dataset = dataset
         self.data_root = Path(data_root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
@@ -277,6 +288,22 @@ class SegDataModule(L.LightningDataModule):
         self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
         self._data: dict[str, Dataset] = {}
         self._class_weights: list[float] | None = None
+        self._exposure = exposure_target
+
+    @property
+    def exposure_target(self) -> float | None:
+        """The grey level inference scales images to: as given, or with ``auto`` the mean grey level of the
+        training frames (each frame counts once; computed on first use, to 0.1)."""
+        if self._exposure == "auto":
+            self.prepare_data()
+            ds = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs)
+            if self._train_frames:
+                ds, _ = select_frames(ds, self._train_frames, self.train_list)
+            paths = [image for image, _ in ds.samples]
+            if not paths:
+                raise DataError(f"exposure_target=auto: no training frames in {self.data_root}")
+            self._exposure = round(float(np.mean([image_mean_grey(read_image(p)) for p in paths])), 1)
+        return self._exposure
 
     @property
     def class_weights(self) -> list[float] | None:
