@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import torch
 from helpers import TINY, randomize_scores
 from torch import nn
 
-from fcn.checkpoint import CheckpointError, ModelMeta, save_checkpoint
+from fcn.checkpoint import CheckpointError, save_checkpoint
+from fcn.export import export_onnx, export_torchscript
 from fcn.exposure import ExposureNorm, check_exposure_target, exposure_argument, mean_grey
 from fcn.lit import SegmentationModule, SettingError
 from fcn.models import build_model
@@ -122,9 +122,16 @@ def test_the_target_travels_in_checkpoints_and_export_metadata(tmp_path: Path) -
     with torch.no_grad():
         expected = model(ExposureNorm(107.0, IMAGENET_MEAN, IMAGENET_STD)(_normalise(rgb))).argmax(1)[0]
     assert np.array_equal(pred.segment(rgb), expected.numpy())
-    # exports embed the metadata: ONNX props and TorchScript's JSON give it back
-    assert ModelMeta.from_onnx_props(pred.meta.to_onnx_props(), source="m.onnx") == pred.meta
-    assert ModelMeta.from_mapping(json.loads(pred.meta.to_json()), source="m.pt") == pred.meta
+    # exports embed the metadata, and their predictors apply it
+    for path in (
+        export_onnx(model, pred.meta, tmp_path / "m.onnx", size=(24, 32)),
+        export_torchscript(model, pred.meta, tmp_path / "m.pt", size=(24, 32)),
+    ):
+        exported = load_predictor(path, device="cpu")
+        assert exported.meta == pred.meta and exported.exposure == pred.exposure
+        assert (exported.segment(rgb) == expected.numpy()).mean() > 0.99, path.name  # onnxruntime: ~1e-5
+    set_exposure_target(exported, "off")
+    assert (exported.segment(rgb) == expected.numpy()).mean() < 0.9  # so the checks above could fail
     set_exposure_target(pred, None)  # the option not given: the model's stays
     assert pred.meta.exposure_target == 107.0
     set_exposure_target(pred, 90.0)
