@@ -2,7 +2,8 @@
 level is the training frames' (``exposure_target``, 0-255), then clipped to the 0-255 range as a camera's
 gain would be. Footage of another drive filmed darker (CamVid's 0001TP at dusk: mean grey ~59 against
 ~107 for the training frames) then reaches the model at the exposure it was trained at; the training
-recipes jitter brightness (x0.4-1.4) instead and are unchanged (docs/RESULTS.md section 8, "Exposure").
+recipes jitter brightness (x0.4-1.4) instead and are unchanged (docs/RESULTS.md section 8, "Exposure
+normalisation at inference").
 
 The target travels with the model: ``exposure_target`` in the training module's hyper-parameters, hence in
 its checkpoints (:class:`fcn.checkpoint.ModelMeta`) and exports; ``evaluate.py`` / ``predict.py`` apply it
