@@ -20,7 +20,7 @@ from fcn.exposure import ExposureNorm, check_exposure_target, exposure_argument,
 from fcn.lit import SegmentationModule, SettingError
 from fcn.models import build_model
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
-from fcn.predictor import load_predictor, predict_logits, set_exposure_target
+from fcn.predictor import Predictor, load_predictor, predict_logits, set_exposure_target
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -112,33 +112,39 @@ def test_predict_logits_scales_whole_images_before_windows_and_views() -> None:
 
 
 def test_the_target_travels_in_checkpoints_and_export_metadata(tmp_path: Path) -> None:
-    model = randomize_scores(build_model("fcn8s", num_classes=3, **TINY))
-    ckpt = save_checkpoint(tmp_path / "m.ckpt", model=model, model_name="fcn8s", model_kwargs=TINY,
-                           exposure_target=107)  # fmt: skip
+    torch.manual_seed(0)  # a student whose labels follow the brightness (checked below)
+    model = randomize_scores(build_model("student", num_classes=3))
+    ckpt = save_checkpoint(tmp_path / "m.ckpt", model=model, model_name="student", exposure_target=107)
     pred = load_predictor(ckpt, device="cpu")
     assert pred.meta.exposure_target == 107.0
     assert pred.exposure == ExposureNorm(107.0, pred.meta.mean, pred.meta.std)
-    rgb = _dark_image()
+    rgb = _dark_image(height=48, width=64)
     with torch.no_grad():
         expected = model(ExposureNorm(107.0, IMAGENET_MEAN, IMAGENET_STD)(_normalise(rgb))).argmax(1)[0]
-    assert np.array_equal(pred.segment(rgb), expected.numpy())
+    expected = expected.numpy()
+
+    def agree(predictor: Predictor) -> float:
+        return float((predictor.segment(rgb) == expected).mean())
+
+    # the predictor folds BatchNorm and onnxruntime sums in its own order: near-tied pixels may differ
+    assert agree(pred) > 0.99
     # exports embed the metadata, and their predictors apply it
     for path in (
-        export_onnx(model, pred.meta, tmp_path / "m.onnx", size=(24, 32)),
-        export_torchscript(model, pred.meta, tmp_path / "m.pt", size=(24, 32)),
+        export_onnx(model, pred.meta, tmp_path / "m.onnx", size=(48, 64)),
+        export_torchscript(model, pred.meta, tmp_path / "m.pt", size=(48, 64)),
     ):
         exported = load_predictor(path, device="cpu")
         assert exported.meta == pred.meta and exported.exposure == pred.exposure
-        assert (exported.segment(rgb) == expected.numpy()).mean() > 0.99, path.name  # onnxruntime: ~1e-5
+        assert agree(exported) > 0.99, path.name
     set_exposure_target(exported, "off")
-    assert (exported.segment(rgb) == expected.numpy()).mean() < 0.9  # so the checks above could fail
+    assert agree(exported) < 0.9  # so the checks above could fail
     set_exposure_target(pred, None)  # the option not given: the model's stays
     assert pred.meta.exposure_target == 107.0
     set_exposure_target(pred, 90.0)
     assert pred.exposure is not None and pred.exposure.target == 90.0
     set_exposure_target(pred, "off")
     assert pred.exposure is None
-    plain = save_checkpoint(tmp_path / "p.ckpt", model=model, model_name="fcn8s", model_kwargs=TINY)
+    plain = save_checkpoint(tmp_path / "p.ckpt", model=model, model_name="student")
     assert load_predictor(plain, device="cpu").exposure is None  # the default: off
 
     data = torch.load(ckpt, weights_only=True)
