@@ -296,10 +296,7 @@ class SegDataModule(L.LightningDataModule):
         training frames (each frame counts once; computed on first use, to 0.1)."""
         if self._exposure == "auto":
             self.prepare_data()
-            ds = build_dataset(self.dataset, self.data_root, self.splits["train"], **self._kwargs)
-            if self._train_frames:
-                ds, _ = select_frames(ds, self._train_frames, self.train_list)
-            paths = [image for image, _ in ds.samples]
+            paths = [image for image, _ in self.make_dataset("train").samples]  # train_list's frames
             if not paths:
                 raise DataError(f"exposure_target=auto: no training frames in {self.data_root}")
             self._exposure = round(float(np.mean([image_mean_grey(read_image(p)) for p in paths])), 1)
