@@ -35,7 +35,7 @@ from fcn.data.io import probe_size, write_bytes_atomic
 from fcn.inputs import InputItem
 from fcn.models import ModelError, build_model, list_models
 from fcn.pipeline import PredictError, PredictOptions, run_predict
-from fcn.predictor import PRECISIONS, InferenceError, Predictor, predict_logits, resolve_device
+from fcn.predictor import PRECISIONS, InferenceError, Predictor, resolve_device
 from fcn.scoring import sync
 from fcn.tuning import cpu_has_native_bf16, keeps_freed_memory, release_freed_memory
 
@@ -469,11 +469,11 @@ def benchmark_forward(predictor: Predictor, items: Sequence[InputItem], options:
     if size is None:
         raise PredictError(f"cannot read the size of {items[0].path} for --benchmark")
     x = torch.randn(options.batch_size, 3, *size, device=predictor.device)
-    predict_logits(predictor, x, exposure=predictor.exposure, **options.strategy())  # warm-up
+    predictor.logits(x, **options.strategy())  # warm-up
     sync(predictor.device)
     batches = _forward_batches(items, options.batch_size)
     start = time.perf_counter()
     for _ in range(batches):
-        predict_logits(predictor, x, exposure=predictor.exposure, **options.strategy())
+        predictor.logits(x, **options.strategy())
     sync(predictor.device)
     return batches * options.batch_size / max(time.perf_counter() - start, 1e-9)

@@ -31,7 +31,7 @@ from fcn import distributed
 from fcn.data.errors import DataError
 from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
 from fcn.inputs import InputItem, output_paths
-from fcn.predictor import Predictor, class_ids, label_arrays, labels_and_confidence, predict_logits
+from fcn.predictor import Predictor, class_ids, label_arrays, labels_and_confidence
 from fcn.video import VIDEO_KINDS, Stage, VideoError, frame_range, is_video, predict_video, probe_video
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def _predict_group(
     samples, images = group
     x = predictor.normalize(images)
     start = time.perf_counter()
-    logits = predict_logits(predictor, x, exposure=predictor.exposure, **options.strategy())
+    logits = predictor.logits(x, **options.strategy())
     if timer is not None:
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)

@@ -101,6 +101,11 @@ class Predictor:
         mean, std = (torch.tensor(v).view(1, 3) * 255.0 for v in (self.meta.mean, self.meta.std))
         return ((values - mean) / std).numpy().reshape(1, 256, 3)
 
+    def logits(self, x: torch.Tensor, **strategy: object) -> torch.Tensor:
+        """:func:`predict_logits` of this model for a normalised batch ``x``, with its :attr:`exposure`:
+        the one way every inference path (predict, evaluate, video, benchmark) runs the model."""
+        return predict_logits(self, x, exposure=self.exposure, **strategy)  # type: ignore[arg-type]
+
     def segment(
         self, images: np.ndarray | Sequence[np.ndarray] | str | Path, **strategy: object
     ) -> np.ndarray:
@@ -113,7 +118,7 @@ class Predictor:
         if batch.dtype != np.uint8 or batch.shape[-1:] != (3,) or batch.ndim not in (3, 4):
             raise InferenceError(f"segment takes RGB uint8 (H, W, 3) or (N, H, W, 3), got {batch.shape}")
         x = self.normalize(torch.from_numpy(np.ascontiguousarray(batch.reshape(-1, *batch.shape[-3:]))))
-        ids = predict_logits(self, x, exposure=self.exposure, **strategy).argmax(1)  # type: ignore[arg-type]
+        ids = self.logits(x, **strategy).argmax(1)
         labels = ids.to(torch.uint8 if self.num_classes <= 256 else torch.int32).cpu().numpy()
         return labels[0] if batch.ndim == 3 else labels
 

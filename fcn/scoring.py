@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fcn.data.errors import DataError
 from fcn.distributed import all_gather
 from fcn.metrics import ConfusionMatrix, image_scores
-from fcn.predictor import Predictor, predict_logits
+from fcn.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,6 @@ def evaluate_model(
             del kept[worst:]
 
     bar = tqdm(total=len(data), unit="img", desc=desc, disable=None if progress else True, delay=2.0)
-    exposure = predictor.exposure
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
@@ -194,7 +193,7 @@ def evaluate_model(
                 group = list(same_shape)
                 x = torch.stack([g[1] for g in group]).to(device, non_blocking=True)
                 target = torch.stack([g[2] for g in group]).to(device, non_blocking=True)
-                pred = predict_logits(predictor, x, exposure=exposure, **options.strategy()).argmax(dim=1)
+                pred = predictor.logits(x, **options.strategy()).argmax(dim=1)
                 sync(device)
                 with timed("metric"):
                     confmat.update(pred, target)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fcn.data.io import colorize, encode_png, overlay, temp_name, write_bytes_atomic
-from fcn.predictor import Predictor, label_arrays, labels_and_confidence, predict_logits
+from fcn.predictor import Predictor, label_arrays, labels_and_confidence
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 VIDEO_KINDS = ("color", "overlay")  # written as videos; the other kinds as one PNG per frame
@@ -286,7 +286,7 @@ def predict_video(
                 if overlap:  # the next batch decodes beside this one's forward pass
                     ahead = pool.submit(reader.read)
                 x, frames = predictor.normalize(torch.from_numpy(batch["input"])), batch["frames"]
-                logits = predict_logits(predictor, x, exposure=predictor.exposure, **o.strategy())
+                logits = predictor.logits(x, **o.strategy())
                 height, width = frames[0].shape[:2]
                 if tuple(logits.shape[-2:]) != (height, width):  # --resize: back to the frame's size
                     logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
