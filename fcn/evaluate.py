@@ -38,7 +38,6 @@ from fcn.predictor import (
     InferenceError,
     Predictor,
     load_predictor,
-    load_predictors,
     resolve_device,
     set_exposure_target,
 )
@@ -80,13 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint on a labelled split and write a report directory "
         "(report.md, metrics.json, per_class.csv, per_image.csv, confusion_matrix.png, worst/).",
     )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        nargs="+",
-        help=".ckpt, or .onnx / .pt from export; several: their ensemble (mean softmax)",
-    )
+    p.add_argument("--checkpoint", required=True, type=Path, help=".ckpt, or .onnx / .pt from export")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="data set layout")
     p.add_argument("--data-root", required=True, type=Path, help="data set root directory")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
@@ -179,14 +172,9 @@ def _require_classes(
     args: argparse.Namespace, meta: ModelMeta, classes: Sequence[str], label: str, fix: str
 ) -> None:
     """:class:`EvaluationError` (the difference, then ``fix``) unless ``classes`` are the checkpoint's."""
-    checkpoint = f"checkpoint {_checkpoints(args)}"
+    checkpoint = f"checkpoint {args.checkpoint}"
     if problem := class_mismatch(meta.class_names, classes, expected_label=checkpoint, actual_label=label):
         raise EvaluationError(f"{problem}; {fix}")
-
-
-def _checkpoints(args: argparse.Namespace) -> str:
-    """--checkpoint's file, or its files separated by spaces (an ensemble)."""
-    return " ".join(str(path) for path in args.checkpoint)
 
 
 def _build_dataset(args: argparse.Namespace, info: ModelMeta) -> Any:
@@ -245,7 +233,7 @@ def main(argv: list[str]) -> int:
 
 def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.device, world: World) -> int:
     onednn = onednn_convolutions()
-    predictor = load_predictors(args.checkpoint, device=device, precision=args.precision, onednn=onednn)
+    predictor = load_predictor(args.checkpoint, device=device, precision=args.precision, onednn=onednn)
     set_exposure_target(predictor, args.exposure_target)
     meta = predictor.meta
     other: Predictor | None = None
@@ -288,7 +276,7 @@ def _evaluate(args: argparse.Namespace, options: PredictOptions, device: torch.d
     if not world.main:  # rank 0 writes the report
         return 0
     report_meta: dict[str, Any] = {
-        "checkpoint": _checkpoints(args),
+        "checkpoint": str(args.checkpoint),
         "model": meta.model_name,
         "dataset": args.dataset,
         "data_root": str(args.data_root),
@@ -346,7 +334,7 @@ def _share(dataset: Any, limit: int | None, world: World) -> list[int] | None:
 
 def _model_names(args: argparse.Namespace, meta: ModelMeta, other: ModelMeta | None) -> list[str]:
     """The report's names: the evaluated model's, then the --compare model's (made distinct)."""
-    main_name = meta.model_name + (f" ensemble of {n}" if (n := len(args.checkpoint)) > 1 else "")
+    main_name = meta.model_name
     if other is None:
         return [main_name]
     if args.compare_name == main_name:

@@ -28,7 +28,7 @@ from fcn.predictor import (
     PRECISIONS,
     InferenceError,
     Predictor,
-    load_predictors,
+    load_predictor,
     resolve_device,
     set_exposure_target,
 )
@@ -41,12 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="predict",
         description="Segment images with a training checkpoint or an exported .onnx / TorchScript model.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        nargs="+",
-        help=".ckpt from training, or .onnx / .pt from export; several: their ensemble (mean softmax)",
-    )
+    parser.add_argument("--checkpoint", required=True, help=".ckpt from training, or .onnx / .pt from export")
     parser.add_argument("--input", required=True, help="image or video, folder, 'glob' or .txt list")
     parser.add_argument("--output", required=True, type=Path, help="output folder (DIR/<kind>/REL.png)")
     kinds = ",".join(OUTPUT_KINDS)
@@ -168,7 +163,7 @@ def _main(args: argparse.Namespace, world: distributed.World) -> int:
 
     def load() -> Predictor:  # not called when --skip-existing finds every output present
         flags = {name: getattr(args, name) for name in ("precision", "channels_last", "fuse")}
-        predictor = load_predictors(args.checkpoint, device=device, onednn=onednn_convolutions(), **flags)
+        predictor = load_predictor(args.checkpoint, device=device, onednn=onednn_convolutions(), **flags)
         set_exposure_target(predictor, args.exposure_target)
         return predictor
 

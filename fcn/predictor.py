@@ -8,7 +8,6 @@ exported TorchScript file into a :class:`Predictor` carrying the model's
     labels = model.segment(image)  # (H, W) class ids of an RGB uint8 (H, W, 3) image
     colours = model.colorize(labels)
 
-:class:`EnsemblePredictor` (:func:`load_predictors` of several files) averages models' softmax.
 :func:`predict_logits` (resize, sliding window, flip / multi-scale TTA) takes any ``model(x) -> logits``
 callable; :func:`labels_and_confidence`, :func:`label_arrays` and :func:`class_ids` turn logits into ids.
 """
@@ -19,9 +18,8 @@ import dataclasses
 import json
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -208,56 +206,11 @@ class OnnxPredictor(Predictor):
         return torch.from_numpy(out).to(self.device)
 
 
-class EnsemblePredictor(Predictor):
-    """Several models as one: :meth:`logits` is the log of the mean of the members' softmax, each member
-    with its own exposure and the same strategy (TTA, window). The members must share classes and input
-    normalisation; :attr:`meta` is the first member's, with an exposure target only where all agree."""
-
-    def __init__(self, members: Sequence[Predictor], *, names: Sequence[str] | None = None) -> None:
-        if len(members) < 2:
-            raise InferenceError(f"an ensemble needs at least two models, got {len(members)}")
-        names = (
-            [str(n) for n in names] if names is not None else [f"model {i + 1}" for i in range(len(members))]
-        )
-        first = members[0].meta
-        for name, member in zip(names[1:], members[1:], strict=True):
-            meta = member.meta
-            if (meta.class_names, meta.mean, meta.std) != (first.class_names, first.mean, first.std):
-                raise InferenceError(
-                    f"{name} cannot join an ensemble with {names[0]}: their classes or input normalisation "
-                    "differ; ensemble models trained on the same data set"
-                )
-        self.members = list(members)
-        self.device, self.channels_last = members[0].device, members[0].channels_last
-        targets = {m.meta.exposure_target for m in members}
-        self.meta = dataclasses.replace(first, exposure_target=targets.pop() if len(targets) == 1 else None)
-
-    def cpu_threads(self) -> int:
-        return self.members[0].cpu_threads()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _log_mean_softmax(member(x) for member in self.members)
-
-    def logits(self, x: torch.Tensor, **strategy: object) -> torch.Tensor:
-        return _log_mean_softmax(member.logits(x, **strategy) for member in self.members)
-
-
-def _log_mean_softmax(logits: Iterable[torch.Tensor]) -> torch.Tensor:
-    total, count = None, 0
-    for out in logits:
-        probs = out.float().softmax(1)
-        total, count = (probs if total is None else total.add_(probs)), count + 1
-    assert total is not None  # an ensemble has members
-    return total.div_(count).clamp_min_(1e-12).log_()
-
-
 def set_exposure_target(predictor: Predictor, value: float | str | None) -> None:
     """Apply ``--exposure-target`` (:func:`fcn.exposure.exposure_argument`): None keeps the model's,
-    ``"off"`` drops it, a number replaces it (for every member of an ensemble)."""
+    ``"off"`` drops it, a number replaces it."""
     if value is not None:
         target = None if value == "off" else float(value)
-        for member in predictor.members if isinstance(predictor, EnsemblePredictor) else ():
-            set_exposure_target(member, value)
         predictor.meta = dataclasses.replace(predictor.meta, exposure_target=target)
 
 
@@ -325,14 +278,6 @@ def load_predictor(
     return TorchPredictor(  # fuse and onednn leave TorchScript as it is
         model, meta, device=dev, precision=precision, channels_last=channels_last, fuse=fuse, onednn=onednn
     )
-
-
-def load_predictors(paths: Sequence[str | Path], **options: Any) -> Predictor:
-    """:func:`load_predictor` of one file, or the :class:`EnsemblePredictor` of several (same ``options``)."""
-    if not paths:
-        raise InferenceError("no model file given")
-    members = [load_predictor(path, **options) for path in paths]
-    return members[0] if len(members) == 1 else EnsemblePredictor(members, names=[str(p) for p in paths])
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

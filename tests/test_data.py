@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import huge_header_image
 
-from fcn.data.base import UNKNOWN, SegmentationDataset, median_frequency_weights
+from fcn.data.base import UNKNOWN, SegmentationDataset
 from fcn.data.benchmark import run as run_benchmark
 from fcn.data.camvid import CLASSES as CAMVID_CLASSES
 from fcn.data.camvid import PALETTE as CAMVID_PALETTE
-from fcn.data.camvid import CamVid, camvid_table
+from fcn.data.camvid import CamVid, camvid_table, median_frequency_weights
 from fcn.data.cityscapes import (
     CLASSES as CS_CLASSES,
 )
@@ -176,14 +176,16 @@ def test_camvid_classes_palette_and_void(tmp_path) -> None:
     assert camvid_table(7)[11] == 7
 
 
-def test_median_frequency_weights_by_hand() -> None:
+def test_median_frequency_weights_by_hand(tmp_path) -> None:
     a = np.array([0] * 8 + [1] * 8, np.uint8).reshape(4, 4)  # class 0: 8 px, class 1: 8 px
-    b = np.array([0] * 12 + [2] * 3 + [255], np.uint8).reshape(4, 4)  # class 0: 12, class 2: 3, void: 1
-    # freq = pixels of c / pixels of the masks containing c: 20/32, 8/16, 3/16 -> median 0.5
-    w = median_frequency_weights([a, b], num_classes=11)
+    b = np.array([0] * 12 + [2] * 3 + [11], np.uint8).reshape(4, 4)  # class 0: 12, class 2: 3, void: 1
+    for name, lab in (("a", a), ("b", b)):
+        _png(tmp_path / "train" / f"{name}.png", np.zeros((4, 4, 3), np.uint8))
+        _png(tmp_path / "trainannot" / f"{name}.png", lab)
+    # freq = pixels of c / pixels of the images containing c: 20/32, 8/16, 3/16 -> median 0.5
+    w = median_frequency_weights(tmp_path)
     assert w[:3] == pytest.approx([0.5 / (20 / 32), 1.0, 0.5 / (3 / 16)])
     assert w[3:] == [0.0] * 8 and len(w) == 11
-    assert median_frequency_weights([a.astype(np.int32) - 1], num_classes=2) == [1.0, 0.0]  # -1 not counted
 
 
 def test_fast_label_path_equals_the_generic_one() -> None:

@@ -231,27 +231,6 @@ def test_compare_puts_both_models_in_one_report(ckpt, ckpt2, root, tmp_path, cap
     assert "## Comparison" in (out / "report.md").read_text()
 
 
-def test_several_checkpoints_are_evaluated_as_their_ensemble(ckpt, ckpt2, root, tmp_path):
-    out = tmp_path / "ensemble"
-    assert main([*_args(ckpt, root, out, "--worst", "0"), "--checkpoint", str(ckpt), str(ckpt2)]) == 0
-    models = [load_model(path)[0] for path in (ckpt, ckpt2)]
-    info = load_model(ckpt)[1]
-    ds = build_dataset("camvid", root, "val", transform=eval_transform(mean=info.mean, std=info.std))
-    c = info.num_classes
-    cm = np.zeros((c, c), dtype=np.int64)
-    with torch.inference_mode():  # independently: the arg-max of the two models' mean softmax
-        for image, mask in (ds[i] for i in range(len(ds))):
-            pred = sum(m(image[None]).softmax(1) for m in models).argmax(1)[0].numpy()
-            gt = mask.numpy()
-            keep = gt != ds.ignore_index
-            cm += np.bincount(gt[keep] * c + pred[keep], minlength=c * c).reshape(c, c)
-    metrics = _metrics(out)
-    assert metrics["mean_iou"] == pytest.approx(segmentation_scores(cm)["mean_iou"])
-    assert metrics["mean_iou"] != pytest.approx(segmentation_scores(_reference(ckpt, root)[0])["mean_iou"])
-    assert metrics["meta"]["checkpoint"] == f"{ckpt} {ckpt2}"
-    assert metrics["meta"]["model"] == "student"
-
-
 def test_compare_without_name_gets_a_distinct_name(ckpt, ckpt2, root, tmp_path):
     out = tmp_path / "cmp"
     assert main(_args(ckpt, root, out, "--compare", str(ckpt2), "--worst", "0", "--limit", "1")) == 0

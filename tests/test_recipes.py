@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fcn.checkpoint import read_checkpoint, save_checkpoint
-from fcn.cli import predict_main, train_main
+from fcn.cli import train_main
 from fcn.data.camvid import CLASSES, PALETTE, camvid_pairs, sequence_of, spread_subset, write_subset_list
 from fcn.data.datamodule import SegDataModule, read_frame_list
 from fcn.data.demo import make_demo_dataset
@@ -57,15 +57,6 @@ def first_stage(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pseudo_labels(tmp_path_factory, demo_root, first_stage) -> Path:
-    """predict.py's labels and confidences of the demo training frames (student_pseudo_quarter)."""
-    out = tmp_path_factory.mktemp("pseudo")
-    args = ["--checkpoint", str(first_stage), "--input", str(demo_root / "train"), "--output", str(out)]
-    assert predict_main([*args, "--outputs", "label,confidence", "--device", "cpu", "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     return _camvid_checkpoint(tmp_path_factory.mktemp("teacher"), "fcn8s", TINY_TEACHER)
 
@@ -80,7 +71,6 @@ def test_the_recipes_are_all_there() -> None:
         "student_quarter",
         "fcn8s_quarter",
         "distill_semi_quarter",
-        "student_pseudo_quarter",
         "student_loso",
         "student_ft",
         "student_loso_ft",
@@ -102,14 +92,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
     # distillation recipes keep the full weights they were measured with
     second_stage = name.endswith("_ft")  # whole frames from the first stage's best.ckpt
     first = name.removesuffix("_ft")
-    softer = first in (
-        "student",
-        "student_loso",
-        "student_quarter",
-        "student_pseudo_quarter",
-        "fcn8s",
-        "fcn8s_quarter",
-    )
+    softer = first in ("student", "student_loso", "student_quarter", "fcn8s", "fcn8s_quarter")
     assert data["class_weighting"] == ("sqrt_median_frequency" if softer else "median_frequency")
     assert data["num_workers"] == 2 and data["data_root"] == "data/camvid" and data["dataset"] == "camvid"
     assert data["crop_size"] == ([360, 480] if second_stage else [240, 320])
@@ -130,12 +113,6 @@ def test_recipe_settings_and_header(config: Path) -> None:
         assert model["model"] == "fcn8s" and model["model_kwargs"]["backbone"] == "vgg16_bn"
     assert ("train_list" in data) == (name.endswith("_quarter") or first == "student_loso")
     assert data.get("unlabeled_from_train", False) == (name == "distill_semi_quarter")
-    if name == "student_pseudo_quarter":  # the quarter's labels, predict's labels for the other frames
-        assert (
-            data["pseudo_labels"] == "outputs/camvid_cpu/pseudo_quarter" and 0 < data["pseudo_threshold"] < 1
-        )
-    else:
-        assert "pseudo_labels" not in data
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert f"python scripts/train.py fit --config configs/camvid_cpu/{name}.yaml" in header
     assert f"--ckpt_path {out}/checkpoints/last.ckpt" in header
@@ -157,7 +134,7 @@ def _tiny_epoch_args(config: Path, demo_root: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_recipe_trains_one_tiny_epoch(
-    config, demo_root, teacher, first_stage, pseudo_labels, tmp_path, monkeypatch, caplog
+    config, demo_root, teacher, first_stage, tmp_path, monkeypatch, caplog
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/ land here
     text = config.read_text()
@@ -170,8 +147,6 @@ def test_recipe_trains_one_tiny_epoch(
         args += ["--model.init_args.init_from", str(first_stage)]
     if "train_list:" in text:
         args += ["--data.train_list", str(demo_root / "quarter.txt")]
-    if "pseudo_labels:" in text:
-        args += ["--data.pseudo_labels", str(pseudo_labels)]
     assert train_main(args) == 0
     out = tmp_path / "outputs" / "camvid_cpu" / config.stem
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +27,6 @@ def label_table(mapping: dict[int, int], *, size: int = 256) -> np.ndarray:
         if raw >= 0:
             lut[raw] = train_id
     return lut
-
-
-def median_frequency_weights(masks: Iterable[np.ndarray], *, num_classes: int) -> list[float]:
-    """Median-frequency class weights (Eigen & Fergus) ``median(freq) / freq[c]`` of train-id masks (values
-    from ``num_classes`` up, e.g. the ignore index, are not counted). ``freq[c]``: pixels of class ``c`` over
-    the pixels of the masks where it appears; absent classes get 0."""
-    counts, image_pixels = np.zeros((2, num_classes), dtype=np.float64)
-    for mask in masks:
-        values = mask.ravel()
-        hist = np.bincount(values[(values >= 0) & (values < num_classes)], minlength=num_classes)
-        counts += hist
-        image_pixels[hist > 0] += values.size
-    present = counts > 0
-    freq = np.divide(counts, image_pixels, out=np.zeros(num_classes), where=present)
-    median = float(np.median(freq[present])) if present.any() else 0.0
-    return [float(median / f) if f > 0 else 0.0 for f in freq]
 
 
 def pair_by_stem(
@@ -154,22 +138,17 @@ class SegmentationDataset(Dataset):
             mapped[unknown] = self.ignore_index
         return mapped.astype(self._dtype)
 
-    def mask(self, index: int) -> np.ndarray:
-        """The train-id mask (uint8 or int32) of a pair, without its image (class weights read these)."""
-        mask_path = self.samples[index][1]
-        return self.map_labels(read_mask(mask_path), mask_path)
-
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 image and train-id mask (uint8 or int32) of a pair, checked for equal size."""
         img_path, mask_path = self.samples[index]
         image = read_image(img_path)
-        mask = self.mask(index)
-        if mask.shape[:2] != image.shape[:2]:
+        raw = read_mask(mask_path)
+        if raw.shape[:2] != image.shape[:2]:
             raise DataError(
                 f"image {img_path} is {image.shape[0]}x{image.shape[1]} but its label {mask_path} is "
-                f"{mask.shape[0]}x{mask.shape[1]}; a pair must have the same size (re-export or remove it)"
+                f"{raw.shape[0]}x{raw.shape[1]}; a pair must have the same size (re-export or remove it)"
             )
-        return image, mask
+        return image, self.map_labels(raw, mask_path)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         return apply_transform(self.transform, *self.load(index))

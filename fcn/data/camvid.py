@@ -76,6 +76,27 @@ class CamVid(SegmentationDataset):
         )
 
 
+def median_frequency_weights(
+    root: str | Path, split: str = "train", *, frames: Collection[str] | None = None
+) -> list[float]:
+    """Median-frequency class weights (Eigen & Fergus) ``median(freq) / freq[c]`` over the split's labels
+    (only the image names in ``frames`` when given). ``freq[c]``: pixels of class ``c`` over the pixels of
+    the images where it appears; absent classes get 0."""
+    n = len(CLASSES)
+    counts, image_pixels = np.zeros((2, n), dtype=np.float64)
+    for image_path, mask_path in camvid_pairs(root, split):
+        if frames is not None and image_path.name not in frames:
+            continue
+        raw = read_mask(mask_path)
+        hist = np.bincount(raw.ravel(), minlength=256)[:n].astype(np.float64)
+        counts += hist
+        image_pixels[hist > 0] += raw.size
+    present = counts > 0
+    freq = np.divide(counts, image_pixels, out=np.zeros(n), where=present)
+    median = float(np.median(freq[present])) if present.any() else 0.0
+    return [float(median / f) if f > 0 else 0.0 for f in freq]
+
+
 # -- labelled subsets (the label-scarce protocol of configs/camvid_cpu/) -----------------------------------
 def sequence_of(name: str) -> str:
     """The video sequence of a frame: its stem before the first ``_`` (``0016E5_07959.png`` -> ``0016E5``)."""

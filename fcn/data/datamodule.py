@@ -20,12 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from fcn.data import camvid, cityscapes
-from fcn.data.base import UNKNOWN_LABELS, median_frequency_weights
+from fcn.data.base import UNKNOWN_LABELS
 from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
 from fcn.data.io import read_image
-from fcn.data.pseudo import PseudoLabelled
 from fcn.data.transforms import eval_transform, train_transform
 from fcn.exposure import check_exposure_target, image_mean_grey
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
@@ -174,7 +173,7 @@ class SegDataModule(L.LightningDataModule):
         unknown_labels: ``error`` or ``ignore`` (as void) for label values outside the class table.
         label_type: Cityscapes ``labelIds``, ``labelTrainIds`` or ``auto``.
         classes_file: folder data's class YAML (default ``<data_root>/classes.yaml``).
-        class_weighting: ``median_frequency`` (from the training labels, pseudo labels included) or
+        class_weighting: ``median_frequency`` (CamVid/demo, from the training labels) or
             ``sqrt_median_frequency`` (their square roots: a softer push towards rare classes).
         unlabeled_root: an unlabeled image folder for semi-supervised distillation: the train loader then
             yields ``{"labeled": ..., "unlabeled": ...}``, as many unlabeled batches as labelled ones.
@@ -183,14 +182,9 @@ class SegDataModule(L.LightningDataModule):
             split only (e.g. ``configs/camvid_cpu/train_quarter.txt``).
         unlabeled_from_train: the unlabeled pool is the train split's frames *not* in ``train_list`` (labels
             unused); needs ``train_list``, excludes ``unlabeled_root``.
-        pseudo_labels: offline semi-supervision: the train split's frames *not* in ``train_list`` train as
-            labelled frames with the labels a model predicted for them: ``scripts/predict.py --outputs
-            label,confidence``'s output folder (:mod:`fcn.data.pseudo`); needs ``train_list``, excludes
-            ``unlabeled_root`` and ``unlabeled_from_train``.
-        pseudo_threshold: pseudo-labelled pixels below this confidence are void.
-        exposure_target: ``auto`` (the mean grey level of the training frames: ``train_list``'s when given,
-            and the pseudo-labelled ones), a grey level in (0, 255], or None (off): linked into the model,
-            whose inference scales each image to it (:mod:`fcn.exposure`); training crops are not scaled.
+        exposure_target: ``auto`` (the mean grey level of the training frames, ``train_list``'s when given),
+            a grey level in (0, 255], or None (off): linked into the model, whose inference scales each
+            image to it (:mod:`fcn.exposure`); training crops are not scaled.
         seed: loader shuffling and augmentation seed.
         demo_test: extra demo frames in ``test/`` (e.g. an unlabeled pool) besides demo_train / demo_val.
     """
@@ -220,8 +214,6 @@ class SegDataModule(L.LightningDataModule):
         unlabeled_ratio: float = 1.0,
         train_list: str | None = None,
         unlabeled_from_train: bool = False,
-        pseudo_labels: str | None = None,
-        pseudo_threshold: float = 0.7,
         exposure_target: float | str | None = None,
         seed: int = 0,
         demo_train: int = 160,
@@ -249,12 +241,6 @@ class SegDataModule(L.LightningDataModule):
             raise DataError("unlabeled_from_train needs train_list (the other training frames are the pool)")
         if unlabeled_from_train and unlabeled_root:
             raise DataError("give either unlabeled_root or unlabeled_from_train, not both")
-        if pseudo_labels and not train_list:
-            raise DataError("pseudo_labels needs train_list (the other training frames take the pseudo labels)")
-        if pseudo_labels and (unlabeled_root or unlabeled_from_train):
-            raise DataError("pseudo_labels replaces the unlabeled pool; drop unlabeled_root / unlabeled_from_train")
-        if not 0.0 <= float(pseudo_threshold) <= 1.0:
-            raise DataError(f"pseudo_threshold must be a probability in [0, 1], got {pseudo_threshold}")
         if exposure_target != "auto":
             try:
                 exposure_target = check_exposure_target(exposure_target)
@@ -277,8 +263,6 @@ class SegDataModule(L.LightningDataModule):
         self.unlabeled_ratio = float(unlabeled_ratio)
         self.train_list = train_list
         self.unlabeled_from_train = bool(unlabeled_from_train)
-        self.pseudo_labels = pseudo_labels
-        self.pseudo_threshold = float(pseudo_threshold)
         self._train_frames = read_frame_list(train_list) if train_list else None
         self.seed = int(seed)
         self.demo = {"n_train": demo_train, "n_val": demo_val, "n_test": demo_test, "seed": self.seed}
@@ -312,7 +296,7 @@ class SegDataModule(L.LightningDataModule):
         training frames (each frame counts once; computed on first use, to 0.1)."""
         if self._exposure == "auto":
             self.prepare_data()
-            paths = [image for image, _ in self.make_dataset("train").samples]  # as trained on
+            paths = [image for image, _ in self.make_dataset("train").samples]  # train_list's frames
             if not paths:
                 raise DataError(f"exposure_target=auto: no training frames in {self.data_root}")
             self._exposure = round(float(np.mean([image_mean_grey(read_image(p)) for p in paths])), 1)
@@ -320,15 +304,15 @@ class SegDataModule(L.LightningDataModule):
 
     @property
     def class_weights(self) -> list[float] | None:
-        """Median-frequency weights (or their square roots) of the training labels (``train_list``'s frames
-        and the pseudo labels when given), if ``class_weighting``."""
+        """Median-frequency weights (or their square roots) of the training labels, if ``class_weighting``."""
         if self.class_weighting is None:
             return None
+        if self.dataset not in ("camvid", "demo"):
+            raise DataError(f"class_weighting={self.class_weighting!r} is implemented for CamVid-layout data")
         if self._class_weights is None:
             self.prepare_data()
-            ds = self.make_dataset("train")
-            masks = (ds.mask(i) for i in range(len(ds)))
-            weights = median_frequency_weights(masks, num_classes=self.num_classes)
+            frames = set(self._train_frames) if self._train_frames else None
+            weights = camvid.median_frequency_weights(self.data_root, self.splits["train"], frames=frames)
             if self.class_weighting == "sqrt_median_frequency":
                 weights = [w**0.5 for w in weights]
             self._class_weights = weights
@@ -378,9 +362,7 @@ class SegDataModule(L.LightningDataModule):
             tf = eval_transform(mean=self.mean, std=self.std, size=self.eval_size)
         ds = build_dataset(self.dataset, self.data_root, self.splits[split], transform=tf, **self._kwargs)
         if split == "train" and self._train_frames:
-            ds, others = select_frames(ds, self._train_frames, self.train_list)
-            if self.pseudo_labels:
-                ds = PseudoLabelled(ds, others, self.pseudo_labels, threshold=self.pseudo_threshold)
+            ds, _ = select_frames(ds, self._train_frames, self.train_list)
         return ds
 
     @property
