@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,6 +91,7 @@ def export_onnx(
         proto.producer_name = "fcn"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
+        _stop_if_signalled()
     return path
 
 
@@ -106,6 +108,7 @@ def export_torchscript(
         traced = torch.jit.trace(model, example, check_trace=False)
         with atomic_path(path) as tmp:
             torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_META_FILE: meta.to_json()})
+            _stop_if_signalled()
     return path
 
 
@@ -159,8 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_signalled: list[int] = []  # signals main's handler took; Python drops (prints) what a handler raises inside
+# a weakref callback or __del__, so the writers look here before they commit a file
+
+
 def _unwind(signum: int, _frame: object) -> None:
+    _signalled.append(signum)
     raise SystemExit(128 + signum)
+
+
+def _stop_if_signalled() -> None:
+    """Raise the exit of a signal whose first SystemExit Python dropped, before the file is committed."""
+    if _signalled:
+        raise SystemExit(128 + _signalled[0])
 
 
 def main(argv: list[str]) -> int:
@@ -169,12 +183,21 @@ def main(argv: list[str]) -> int:
     # SIGTERM (main thread only) exits like Ctrl-C, so atomic_path removes the temporary file
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _unwind) if main_thread else None
+    hook = sys.unraisablehook
+
+    def quiet_dropped_exit(unraisable: Any) -> None:  # _stop_if_signalled raises it again
+        if not (_signalled and isinstance(unraisable.exc_value, SystemExit)):
+            hook(unraisable)
+
+    _signalled.clear()
+    sys.unraisablehook = quiet_dropped_exit
     try:
         return _main(args)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        sys.unraisablehook = hook
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
