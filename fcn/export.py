@@ -182,6 +182,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (main thread only) exits like Ctrl-C, so atomic_path removes the temporary file
     main_thread = threading.current_thread() is threading.main_thread()
+    _signalled.clear()
     previous = signal.signal(signal.SIGTERM, _unwind) if main_thread else None
     hook = sys.unraisablehook
 
@@ -189,7 +190,6 @@ def main(argv: list[str]) -> int:
         if not (_signalled and isinstance(unraisable.exc_value, SystemExit)):
             hook(unraisable)
 
-    _signalled.clear()
     sys.unraisablehook = quiet_dropped_exit
     try:
         return _main(args)
