@@ -111,11 +111,14 @@ def collect_inputs(spec: str | Path, *, exclude: Path | None = None) -> tuple[li
 
 
 def output_paths(item: InputItem, output: Path, kinds: Sequence[str]) -> dict[str, Path]:
-    """``{kind: output/kind/rel.png}``; for a video ``output/kind/rel.mp4`` for :data:`VIDEO_KINDS` and the
-    folder ``output/kind/rel`` of per-frame PNGs for the other kinds."""
+    """``{kind: output/kind/rel.png}`` (``rel.npy`` for ``probs``); for a video ``output/kind/rel.mp4`` for
+    :data:`VIDEO_KINDS` and the folder ``output/kind/rel`` of per-frame PNGs for the other kinds."""
     rel, video = item.rel, is_video(item.path)
     file = rel.with_name(rel.name + (VIDEO_SUFFIX if video else ".png"))
-    return {k: output / k / (rel if video and k not in VIDEO_KINDS else file) for k in kinds}
+    paths = {k: output / k / (rel if video and k not in VIDEO_KINDS else file) for k in kinds}
+    if "probs" in paths and not video:
+        paths["probs"] = output / "probs" / rel.with_name(rel.name + ".npy")
+    return paths
 
 
 def input_weights(

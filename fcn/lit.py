@@ -160,6 +160,8 @@ class SegmentationModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if len(batch) != 2:
+            raise SettingError(STORED_LABELS_NEED)
         images, masks = batch
         loss = self.loss(self(images), masks)
         self.check_finite(loss)
@@ -233,9 +235,13 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-DISTILL_MODES = ("offline", "semi", "self")
+DISTILL_MODES = ("offline", "semi", "self", "stored")
 SELF_TEACHERS = ("ema", "snapshot")
 TEACHER_PRECISIONS = ("32", "bf16")
+STORED_LABELS_NEED = (
+    "the training batches carry a teacher's stored soft labels (data.teacher_labels): train them with "
+    "model fcn.lit.DistillationModule and distill_mode: stored, or drop data.teacher_labels"
+)
 FEATURE_KEYS = ("c3", "c4", "c5", "out")
 
 
@@ -245,7 +251,11 @@ class DistillationModule(SegmentationModule):
     Modes: ``offline``, a frozen teacher from ``teacher_checkpoint``; ``semi``, as offline plus unlabeled
     images (``data.unlabeled_root``) supervised by the teacher's soft predictions and its pseudo-labels
     (confidence >= ``pseudo_threshold``), weighted by ``unlabeled_weight``; ``self``, from epoch
-    ``self_start_epoch`` on an EMA (``ema_decay``) or a frozen snapshot of the student is the teacher.
+    ``self_start_epoch`` on an EMA (``ema_decay``) or a frozen snapshot of the student is the teacher;
+    ``stored``, offline from a teacher's predictions written once (``predict.py --outputs probs``, e.g. with
+    test-time augmentation) and read with each training crop (``data.teacher_labels``): no teacher runs
+    while training, and the losses see the stored probabilities' logs as the teacher's logits (``feature_key``
+    ``out`` only: stored labels have no features).
 
     Loss: ``ce_weight`` x CE + ``kd_weight`` x pixel KD (``temperature``) + ``pairwise_weight`` x affinity
     + ``channel_weight`` x channel-wise distillation on ``feature_key`` (``c3``/``c4``/``c5`` through a 1x1
@@ -287,7 +297,14 @@ class DistillationModule(SegmentationModule):
             teacher = distill.load_teacher(teacher_checkpoint, num_classes=self.hparams.num_classes)
         elif teacher_checkpoint:
             raise SettingError(
-                "distill_mode='self' uses the student as its own teacher; drop teacher_checkpoint"
+                f"distill_mode={distill_mode!r} takes no teacher_checkpoint (self: the student is its own "
+                "teacher; stored: the teacher's soft labels come with the data); drop teacher_checkpoint"
+            )
+        features = pairwise_weight > 0 or (channel_weight > 0 and feature_key != "out")
+        if distill_mode == "stored" and features:
+            raise SettingError(
+                "distill_mode='stored' has the teacher's probabilities, not its features: set "
+                "pairwise_weight: 0 and feature_key: out (channel-wise distillation of the logits)"
             )
         ema = distill.make_ema(self.model) if distill_mode == "self" else None
         self.frozen = SimpleNamespace(teacher=teacher, ema=ema)  # not submodules: not optimised, saved, DDP'd
@@ -310,8 +327,10 @@ class DistillationModule(SegmentationModule):
         return self.frozen.ema
 
     def active_teacher(self) -> nn.Module | None:
-        """The teacher for the current epoch (None before ``self_start_epoch`` in self mode)."""
+        """The teacher for the current epoch (None before ``self_start_epoch`` in self mode and in stored)."""
         hp = self.hparams
+        if hp.distill_mode == "stored":
+            return None
         if hp.distill_mode != "self":
             return self.teacher
         if self.current_epoch < hp.self_start_epoch:
@@ -389,13 +408,22 @@ class DistillationModule(SegmentationModule):
         unlabeled = None
         if isinstance(batch, dict):  # semi-supervised: {"labeled": (x, y), "unlabeled": (x, _) or None}
             batch, unlabeled = batch["labeled"], batch.get("unlabeled")
-        images, masks = batch
+        stored = hp.distill_mode == "stored"
+        if len(batch) != (3 if stored else 2):
+            need = "distill_mode: stored needs data.teacher_labels (the folder of predict.py --outputs probs)"
+            raise SettingError(need if stored else STORED_LABELS_NEED)
+        images, masks = batch[:2]
         student = self.run(self.model, images, return_features=True)
         ce = self.loss(student["out"], masks)
         total = hp.ce_weight * ce
         logs = {"ce": ce}
         teacher = self.active_teacher()
-        if teacher is not None:
+        if stored:  # uint8 round(255 p) -> log-probabilities (+0.5: a zero is "below 1/510", not impossible)
+            t_out = {"out": batch[2].float().add_(0.5).log_()}
+            losses = self.distill_losses(student, t_out, masks != hp.ignore_index)
+            total = total + self._weighted(losses)
+            logs.update(losses)
+        elif teacher is not None:
             t_out = self.run_teacher(teacher, images)
             losses = self.distill_losses(student, t_out, masks != hp.ignore_index)
             total = total + self._weighted(losses)
@@ -412,7 +440,7 @@ class DistillationModule(SegmentationModule):
                 logs.update(unlabeled_ce=u_ce, unlabeled_kd=u_losses["kd"])
                 logs["pseudo_label_share"] = (labels != hp.ignore_index).float().mean()
         self.check_finite(total)
-        logs["teacher_active"] = float(teacher is not None)
+        logs["teacher_active"] = float(teacher is not None or stored)
         self.log("train/loss", total, prog_bar=True, batch_size=images.shape[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=images.shape[0])
         return total

@@ -10,6 +10,7 @@ follow the images through the same predictor, pool and progress bar.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import sys
 import time
@@ -31,13 +32,15 @@ from fcn import distributed
 from fcn.data.errors import DataError
 from fcn.data.io import colorize, encode_png, overlay, probe_size, read_image, write_bytes_atomic
 from fcn.inputs import InputItem, output_paths
-from fcn.predictor import Predictor, class_ids, label_arrays, labels_and_confidence
+from fcn.predictor import Predictor, class_ids, label_arrays, labels_and_confidence, probabilities_uint8
 from fcn.video import VIDEO_KINDS, Stage, VideoError, frame_range, is_video, predict_video, probe_video
 
 if TYPE_CHECKING:
     from fcn.benchmark import StageTimes
 
-OUTPUT_KINDS = ("label", "color", "overlay", "confidence")
+OUTPUT_KINDS = ("label", "color", "overlay", "confidence", "probs")
+# ``probs``: every class's softmax probability (the TTA mean with --scales / --flip) as uint8
+# ``round(255 p)``, one ``(C, H, W)`` ``.npy`` per image: soft labels for distillation (data.teacher_labels)
 DEFAULT_OUTPUTS = ("label", "color")
 
 
@@ -267,7 +270,7 @@ def _predict_group(
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         timer.forward_wall += time.perf_counter() - start
-    want_conf = "confidence" in options.kinds
+    want_conf, want_probs = "confidence" in options.kinds, "probs" in options.kinds
     defer = logits.device.type == "cpu" and not want_conf
     arrays = {"num_classes": predictor.num_classes, "bits": options.confidence_bits}
     results = []
@@ -275,7 +278,9 @@ def _predict_group(
         one = logits[k : k + 1]
         if options.resize is not None:  # back to the image's own size: bilinear on the logits, then arg-max
             one = F.interpolate(one, size=sample["size"], mode="bilinear", align_corners=False)
-        out = {"label": None, "logits": None, "confidence": None, "image": sample["original"]}
+        out = {"label": None, "logits": None, "confidence": None, "image": sample["original"], "probs": None}
+        if want_probs:
+            out["probs"] = probabilities_uint8(one[0])
         if defer:
             out["logits"] = one[0].numpy()  # (C, H, W), a view of the batch's logits
         else:
@@ -291,12 +296,17 @@ def _write_outputs(
 ) -> None:
     """Encode and write one image's outputs (in a writer thread)."""
     label = outputs["label"]
-    if label is None:
+    if label is None and {"label", "color", "overlay"} & paths.keys():
         with stage("arg-max"):  # (C, H, W) logits -> ids, here rather than on the model's threads
             label = class_ids(outputs["logits"])  # type: ignore[arg-type]
     with stage("write"):
         for p in paths.values():
             p.parent.mkdir(parents=True, exist_ok=True)
+    if "probs" in paths and outputs["probs"] is not None:
+        with stage("other outputs"):
+            buffer = io.BytesIO()
+            np.save(buffer, outputs["probs"])
+            write_bytes_atomic(paths["probs"], buffer.getvalue())
     if "confidence" in paths and outputs["confidence"] is not None:
         with stage("other outputs"):
             write_bytes_atomic(paths["confidence"], encode_png(outputs["confidence"]))
@@ -339,6 +349,7 @@ def run_predict(
         return summary
     videos = [it for it in todo if is_video(it.path)]
     todo = [it for it in todo if not is_video(it.path)]  # the images
+    check_video_kinds(videos, o.kinds)
     frames = [  # the frames the progress bar expects of each video (0: its container does not say)
         len(frame_range(i, every=o.every, start=o.start, end=o.end)) if i and i.frames >= 0 else 0
         for i in map(probe_video, (it.path for it in videos))
@@ -418,6 +429,13 @@ def run_predict(
         finally:
             summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def check_video_kinds(items: Sequence[InputItem], kinds: Sequence[str]) -> None:
+    """:class:`PredictError` when ``probs`` (images only) is asked of inputs that hold a video."""
+    video = next((it.path for it in items if is_video(it.path)), None)
+    if video is not None and "probs" in kinds:
+        raise PredictError(f"--outputs probs is for images, not videos such as {video}; drop probs")
 
 
 def _outputs_exist(item: InputItem, options: PredictOptions) -> bool:

@@ -22,7 +22,14 @@ from fcn import distributed
 from fcn.data.io import check_writable, missing_dirs, remove_empty_dirs
 from fcn.exposure import EXPOSURE_HELP, exposure_argument
 from fcn.inputs import OUTPUT_MARKER, collect_inputs, input_weights
-from fcn.pipeline import OUTPUT_KINDS, PredictError, PredictInterrupted, PredictOptions, run_predict
+from fcn.pipeline import (
+    OUTPUT_KINDS,
+    PredictError,
+    PredictInterrupted,
+    PredictOptions,
+    check_video_kinds,
+    run_predict,
+)
 from fcn.predictor import (
     DEVICES,
     PRECISIONS,
@@ -157,6 +164,7 @@ def _main(args: argparse.Namespace, world: distributed.World) -> int:
     if args.benchmark and world.distributed:
         raise PredictError("--benchmark times one process; run it without torchrun")
     items, ignored = collect_inputs(args.input, exclude=output)
+    check_video_kinds(items, options.kinds)  # before the ranks split the inputs
     check_writable(output, "--output")  # creates it; PermissionError naming --output
     (output / OUTPUT_MARKER).touch()
     device = distributed.rank_device(args.device, world)

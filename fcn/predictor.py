@@ -391,6 +391,15 @@ def label_arrays(
     return ids, scaled.astype(np.uint8 if bits == 8 else np.uint16)
 
 
+def probabilities_uint8(logits: torch.Tensor) -> np.ndarray:
+    """One image's ``(C, H, W)`` logits -> its class probabilities as uint8 ``round(255 p)``, ``(C, H, W)``
+    C-contiguous (predict's ``probs`` output; read back by :func:`fcn.data.io.read_soft_labels`)."""
+    if logits.ndim != 3:
+        raise ValueError(f"probabilities_uint8 needs (C, H, W) logits, got shape {tuple(logits.shape)}")
+    probs = logits.float().softmax(0).mul_(255.0).round_().to(torch.uint8)
+    return probs.cpu().contiguous().numpy()
+
+
 def class_ids(logits: np.ndarray) -> np.ndarray:
     """Arg-max of one image's ``(C, H, W)`` logits: ids ``(H, W)``, uint8 up to 256 classes (else uint16),
     the first of equal maxima winning. Channels-last logits are reduced over their contiguous class axis in

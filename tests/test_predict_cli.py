@@ -312,6 +312,42 @@ def test_resize_sliding_tta_and_16bit_confidence(data: dict[str, Path], tmp_path
     assert not np.array_equal(results["resize"], results["sliding"])
 
 
+def test_probs_are_the_tta_softmax_as_uint8(data: dict[str, Path], tmp_path: Path) -> None:
+    tta = ["--flip", "--scales", 0.75, 1.0]
+    out = tmp_path / "out"
+    base = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--output", out]
+    assert _run(*base, *tta, "--outputs", "label,probs") == 0
+    probs = np.load(out / "probs" / "day" / "c.npy", allow_pickle=False)
+    assert probs.dtype == np.uint8 and probs.shape == (len(PALETTE), 40, 56)
+    assert np.abs(probs.sum(0).astype(int) - 255).max() <= len(PALETTE)  # each value rounded once
+    # the same probabilities as the predictor's own TTA softmax, to the rounding
+    predictor = load_predictor(data["ckpt"], device="cpu")
+    image = torch.from_numpy(cv2.imread(str(data["src"] / "city" / "day" / "c.png"))[..., ::-1].copy())
+    with torch.inference_mode():
+        logits = predictor.logits(predictor.normalize(image[None]), scales=(0.75, 1.0), flip=True)
+    expected = logits[0].softmax(0).mul(255).numpy()
+    assert np.abs(probs - expected).max() <= 0.5 + 1e-3
+    # the label output is their arg-max wherever the stored maximum is unique
+    label = _read(out / "label" / "day" / "c.png")
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = top2[1] > top2[0] + 1
+    assert clear.mean() > 0.5 and np.array_equal(label[clear], probs.argmax(0)[clear])
+    # probs alone: one .npy per image, no PNGs; --skip-existing sees them
+    alone = tmp_path / "alone"
+    assert _run(*base[:-1], alone, "--outputs", "probs") == 0
+    assert sorted(p.relative_to(alone).as_posix() for p in alone.rglob("*.*") if p.name[0] != ".") == [
+        "probs/b.npy",
+        "probs/day/c.npy",
+        "probs/day/d.npy",
+    ]
+    resized = tmp_path / "resized"  # inferred at another size, stored at the image's
+    assert _run(*base[:-1], resized, "--outputs", "probs", "--resize", 32, 40) == 0
+    assert np.load(resized / "probs" / "day" / "c.npy").shape == (len(PALETTE), 40, 56)
+    stamp = (alone / "probs" / "b.npy").stat().st_mtime_ns
+    assert _run(*base[:-1], alone, "--outputs", "probs", "--skip-existing") == 0
+    assert (alone / "probs" / "b.npy").stat().st_mtime_ns == stamp
+
+
 def test_flip_old_spelling(data: dict[str, Path], tmp_path: Path) -> None:
     """``--tta flip`` of older commands is ``--flip``: the same confidences, which differ without a flip."""
     base = ["--checkpoint", data["ckpt"], "--input", data["src"] / "city", "--quiet", "--scales", 0.75, 1.0]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fcn.checkpoint import read_checkpoint, save_checkpoint
-from fcn.cli import train_main
+from fcn.cli import predict_main, train_main
 from fcn.data.camvid import CLASSES, PALETTE, camvid_pairs, sequence_of, spread_subset, write_subset_list
 from fcn.data.datamodule import SegDataModule, read_frame_list
 from fcn.data.demo import make_demo_dataset
@@ -67,6 +67,7 @@ def test_the_recipes_are_all_there() -> None:
         "student",
         "fcn8s",
         "distill_offline",
+        "distill_stored",
         "distill_self",
         "student_quarter",
         "fcn8s_quarter",
@@ -92,7 +93,14 @@ def test_recipe_settings_and_header(config: Path) -> None:
     # distillation recipes keep the full weights they were measured with
     second_stage = name.endswith("_ft")  # whole frames from the first stage's best.ckpt
     first = name.removesuffix("_ft")
-    softer = first in ("student", "student_loso", "student_quarter", "fcn8s", "fcn8s_quarter")
+    softer = first in (
+        "student",
+        "student_loso",
+        "student_quarter",
+        "fcn8s",
+        "fcn8s_quarter",
+        "distill_stored",
+    )
     assert data["class_weighting"] == ("sqrt_median_frequency" if softer else "median_frequency")
     assert data["num_workers"] == 2 and data["data_root"] == "data/camvid" and data["dataset"] == "camvid"
     assert data["crop_size"] == ([360, 480] if second_stage else [240, 320])
@@ -117,6 +125,11 @@ def test_recipe_settings_and_header(config: Path) -> None:
     assert f"python scripts/train.py fit --config configs/camvid_cpu/{name}.yaml" in header
     assert f"--ckpt_path {out}/checkpoints/last.ckpt" in header
     assert "Wall time" in header
+    if name == "distill_stored":  # the shipped teacher's labels, written as its header says
+        assert data["teacher_labels"] == "outputs/camvid_cpu/fcn8s_probs/probs"
+        assert "--output outputs/camvid_cpu/fcn8s_probs --outputs probs" in header
+    else:
+        assert "teacher_labels" not in data
     for key in ("teacher_checkpoint",):
         if key in model:
             teacher = "fcn8s_quarter" if name.endswith("_quarter") else "fcn8s"
@@ -132,9 +145,18 @@ def _tiny_epoch_args(config: Path, demo_root: Path) -> list[str]:
     return [*args, "--trainer.check_val_every_n_epoch", "1"]
 
 
+@pytest.fixture(scope="module")
+def teacher_labels(demo_root, teacher, tmp_path_factory) -> Path:
+    """The tiny teacher's soft labels of the demo training frames, written by predict as the header says."""
+    out = tmp_path_factory.mktemp("teacher_labels")
+    args = ["--checkpoint", teacher, "--input", demo_root / "train", "--output", out, "--outputs", "probs"]
+    assert predict_main([str(a) for a in [*args, "--flip", "--quiet"]]) == 0
+    return out / "probs"
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_recipe_trains_one_tiny_epoch(
-    config, demo_root, teacher, first_stage, tmp_path, monkeypatch, caplog
+    config, demo_root, teacher, first_stage, tmp_path, monkeypatch, caplog, request
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/ land here
     text = config.read_text()
@@ -147,6 +169,8 @@ def test_recipe_trains_one_tiny_epoch(
         args += ["--model.init_args.init_from", str(first_stage)]
     if "train_list:" in text:
         args += ["--data.train_list", str(demo_root / "quarter.txt")]
+    if "teacher_labels:" in text:
+        args += ["--data.teacher_labels", str(request.getfixturevalue("teacher_labels"))]
     assert train_main(args) == 0
     out = tmp_path / "outputs" / "camvid_cpu" / config.stem
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()

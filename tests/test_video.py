@@ -124,6 +124,19 @@ def test_every_start_end_select_frames(ckpt: Path, tmp_path: Path) -> None:
     assert info is not None and list(frame_range(info, start=3.5)) == list(range(35, N))
 
 
+def test_probs_are_refused_for_videos_before_anything_is_written(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    write_video(src / "drive.avi", frames=3, fourcc="MJPG")
+    out = tmp_path / "out"
+    assert _run("--checkpoint", ckpt, "--input", src, "--output", out, "--outputs", "label,probs") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --outputs probs is for images") and "drive.avi" in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_truncated_videos_fail_alone(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "in"
     src.mkdir()

@@ -25,6 +25,7 @@ from fcn.data.demo import make_demo_dataset
 from fcn.data.errors import DataError
 from fcn.data.folder import FolderDataset, UnlabeledImageFolder, read_class_file
 from fcn.data.io import read_image
+from fcn.data.soft_labels import SoftLabelled
 from fcn.data.transforms import eval_transform, train_transform
 from fcn.exposure import check_exposure_target, image_mean_grey
 from fcn.palette import IMAGENET_MEAN, IMAGENET_STD
@@ -185,6 +186,9 @@ class SegDataModule(L.LightningDataModule):
         exposure_target: ``auto`` (the mean grey level of the training frames, ``train_list``'s when given),
             a grey level in (0, 255], or None (off): linked into the model, whose inference scales each
             image to it (:mod:`fcn.exposure`); training crops are not scaled.
+        teacher_labels: a folder of a teacher's soft labels of the training frames (``predict.py --outputs
+            probs``: ``.npy`` per image stem, :mod:`fcn.data.soft_labels`); training items become ``(image,
+            mask, soft)`` for ``DistillationModule``'s ``stored`` mode.
         seed: loader shuffling and augmentation seed.
         demo_test: extra demo frames in ``test/`` (e.g. an unlabeled pool) besides demo_train / demo_val.
     """
@@ -215,6 +219,7 @@ class SegDataModule(L.LightningDataModule):
         train_list: str | None = None,
         unlabeled_from_train: bool = False,
         exposure_target: float | str | None = None,
+        teacher_labels: str | None = None,
         seed: int = 0,
         demo_train: int = 160,
         demo_val: int = 40,
@@ -241,6 +246,11 @@ class SegDataModule(L.LightningDataModule):
             raise DataError("unlabeled_from_train needs train_list (the other training frames are the pool)")
         if unlabeled_from_train and unlabeled_root:
             raise DataError("give either unlabeled_root or unlabeled_from_train, not both")
+        if teacher_labels and (unlabeled_root or unlabeled_from_train):
+            raise DataError(
+                "teacher_labels (stored soft labels of the training frames) does not combine with an unlabeled "
+                "pool (unlabeled_root / unlabeled_from_train); drop one"
+            )
         if exposure_target != "auto":
             try:
                 exposure_target = check_exposure_target(exposure_target)
@@ -263,6 +273,7 @@ class SegDataModule(L.LightningDataModule):
         self.unlabeled_ratio = float(unlabeled_ratio)
         self.train_list = train_list
         self.unlabeled_from_train = bool(unlabeled_from_train)
+        self.teacher_labels = teacher_labels
         self._train_frames = read_frame_list(train_list) if train_list else None
         self.seed = int(seed)
         self.demo = {"n_train": demo_train, "n_val": demo_val, "n_test": demo_test, "seed": self.seed}
@@ -390,7 +401,10 @@ class SegDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), None: ("train", "val"), "validate": ("val",), "test": ("test",)}
         for split in wanted.get(stage, ()):
             if split not in self._data:
-                self._data[split] = self.make_dataset(split)
+                ds = self.make_dataset(split)
+                if split == "train" and self.teacher_labels:
+                    ds = SoftLabelled(ds, self.teacher_labels)
+                self._data[split] = ds
         if stage in ("fit", None) and self.semi_supervised and "unlabeled" not in self._data:
             self._data["unlabeled"] = self._unlabeled_pool()
 
