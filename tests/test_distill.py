@@ -273,6 +273,17 @@ def test_distill_bad_configuration(demo) -> None:
         DistillationModule(model="student", num_classes=19, teacher_checkpoint=str(ckpt))
 
 
+def _stored_labels(root, ckpt):
+    """The demo teacher's soft labels of the demo training frames (predict --outputs probs), once."""
+    from fcn.cli import predict_main
+
+    out = root / "teacher_out"
+    if not (out / "probs").is_dir():
+        args = ["--checkpoint", ckpt, "--input", root / "train", "--output", out, "--outputs", "probs"]
+        assert predict_main([str(a) for a in [*args, "--quiet"]]) == 0
+    return out / "probs"
+
+
 def _mode_args(config, demo, out, *, batch_size, epochs, self_start_epoch) -> list[str]:
     """``scripts/train.py`` arguments for one demo distillation config on the tiny demo data."""
     from fcn.train import CONFIG_DIR
@@ -287,13 +298,21 @@ def _mode_args(config, demo, out, *, batch_size, epochs, self_start_epoch) -> li
     ]  # fmt: skip
     if config == "distill_self":
         return [*args, "--model.init_args.self_start_epoch", str(self_start_epoch)]
+    if config == "distill_stored":  # distill_offline.yaml's losses from the teacher's stored labels
+        args[2] = str(CONFIG_DIR / "demo" / "distill_offline.yaml")
+        labels = _stored_labels(root, ckpt)
+        return [*args, "--model.init_args.distill_mode", "stored", "--model.init_args.teacher_checkpoint",
+                "null", "--data.teacher_labels", str(labels)]  # fmt: skip
     args += ["--model.init_args.teacher_checkpoint", str(ckpt)]
     if config == "distill_semi":
         args += ["--data.unlabeled_root", str(root / "test")]
     return args
 
 
-@pytest.mark.parametrize("config", ["distill_offline", "distill_semi", "distill_self"])
+MODES = ["distill_offline", "distill_semi", "distill_self", "distill_stored"]
+
+
+@pytest.mark.parametrize("config", MODES)
 def test_each_mode_runs_through_the_cli(config, demo, tmp_path, capsys) -> None:
     from fcn.cli import train_main
 
@@ -302,7 +321,7 @@ def test_each_mode_runs_through_the_cli(config, demo, tmp_path, capsys) -> None:
     assert "val mIoU: " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config", ["distill_offline", "distill_semi", "distill_self"])
+@pytest.mark.parametrize("config", MODES)
 def test_each_mode_trains_under_ddp(config, demo, tmp_path) -> None:
     """Two CPU processes (gloo) through the real script: Lightning's DDP launcher re-runs scripts/train.py."""
     import csv
