@@ -393,7 +393,7 @@ def label_arrays(
 
 def probabilities_uint8(logits: torch.Tensor) -> np.ndarray:
     """One image's ``(C, H, W)`` logits -> its class probabilities as uint8 ``round(255 p)``, ``(C, H, W)``
-    C-contiguous (predict's ``probs`` output; read back by :func:`fcn.data.io.read_soft_labels`)."""
+    C-contiguous (predict's ``probs`` output; read back by :func:`fcn.data.soft_labels.read_soft_labels`)."""
     if logits.ndim != 3:
         raise ValueError(f"probabilities_uint8 needs (C, H, W) logits, got shape {tuple(logits.shape)}")
     probs = logits.float().softmax(0).mul_(255.0).round_().to(torch.uint8)
