@@ -66,6 +66,7 @@ def test_the_recipes_are_all_there() -> None:
     assert names == {
         "student",
         "fcn8s",
+        "fcn8s_loso",
         "distill_offline",
         "distill_stored",
         "distill_self",
@@ -98,6 +99,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
         "student_loso",
         "student_quarter",
         "fcn8s",
+        "fcn8s_loso",
         "fcn8s_quarter",
         "distill_stored",
     )
@@ -119,7 +121,7 @@ def test_recipe_settings_and_header(config: Path) -> None:
         assert model["model_kwargs"] == {"weights": None}
     else:
         assert model["model"] == "fcn8s" and model["model_kwargs"]["backbone"] == "vgg16_bn"
-    assert ("train_list" in data) == (name.endswith("_quarter") or first == "student_loso")
+    assert ("train_list" in data) == (name.endswith("_quarter") or first.endswith("_loso"))
     assert data.get("unlabeled_from_train", False) == (name == "distill_semi_quarter")
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert f"python scripts/train.py fit --config configs/camvid_cpu/{name}.yaml" in header
