@@ -138,6 +138,22 @@ def test_recipe_settings_and_header(config: Path) -> None:
             assert model[key] == f"outputs/camvid_cpu/{teacher}/checkpoints/best.ckpt"
 
 
+@pytest.mark.parametrize("name", ["student_loso", "student_loso_ft", "fcn8s_loso"])
+def test_leave_one_sequence_out_recipe_is_its_base_but_for_the_frames(name: str) -> None:
+    """The copies stay copies: a change to the base recipe must reach its leave-one-sequence-out twin."""
+
+    def settings(stem: str) -> dict:
+        cfg = yaml.safe_load((RECIPES / f"{stem}.yaml").read_text())
+        del cfg["trainer"]["default_root_dir"], cfg["trainer"]["logger"], cfg["checkpoint"]  # output paths
+        cfg["model"]["init_args"].pop("init_from", None)  # the first stage's own best.ckpt
+        return cfg
+
+    loso, base = settings(name), settings(name.replace("_loso", ""))
+    assert loso["data"].pop("train_list") == "configs/camvid_cpu/train_without_0001TP.txt"
+    assert "train_list" not in base["data"]
+    assert loso == base
+
+
 def _tiny_epoch_args(config: Path, demo_root: Path) -> list[str]:
     """``fit`` with ``config`` on the demo data: one epoch of 2 batches of 2 tiny crops, one val batch."""
     args = ["fit", "--config", str(config), "--data.data_root", str(demo_root)]
