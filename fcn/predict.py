@@ -3,9 +3,9 @@
 
 Every input ``REL/name.ext`` gives ``OUT/<kind>/REL/name.png`` per selected kind (``label``, ``color``,
 ``overlay``, ``confidence``; ``probs``: ``REL/name.npy``, images only); videos give videos and per-frame
-PNGs (:mod:`fcn.video`). Unreadable files
-are reported and skipped (exit code 1). Under ``torchrun`` each rank predicts its pixel-balanced share
-(:func:`fcn.distributed.split_balanced` by :func:`fcn.inputs.input_weights`) and rank 0 prints the summary.
+PNGs (:mod:`fcn.video`). Unreadable files are reported and skipped (exit code 1). Under ``torchrun`` each
+rank predicts its pixel-balanced share (:func:`fcn.distributed.split_balanced` by
+:func:`fcn.inputs.input_weights`) and rank 0 prints the summary.
 """
 
 from __future__ import annotations
